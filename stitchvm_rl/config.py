@@ -1,0 +1,239 @@
+"""Typed configs: dataclasses loaded from YAML plus `key.sub=value` overrides on the command line.
+
+Every field carries a one-line docstring (the string literal right under it); `field_docs` reads
+them back from the source, so `--help` and error messages can quote them. Ranges and choices live
+in the type: `Annotated[int, Range(1)]`, `Literal["a", "b"]`.
+
+    cfg = load_config(SampleConfig, sys.argv[1:])   # [--config FILE] [key.sub=value ...]
+
+Bad input stops with one `ConfigError` naming the key, what was given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import functools
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem the user must fix; the message names the key and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """Inclusive bounds for a numeric field: `Annotated[float, Range(0, 1)]`."""
+
+    lo: float | None = None
+    hi: float | None = None
+
+    def check(self, key: str, value: float) -> None:
+        if (self.lo is not None and value < self.lo) or (self.hi is not None and value > self.hi):
+            lo = "-inf" if self.lo is None else self.lo
+            hi = "inf" if self.hi is None else self.hi
+            raise ConfigError(f"config key '{key}' = {value!r} is out of range; allowed: [{lo}, {hi}]")
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The one-line docstring under each field of a dataclass, read from its source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = nxt.value.value.strip()
+    return docs
+
+
+def _describe(tp: Any) -> str:
+    """A short human description of a field type, for error messages."""
+    origin = get_origin(tp)
+    if origin is Annotated:
+        base, *extras = get_args(tp)
+        rng = next((e for e in extras if isinstance(e, Range)), None)
+        suffix = f" in [{'-inf' if rng.lo is None else rng.lo}, {'inf' if rng.hi is None else rng.hi}]" if rng else ""
+        return _describe(base) + suffix
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in get_args(tp))
+    if origin in (list, tuple):
+        return f"a list of {_describe(get_args(tp)[0])}"
+    if origin is dict:
+        return f"a mapping of str to {_describe(get_args(tp)[1])}"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping with keys {', '.join(f.name for f in dataclasses.fields(tp))}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    """Check `value` against the field type `tp` and return it converted (e.g. int -> float)."""
+    origin = get_origin(tp)
+    bad = ConfigError(f"config key '{key}' = {value!r} has the wrong type; expected {_describe(tp)}")
+    if origin is Annotated:
+        base, *extras = get_args(tp)
+        out = _convert(base, value, key)
+        for extra in extras:
+            if isinstance(extra, Range):
+                extra.check(key, out)
+        return out
+    if origin is Literal:
+        if value not in get_args(tp):
+            close = difflib.get_close_matches(str(value), [str(a) for a in get_args(tp)], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"config key '{key}' = {value!r} is not allowed; expected {_describe(tp)}{hint}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in get_args(tp):
+            try:
+                return _convert(arg, value, key)
+            except ConfigError:
+                continue
+        raise bad
+    if tp is type(None):
+        if value is not None:
+            raise bad
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise bad
+        return str(value)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        items = [_convert(get_args(tp)[0], v, f"{key}[{n}]") for n, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return {str(k): _convert(get_args(tp)[1], v, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return from_dict(tp, value, prefix=key + ".")
+    raise TypeError(f"unsupported config field type {tp!r} at '{key}'")
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build the dataclass `cls` from a (nested) mapping, checking every key, type and range."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
+            where = f"under '{prefix[:-1]}'" if prefix else "at the top level"
+            raise ConfigError(
+                f"unknown config key '{prefix}{key}'; {hint}allowed {where}: {', '.join(names)}"
+            )
+        kwargs[key] = _convert(hints[key], value, prefix + key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain YAML-safe data (tuples become lists)."""
+    return yaml.safe_load(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (every run keeps one beside its outputs)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def format_help(cls: type, prefix: str = "") -> str:
+    """One line per key: name, default and docstring, nested configs indented under their key."""
+    lines = []
+    hints = typing.get_type_hints(cls, include_extras=True)
+    docs = field_docs(cls)
+    default = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(default, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines.append(f"{prefix}{f.name}:  # {docs.get(f.name, '')}")
+            lines.append(format_help(hints[f.name], prefix + f.name + "."))
+        else:
+            lines.append(f"{prefix}{f.name}={value!r}  # {docs.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def _set_path(data: dict, key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key '{key}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(cls: type, argv: list[str]) -> Any:
+    """Parse `[--config FILE] [key.sub=value ...]` into `cls`; values are read as YAML scalars."""
+    data: dict = {}
+    overrides = []
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg in ("-h", "--help"):
+            print(format_help(cls))
+            raise SystemExit(0)
+        if arg == "--config" or arg.startswith("--config="):
+            path = Path(arg.split("=", 1)[1] if "=" in arg else (args.pop(0) if args else ""))
+            if not path.is_file():
+                raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML file to --config")
+            try:
+                loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            except (yaml.YAMLError, UnicodeDecodeError) as err:
+                raise ConfigError(f"config file '{path}' is not valid UTF-8 YAML: {err}") from None
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"config file '{path}' must hold a mapping of keys, not {type(loaded).__name__}")
+            data = loaded
+        elif "=" in arg and not arg.startswith("-"):
+            overrides.append(arg)
+        else:
+            raise ConfigError(f"argument '{arg}' is not understood; use --config FILE or key.sub=value")
+    for arg in overrides:
+        key, raw = arg.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_path(data, key.strip(), value)
+    return from_dict(cls, data)

@@ -1,0 +1,220 @@
+"""Pixel rewards: `reward(images, prompts) -> (B,)` for images in [0, 1], NCHW.
+
+No-grad by default; `reward(images, prompts, grad=True)` keeps the graph (guidance needs it).
+
+    clip-family   CLIPScore (CLIP ViT-L/14), PickScore, HPSv2, DFN-CLIP, the toy CLIP:
+                  `CLIPScore` = scale * cosine(image embedding, text embedding), transformers CLIPModel
+    aesthetic     LAION aesthetic predictor v2: an MLP on the CLIP ViT-L/14 image embedding
+    analytic      redness, brightness (linear in the pixels), colour_match (non-linear; toy world)
+    weighted sum  `WeightedReward` of any of the above
+
+HPSv2 and DFN-CLIP are OpenCLIP models published as pickles; `jobs/convert_weights.py` turns them
+once into a transformers CLIPModel directory (safetensors), which `CLIPScore` then loads. We do not
+depend on open-clip-torch: it requires torchvision, whose wheels pull a second (CUDA) torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from stitchvm_rl import toyworld, zoo
+
+RewardFn = Callable[..., torch.Tensor]
+
+
+def clip_pixels(images: torch.Tensor, bundle: zoo.CLIPBundle) -> torch.Tensor:
+    """[0, 1] images -> CLIP pixel values: bicubic resize of the short side, centre crop, normalise.
+
+    Done in torch (not the PIL image processor) so it is batched, on device and differentiable.
+    """
+    size = bundle.image_size
+    h, w = images.shape[-2:]
+    if (h, w) != (size, size):
+        scale = size / min(h, w)
+        images = F.interpolate(images, size=(max(size, round(h * scale)), max(size, round(w * scale))), mode="bicubic", antialias=True, align_corners=False)
+        top, left = (images.shape[-2] - size) // 2, (images.shape[-1] - size) // 2
+        images = images[..., top : top + size, left : left + size]
+    mean, std = bundle.image_mean.view(1, 3, 1, 1), bundle.image_std.view(1, 3, 1, 1)
+    return ((images - mean) / std).to(bundle.model.dtype)
+
+
+class CLIPScore:
+    """scale * cos(image, text) of a transformers CLIPModel (CLIPScore, PickScore, HPSv2, DFN-CLIP, toy)."""
+
+    def __init__(self, bundle: zoo.CLIPBundle, scale: float = 1.0):
+        self.bundle = bundle
+        self.scale = scale
+        self._text_cache: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_pretrained(cls, source: str, scale: float = 1.0, tokenizer: str | None = None, dtype: str = "float32", device: str = "cpu"):
+        return cls(zoo.load_clip(source, dtype=dtype, device=device, tokenizer_source=tokenizer), scale)
+
+    def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised projected image embeddings (B, P)."""
+        out = self.bundle.model.get_image_features(pixel_values=clip_pixels(images, self.bundle))
+        return F.normalize(out.pooler_output.float(), dim=-1)
+
+    @torch.no_grad()
+    def text_embeds(self, prompts: list[str]) -> torch.Tensor:
+        """L2-normalised projected text embeddings (B, P), each prompt encoded once."""
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
+        if missing:
+            tok = self.bundle.tokenizer(missing, padding="max_length", truncation=True, return_tensors="pt")
+            tok = {k: v.to(self.bundle.model.device) for k, v in tok.items()}
+            emb = F.normalize(self.bundle.model.get_text_features(**tok).pooler_output.float(), dim=-1)
+            self._text_cache.update(zip(missing, emb))
+        return torch.stack([self._text_cache[p] for p in prompts])
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], grad: bool = False) -> torch.Tensor:
+        text = self.text_embeds(prompts)
+        with torch.set_grad_enabled(grad):
+            return self.scale * (self.image_embeds(images) * text).sum(-1)
+
+
+class AestheticMLP(torch.nn.Module):
+    """The LAION aesthetic predictor v2 head (keys `layers.{0,2,4,6,7}` as published)."""
+
+    def __init__(self, dim: int = 768):
+        super().__init__()
+        self.layers = torch.nn.Sequential(
+            torch.nn.Linear(dim, 1024),
+            torch.nn.Dropout(0.2),
+            torch.nn.Linear(1024, 128),
+            torch.nn.Dropout(0.2),
+            torch.nn.Linear(128, 64),
+            torch.nn.Dropout(0.1),
+            torch.nn.Linear(64, 16),
+            torch.nn.Linear(16, 1),
+        )
+
+    def forward(self, embeds: torch.Tensor) -> torch.Tensor:
+        return self.layers(embeds).squeeze(-1)
+
+
+class AestheticScore:
+    """LAION aesthetic score: the MLP on the L2-normalised CLIP ViT-L/14 image embedding (prompt unused)."""
+
+    def __init__(self, clip: CLIPScore, mlp: AestheticMLP):
+        self.clip = clip
+        self.mlp = mlp.eval().requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, clip_source: str, mlp_file: str, dtype: str = "float32", device: str = "cpu"):
+        path = Path(mlp_file)
+        if path.suffix != ".safetensors" or not path.is_file():
+            raise FileNotFoundError(
+                f"aesthetic head '{mlp_file}' must be an existing .safetensors file; convert the published "
+                "sac+logos+ava1-l14-linearMSE.pth once with `python jobs/convert_weights.py kind=aesthetic ...`"
+            )
+        clip = CLIPScore.from_pretrained(clip_source, dtype=dtype, device=device)
+        mlp = AestheticMLP(clip.bundle.model.config.projection_dim)
+        mlp.load_state_dict(load_file(str(path)))
+        return cls(clip, mlp.to(device))
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], grad: bool = False) -> torch.Tensor:
+        with torch.set_grad_enabled(grad):
+            return self.mlp(self.clip.image_embeds(images))
+
+
+# ---------------------------------------------------------------- analytic rewards
+def redness(images: torch.Tensor, prompts: list[str] | None = None, grad: bool = False) -> torch.Tensor:
+    """Mean of R - (G + B)/2: linear in the pixels."""
+    with torch.set_grad_enabled(grad):
+        return (images[:, 0] - 0.5 * (images[:, 1] + images[:, 2])).mean((1, 2))
+
+
+def brightness(images: torch.Tensor, prompts: list[str] | None = None, grad: bool = False) -> torch.Tensor:
+    """Mean Rec. 601 luma: linear in the pixels."""
+    with torch.set_grad_enabled(grad):
+        return (0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]).mean((1, 2))
+
+
+def colour_match(images: torch.Tensor, prompts: list[str], grad: bool = False, width: float = 0.25) -> torch.Tensor:
+    """Toy world: share of the image whose colour is near the caption's colour (Gaussian kernel),
+    i.e. how much of the named colour was painted -- non-linear in the pixels, so Tweedie is biased."""
+    target = torch.tensor([toyworld.COLOURS[toyworld.parse_caption(p)[0]] for p in prompts], device=images.device)
+    with torch.set_grad_enabled(grad):
+        dist2 = ((images - target.view(-1, 3, 1, 1).to(images.dtype)) ** 2).sum(1)
+        return torch.exp(-dist2 / (2 * width**2)).mean((1, 2)) * 10
+
+
+ANALYTIC = {"redness": redness, "brightness": brightness, "colour_match": colour_match}
+
+
+@dataclass
+class WeightedReward:
+    """sum_k w_k r_k(images, prompts): DiffusionNFT's multi-reward is the plain (weight 1) sum."""
+
+    parts: dict[str, tuple[RewardFn, float]]
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], grad: bool = False) -> torch.Tensor:
+        return sum(w * fn(images, prompts, grad=grad) for fn, w in self.parts.values())
+
+    def components(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Each part's raw score (for logging)."""
+        return {name: fn(images, prompts) for name, (fn, _) in self.parts.items()}
+
+
+# ---------------------------------------------------------------- registry
+@dataclass
+class RewardSpec:
+    """Where a published reward model comes from and how its score is scaled."""
+
+    source: str
+    """Hub id or local directory of a transformers CLIPModel."""
+    scale: float = 1.0
+    """Multiplier on the cosine (PickScore: its logit scale / 26, as Flow-GRPO reports it)."""
+    tokenizer: str | None = None
+    """Where the tokenizer lives when the model directory has none."""
+    head: str | None = None
+    """Aesthetic MLP safetensors file (aesthetic only)."""
+    convert: str | None = None
+    """For weights published only as pickles: the `jobs/convert_weights.py` kind that makes `source`."""
+
+
+PUBLISHED = {
+    "clipscore": RewardSpec("openai/clip-vit-large-patch14"),
+    "pickscore": RewardSpec("yuvalkirstain/PickScore_v1", scale=100.0 / 26, tokenizer="laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
+    # OpenCLIP pickles, converted once by `jobs/convert_weights.py` into these directories:
+    "hpsv2": RewardSpec("weights/hpsv2.1", convert="hpsv2"),
+    "dfn_clip": RewardSpec("weights/dfn5b-clip-vit-h-14-378", convert="dfn_clip"),
+    "aesthetic": RewardSpec("openai/clip-vit-large-patch14", head="weights/aesthetic-v2.safetensors", convert="aesthetic"),
+    # offline stand-ins
+    "toy_clip": RewardSpec("toyworld-clip"),
+    "tiny_clip": RewardSpec("tiny-clip"),
+}
+
+
+def build_reward(name: str, source: str | None = None, device: str = "cpu", dtype: str = "float32") -> RewardFn:
+    """One reward by name: a published model (optionally from another `source`) or an analytic one."""
+    if name in ANALYTIC:
+        return ANALYTIC[name]
+    if name not in PUBLISHED:
+        known = ", ".join([*PUBLISHED, *ANALYTIC])
+        raise ValueError(f"unknown reward '{name}'; known rewards: {known}")
+    spec = PUBLISHED[name]
+    converted = spec.head if spec.head is not None else (source or spec.source)
+    if spec.convert is not None and not Path(converted).exists():
+        raise FileNotFoundError(
+            f"reward '{name}' needs converted weights at '{converted}', which do not exist; make them once with "
+            f"`python jobs/convert_weights.py kind={spec.convert} checkpoint=<published file> out=<path>` "
+            "and pass that path"
+        )
+    if spec.head is not None:
+        return AestheticScore.from_pretrained(source or spec.source, spec.head, dtype=dtype, device=device)
+    return CLIPScore.from_pretrained(source or spec.source, scale=spec.scale, tokenizer=spec.tokenizer, dtype=dtype, device=device)
+
+
+def build_rewards(weights: dict[str, float], sources: dict[str, str] | None = None, device: str = "cpu") -> WeightedReward:
+    """A weighted sum from `{name: weight}` (and optional `{name: source}` overrides)."""
+    if not weights:
+        raise ValueError("no reward given; name at least one, e.g. rewards={toy_clip: 1.0}")
+    sources = sources or {}
+    return WeightedReward({n: (build_reward(n, sources.get(n), device=device), w) for n, w in weights.items()})

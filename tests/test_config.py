@@ -1,0 +1,118 @@
+import dataclasses
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+import pytest
+import yaml
+
+from stitchvm_rl.config import ConfigError, Range, field_docs, load_config, save_config, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Inner:
+    lr: Annotated[float, Range(0, 1)] = 0.1
+    """Learning rate."""
+    mode: Literal["a", "b"] = "a"
+    """Mode."""
+
+
+@dataclass
+class Outer:
+    steps: Annotated[int, Range(1)] = 10
+    """Steps."""
+    name: str = "run"
+    """Name."""
+    flag: bool = False
+    """Flag."""
+    inner: Inner = field(default_factory=Inner)
+    """Nested."""
+    weights: dict[str, float] = field(default_factory=dict)
+    """Weights."""
+    tags: list[str] = field(default_factory=list)
+    """Tags."""
+    maybe: int | None = None
+    """Optional."""
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(Outer, ["steps=3", "inner.lr=1e-4", "inner.mode=b", "weights={x: 2}", "tags=[p, q]", "flag=true", "maybe=4"])
+    assert cfg.steps == 3 and cfg.inner.lr == pytest.approx(1e-4) and cfg.inner.mode == "b"
+    assert cfg.weights == {"x": 2.0} and isinstance(cfg.weights["x"], float)
+    assert cfg.tags == ["p", "q"] and cfg.flag is True and cfg.maybe == 4
+
+
+def test_typo_names_the_key_and_suggests_the_closest():
+    with pytest.raises(ConfigError, match=r"unknown config key 'stpes'; did you mean 'steps'\?"):
+        load_config(Outer, ["stpes=3"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'inner.mdoe'; did you mean 'inner.mode'\?"):
+        load_config(Outer, ["inner.mdoe=a"])
+
+
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("steps=2.5", "'steps' = 2.5 has the wrong type; expected int"),
+        ("steps=true", "'steps' = True has the wrong type"),
+        ("steps=0", "'steps' = 0 is out of range; allowed: [1, inf]"),
+        ("inner.lr=2", "'inner.lr' = 2.0 is out of range; allowed: [0, 1]"),
+        ("inner.mode=c", "'inner.mode' = 'c' is not allowed; expected one of 'a', 'b'"),
+        ("flag=yes please", "'flag' = 'yes please' has the wrong type; expected bool"),
+        ("inner=3", "'inner' = 3 has the wrong type"),
+        ("weights.x=abc", "'weights.x' = 'abc' has the wrong type; expected float"),
+        ("steps", "argument 'steps' is not understood"),
+    ],
+)
+def test_bad_values_give_one_clear_message(arg, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(Outer, [arg])
+    assert message in str(err.value)
+
+
+def test_yaml_file_then_overrides_and_saved_config_round_trips(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"steps": 5, "inner": {"lr": 0.5}}))
+    cfg = load_config(Outer, ["--config", str(path), "steps=7"])
+    assert cfg.steps == 7 and cfg.inner.lr == 0.5 and cfg.inner.mode == "a"
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(Outer, ["--config", str(tmp_path / "saved.yaml")]) == cfg
+    assert to_dict(cfg)["inner"] == {"lr": 0.5, "mode": "a"}
+
+
+def test_bad_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Outer, ["--config", str(tmp_path / "missing.yaml")])
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(Outer, ["--config", str(tmp_path / "list.yaml")])
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ConfigError, match="not valid UTF-8 YAML"):
+        load_config(Outer, ["--config", str(tmp_path / "bin.yaml")])
+
+
+def _job_configs():
+    """Every config dataclass of every job script and of the package."""
+    from stitchvm_rl.toyworld import ToyWorldConfig
+
+    found = [ToyWorldConfig]
+    for script in sorted((ROOT / "jobs").glob("*.py")):
+        spec = importlib.util.spec_from_file_location(f"job_{script.stem}", script)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # inspect.getsource finds classes through sys.modules
+        spec.loader.exec_module(module)
+        found += [v for k, v in vars(module).items() if k.endswith("Config") and dataclasses.is_dataclass(v) and v.__module__ == module.__name__]
+    return found
+
+
+def test_every_config_field_has_a_one_line_docstring():
+    configs = _job_configs()
+    assert len(configs) >= 3
+    for cls in configs:
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"
+            assert "\n" not in docs[f.name], f"{cls.__name__}.{f.name}: docstring must be one line"

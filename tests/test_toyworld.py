@@ -1,0 +1,71 @@
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from stitchvm_rl import rewards, toyworld, zoo
+from stitchvm_rl.policy import SD3Policy
+
+ROOT = Path(__file__).resolve().parents[1]
+CHANCE = {"colour": 1 / 6, "shape": 1 / 3, "position": 1 / 2}
+
+
+def test_every_caption_renders_and_parses():
+    assert len(toyworld.CAPTIONS) == 36 and len(set(toyworld.CAPTIONS)) == 36
+    images = toyworld.render(toyworld.CAPTIONS, torch.Generator().manual_seed(0))
+    assert images.shape == (36, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
+    with pytest.raises(ValueError, match="not a toy-world caption"):
+        toyworld.parse_caption("a purple blob")
+
+
+def test_caption_classifier_reads_ground_truth():
+    gen = torch.Generator().manual_seed(1)
+    captions = toyworld.random_captions(360, gen)
+    acc = toyworld.caption_accuracy(toyworld.render(captions, gen), captions)
+    assert acc["colour"] == 1.0 and acc["position"] == 1.0 and acc["shape"] >= 0.95
+    blank = toyworld.caption_accuracy(torch.full((2, 3, 32, 32), toyworld.BACKGROUND), captions[:2])
+    assert blank["all"] == 0.0  # nothing drawn: nothing right
+
+
+def test_toy_policy_samples_follow_their_captions(toy_policy):
+    images, captions, acc = toyworld.evaluate_policy(toy_policy, n=72, steps=20, cfg_scale=3.0, seed=123)
+    assert images.shape == (72, 3, 32, 32)
+    assert acc["colour"] >= 0.9 and acc["position"] >= 0.9 and acc["shape"] >= 0.6, acc
+    _, _, no_cfg = toyworld.evaluate_policy(toy_policy, n=72, steps=20, cfg_scale=1.0, seed=123)
+    for key, chance in CHANCE.items():
+        assert no_cfg[key] > chance + 0.2, (key, no_cfg)
+
+
+def test_toy_clip_ranks_the_right_caption_first_on_held_out_images():
+    clip = zoo.load_clip("toyworld-clip")
+    gen = torch.Generator().manual_seed(2024)  # images never seen in training
+    captions = toyworld.random_captions(144, gen)
+    assert toyworld.clip_caption_retrieval(clip.model, clip.tokenizer, toyworld.render(captions, gen), captions) >= 0.6
+    score = rewards.build_reward("toy_clip")
+    images = toyworld.render(["a red circle on the left"] * 8, gen)
+    right = score(images, ["a red circle on the left"] * 8)
+    wrong = score(images, ["a blue circle on the left"] * 8)
+    assert bool((right > wrong).all())
+
+
+def test_committed_toy_world_is_safetensors_with_its_report():
+    assert not list(zoo.TOYWORLD_DIR.rglob("*.bin")) and not list(zoo.TOYWORLD_DIR.rglob("*.pt"))
+    report = json.loads((zoo.TOYWORLD_DIR / "report.json").read_text())
+    assert report["samples_accuracy_cfg3"]["colour"] >= 0.9
+    assert (zoo.TOYWORLD_DIR / "grid.png").is_file()
+
+
+def test_the_reproduce_command_runs_on_a_short_budget(tmp_path):
+    spec = importlib.util.spec_from_file_location("train_toyworld_job", ROOT / "jobs" / "train_toyworld.py")
+    job = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = job
+    spec.loader.exec_module(job)
+    out = tmp_path / "toy"
+    report = job.main([f"out_dir={out}", "vae_steps=3", "dit_steps=3", "clip_steps=3", "num_images=128", "eval_images=12", "eval_steps=2"])
+    assert report["dit_loss_curve_per_50"] and (out / "grid.png").is_file() and (out / "report.json").is_file()
+    policy = SD3Policy.from_pretrained(str(out / "sd3"))
+    assert policy.transformer.config.num_layers == toyworld.TOY_SD3.layers
+    assert zoo.load_clip(str(out / "clip")).image_size == 32
