@@ -60,6 +60,9 @@ class SampleConfig:
 def main(argv: list[str]) -> dict:
     cfg = load_config(SampleConfig, argv)
     prompts = prompt_lists.resolve_prompts(cfg.prompts, cfg.prompt_file)
+    toy_captions = all(_is_toy_caption(p) for p in prompts)
+    if "colour_match" in cfg.rewards and not toy_captions:
+        raise ValueError("reward 'colour_match' reads toy-world captions only; drop it from 'rewards' for other prompts")
     run = RunDir(cfg.output_dir, cfg.run_name, cfg)
     torch.manual_seed(cfg.seed)
     policy = SD3Policy.from_pretrained(cfg.model, dtype=cfg.dtype, device=cfg.device)
@@ -78,14 +81,14 @@ def main(argv: list[str]) -> dict:
     images = torch.cat(images)
     seconds = time.perf_counter() - start
 
-    scores = {name: fn(images, todo).tolist() for name, (fn, _) in reward.parts.items()} if _scorable(cfg, todo) else {}
+    scores = {name: v.tolist() for name, v in reward.components(images, todo).items()}
     summary = {
         "images": len(todo),
         "seconds_per_image": seconds / len(todo),
         "reward_mean": {name: sum(v) / len(v) for name, v in scores.items()},
         "rewards": scores,
     }
-    if all(_is_toy_caption(p) for p in todo):
+    if toy_captions:
         summary["caption_accuracy"] = toyworld.caption_accuracy(images, todo)
     toyworld.save_grid(images, run.path / "samples.png", nrow=cfg.images_per_prompt)
     run.write_json("summary.json", summary)
@@ -100,11 +103,6 @@ def _is_toy_caption(prompt: str) -> bool:
         return True
     except ValueError:
         return False
-
-
-def _scorable(cfg: SampleConfig, prompts: list[str]) -> bool:
-    """colour_match only reads toy captions; skip scoring rather than fail on other prompts."""
-    return "colour_match" not in cfg.rewards or all(_is_toy_caption(p) for p in prompts)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""stitchvm-rl: post-training text-to-image flow models with stitched value models, on Ray."""

@@ -203,7 +203,8 @@ def flow_sde(
             dt = t - t_next
             g = g_of(t, t_next)
             drift = v + (g * g / (2 * t)) * noise_from_velocity(z, t, v)
-            noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            # draw on the generator's device (CPU generators keep runs reproducible across devices)
+            noise = torch.randn(z.shape, generator=generator, device=generator.device if generator else z.device, dtype=z.dtype).to(z.device)
             z = z - dt * drift + g * math.sqrt(dt) * noise
         latents.append(z)
     return Trajectory(torch.stack(latents), sigmas[: len(latents)].clone())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -193,8 +194,10 @@ class SD3Policy:
     def add_lora(self, rank: int = 32, alpha: float = 64, targets: list[str] = LORA_TARGETS) -> None:
         """Add the trained adapter "default" and the data-collection adapter "old" (a copy of it)."""
         config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
-        for name in ADAPTERS:
-            self.transformer.add_adapter(config, adapter_name=name)
+        with warnings.catch_warnings():  # peft warns that a second adapter is a second adapter
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            for name in ADAPTERS:
+                self.transformer.add_adapter(config, adapter_name=name)
         self.soft_update_old(eta=0.0)
         self.transformer.set_adapter("default")
 

@@ -1,4 +1,4 @@
-"""Run directories: `outputs/<run name>/` with config.yaml, metrics.jsonl and summary.json."""
+"""Run directories: `outputs/<run name>/` with the resolved config.yaml and JSON results."""
 
 from __future__ import annotations
 
@@ -36,7 +36,3 @@ class RunDir:
         tmp.write_text(json.dumps(_clean(data), indent=2))
         os.replace(tmp, target)
         return target
-
-    def log_metrics(self, step: int, metrics: dict) -> None:
-        with open(self.path / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(_clean({"step": step, **metrics})) + "\n")
