@@ -90,7 +90,9 @@ def main(argv: list[str]) -> dict:
     }
     if toy_captions:
         summary["caption_accuracy"] = toyworld.caption_accuracy(images, todo)
-    toyworld.save_grid(images, run.path / "samples.png", nrow=cfg.images_per_prompt)
+    # a prompt's images stay side by side; several prompts share a row so the grid is not a tower
+    per_row = cfg.images_per_prompt * max(1, 12 // cfg.images_per_prompt)
+    toyworld.save_grid(images, run.path / "samples.png", nrow=per_row)
     run.write_json("summary.json", summary)
     print({k: v for k, v in summary.items() if k != "rewards"})
     print(f"wrote {run.path}")
