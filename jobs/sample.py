@@ -4,7 +4,7 @@
     python jobs/sample.py cfg_scale=1 seed=3 run_name=mine  # any field: key=value
     python jobs/sample.py --config jobs/configs/sample_sd35m.yaml    # SD3.5-Medium, 1 GPU
 
-Writes outputs/<run_name>/: config.yaml, samples.png (one row per prompt), summary.json (reward
+Writes outputs/<run_name>/: config.yaml, samples.png (a prompt's images side by side), summary.json (reward
 of every image, per reward model, and -- for toy-world captions -- the caption-classifier accuracy).
 """
 
@@ -36,7 +36,7 @@ class SampleConfig:
     prompt_file: str = ""
     """UTF-8 text file with one prompt per line."""
     images_per_prompt: Annotated[int, Range(1)] = 4
-    """Images per prompt (one grid row per prompt)."""
+    """Images per prompt (side by side in the grid)."""
     num_steps: Annotated[int, Range(1)] = 20
     """Sampling steps."""
     sampler: Literal["dpm2", "euler", "sde"] = "dpm2"
