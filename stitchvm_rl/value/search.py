@@ -1,0 +1,144 @@
+"""Stage 1: choose where to stitch, in closed form (paper eq. 7, App. D.1).
+
+For N probe images: DiT features of the forward-noised latent (t ~ U[0, 1]) after every candidate
+block i, bilinearly resampled to the reward model's patch grid; reward-model features of the clean
+image entering block j <= 4. An affine map per (i, j) is fit by float64 least squares on the
+accumulated Gram matrices (so N never has to fit in memory at once); the lowest error wins and
+initialises the stitch's F.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from stitchvm_rl.value.model import clip_reference_features
+
+
+class AffineLeastSquares:
+    """Streaming least squares for y = W x + b over many (x, y) rows, in float64."""
+
+    def __init__(self, c_in: int, c_out: int):
+        self.xtx = torch.zeros(c_in + 1, c_in + 1, dtype=torch.float64)
+        self.xty = torch.zeros(c_in + 1, c_out, dtype=torch.float64)
+        self.yty = torch.zeros(c_out, dtype=torch.float64)  # per output column
+        self.ysum = torch.zeros(c_out, dtype=torch.float64)
+        self.n = 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x = torch.cat([x.double().cpu(), torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
+        y = y.double().cpu()
+        self.xtx += x.T @ x
+        self.xty += x.T @ y
+        self.yty += (y * y).sum(0)
+        self.ysum += y.sum(0)
+        self.n += x.shape[0]
+
+    def solve(self, ridge: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W (c_out, c_in), b (c_out,), residual sum of squares per output column)."""
+        scale = self.xtx.diagonal().mean().clamp_min(1e-12)
+        eye = torch.eye(self.xtx.shape[0], dtype=torch.float64)
+        sol = torch.linalg.solve(self.xtx + ridge * scale * eye, self.xty)  # (c_in + 1, c_out)
+        rss = self.yty - 2 * (sol * self.xty).sum(0) + (sol * (self.xtx @ sol)).sum(0)
+        return sol[:-1].T.contiguous(), sol[-1].contiguous(), rss.clamp_min(0)
+
+
+@dataclass
+class StitchSearchResult:
+    """The error of every (i, j) and the chosen interface with its least-squares map."""
+
+    table: list[dict] = field(default_factory=list)  # {i, j, mse, relative_mse}
+    best_i: int = 0
+    best_j: int = 0
+    weight: torch.Tensor | None = None  # (C_rm, C_dit) for the best pair
+    bias: torch.Tensor | None = None
+    cls_mean: torch.Tensor | None = None  # mean CLS token entering block best_j (used when j > 1)
+
+
+def _tokens(grid: torch.Tensor) -> torch.Tensor:
+    return grid.flatten(2).transpose(1, 2).reshape(-1, grid.shape[1])
+
+
+@torch.no_grad()
+def stitch_search(head, clip_model, encode_images, clip_pixels, images: torch.Tensor, rm_blocks=(1, 2, 3, 4), batch_size: int = 16, seed: int = 0) -> StitchSearchResult:
+    """Fit every (i, j): i over all blocks of `head` (a `DiTHead`), j over `rm_blocks`.
+
+    `encode_images` maps [0, 1] images to normalised latents; `clip_pixels` maps them to the reward
+    model's pixel values.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n_dit = len(head.blocks)
+    c_rm = clip_model.config.vision_config.hidden_size
+    rm_blocks = [j for j in rm_blocks if j <= len(clip_model.vision_model.encoder.layers)]
+    fits = [AffineLeastSquares(head.width, c_rm * len(rm_blocks)) for _ in range(n_dit)]
+    cls_sum = torch.zeros(len(rm_blocks), c_rm, dtype=torch.float64)
+    for start in range(0, len(images), batch_size):
+        x = images[start : start + batch_size]
+        z0 = encode_images(x)
+        t = torch.rand(len(x), generator=gen).to(z0.device, z0.dtype)
+        eps = torch.randn(z0.shape, generator=gen).to(z0.device, z0.dtype)
+        z_t = (1 - t.view(-1, 1, 1, 1)) * z0 + t.view(-1, 1, 1, 1) * eps
+        pixels = clip_pixels(x)
+        targets, grid = [], None
+        for n, j in enumerate(rm_blocks):
+            patch, cls = clip_reference_features(clip_model, pixels, j)
+            targets.append(_tokens(patch))
+            cls_sum[n] += cls.double().sum(0).cpu()
+            grid = patch.shape[-1]
+        y = torch.cat(targets, 1)
+        for i, feats in enumerate(head.features(z_t, t)):
+            up = F.interpolate(feats.float(), size=(grid, grid), mode="bilinear", align_corners=False)
+            fits[i].add(_tokens(up), y)
+
+    result = StitchSearchResult()
+    best = (float("inf"), 0, 0)
+    solutions = {}
+    for i, fit in enumerate(fits, start=1):
+        weight, bias, rss = fit.solve()
+        solutions[i] = (weight, bias)
+        variance = fit.yty / fit.n - (fit.ysum / fit.n) ** 2
+        for n, j in enumerate(rm_blocks):
+            cols = slice(n * c_rm, (n + 1) * c_rm)
+            mse = (rss[cols].sum() / (fit.n * c_rm)).item()
+            relative = (rss[cols].sum() / (fit.n * variance[cols].sum())).item()
+            result.table.append({"i": i, "j": j, "mse": mse, "relative_mse": relative})
+            best = min(best, (mse, i, j))  # the paper's criterion: lowest feature-matching MSE
+    _, result.best_i, result.best_j = best
+    n = rm_blocks.index(result.best_j)
+    weight, bias = solutions[result.best_i]
+    result.weight = weight[n * c_rm : (n + 1) * c_rm].float()
+    result.bias = bias[n * c_rm : (n + 1) * c_rm].float()
+    result.cls_mean = (cls_sum[n] / len(images)).float()
+    return result
+
+
+def init_stitch(model, result: StitchSearchResult) -> None:
+    """Set F (and the CLS token for j > 1) of a value model built at (best_i, best_j)."""
+    cfg = model.config
+    if (cfg.dit_block, cfg.rm_block) != (result.best_i, result.best_j):
+        raise ValueError(f"value model is stitched at ({cfg.dit_block}, {cfg.rm_block}) but the search chose ({result.best_i}, {result.best_j})")
+    with torch.no_grad():
+        model.stitch.proj.weight.copy_(result.weight[:, :, None, None])
+        model.stitch.proj.bias.copy_(result.bias)
+        if cfg.rm_block > 1:
+            model.tail.class_embedding.copy_(result.cls_mean)
+    cfg.stitch_mse = {f"{row['i']},{row['j']}": row["mse"] for row in result.table}
+
+
+def build_value_model(backbone: str, reward_model: str, images: torch.Tensor, head: str = "clip", max_dit_block: int | None = None, rm_blocks=(1, 2, 3, 4), score_scale: float = 1.0, device: str = "cpu", seed: int = 0):
+    """Stage 1 end to end: load both sources, search (i, j) on `images`, build the value model there
+    with F from least squares. Returns (model, search result)."""
+    from stitchvm_rl import rewards, zoo
+    from stitchvm_rl.policy import SD3Policy
+    from stitchvm_rl.value.model import DiTHead, StitchedValueModel, null_prompt_embeds
+
+    policy = SD3Policy(zoo.load_sd3_pipeline(backbone, device=device))
+    clip = zoo.load_clip(reward_model, device=device)
+    blocks = len(policy.transformer.transformer_blocks)
+    candidates = DiTHead(policy.transformer, min(max_dit_block or blocks, blocks), *null_prompt_embeds(policy.pipe))
+    result = stitch_search(candidates, clip.model, policy.encode_images, lambda x: rewards.clip_pixels(x, clip), images.to(device), rm_blocks, seed=seed)
+    model = StitchedValueModel.from_parts(policy.pipe, clip, result.best_i, result.best_j, head, backbone, reward_model, score_scale)
+    init_stitch(model, result)
+    return model, result

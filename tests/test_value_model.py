@@ -1,0 +1,92 @@
+import json
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+from stitchvm_rl import toyworld
+from stitchvm_rl.value.model import StitchedValueModel
+from stitchvm_rl.value.search import AffineLeastSquares, build_value_model
+
+
+@pytest.fixture(scope="module")
+def toy_value():
+    gen = torch.Generator().manual_seed(0)
+    captions = toyworld.random_captions(64, gen)
+    model, result = build_value_model("toyworld", "toyworld-clip", toyworld.render(captions, gen))
+    return model, result, captions
+
+
+def test_least_squares_recovers_a_planted_affine_map():
+    gen = torch.Generator().manual_seed(0)
+    w, b = torch.randn(5, 7, generator=gen), torch.randn(5, generator=gen)
+    fit = AffineLeastSquares(7, 5)
+    for _ in range(4):  # streamed in batches
+        x = torch.randn(100, 7, generator=gen)
+        fit.add(x, x @ w.T + b)
+    w_hat, b_hat, rss = fit.solve()
+    assert torch.allclose(w_hat, w.double(), atol=1e-6) and torch.allclose(b_hat, b.double(), atol=1e-6)
+    assert rss.max() < 1e-8
+
+
+def test_search_table_covers_every_pair_and_initialises_f(toy_value):
+    model, result, _ = toy_value
+    pairs = {(row["i"], row["j"]) for row in result.table}
+    assert pairs == {(i, j) for i in range(1, 5) for j in range(1, 5)}
+    best = min(result.table, key=lambda row: row["mse"])
+    assert (model.config.dit_block, model.config.rm_block) == (best["i"], best["j"])
+    assert torch.equal(model.stitch.proj.weight[:, :, 0, 0], result.weight)
+    assert len(model.config.stitch_mse) == 16
+
+
+def test_g_is_zero_at_init_so_the_model_is_up_of_f_then_the_tail(toy_value):
+    model, _, captions = toy_value
+    z, t = torch.randn(3, 16, 8, 8), torch.rand(3)
+    with torch.no_grad():
+        h = model.head(z, t)
+        linear = model.stitch.up(model.stitch.proj(h))
+        assert torch.equal(model.stitch(h), linear)
+        emb, _ = model.tail(linear)
+        expected = torch.nn.functional.normalize(emb, dim=-1)
+        assert torch.allclose(model.embed(z, t)[0], expected, atol=1e-6)
+        assert torch.allclose(model(z, t, captions[:3]), (expected * model.text_embeds(captions[:3])).sum(-1), atol=1e-6)
+
+
+def test_gradients_reach_z_through_i_blocks_only_and_no_vae(toy_value):
+    model, _, captions = toy_value
+    assert len(model.head.blocks) == model.config.dit_block
+    assert not any(isinstance(m, AutoencoderKL) for m in model.modules())  # nothing to decode with
+    ran = []
+    hooks = [b.register_forward_hook(lambda m, i, o, n=n: ran.append(n)) for n, b in enumerate(model.head.blocks)]
+    z = torch.randn(2, 16, 8, 8, requires_grad=True)
+    model(z, torch.tensor([0.5, 0.7]), captions[:2]).sum().backward()
+    for h in hooks:
+        h.remove()
+    assert ran == list(range(model.config.dit_block))
+    assert z.grad is not None and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.head.parameters())  # the head is frozen
+
+
+def test_save_load_reproduces_outputs_and_refuses_damage(toy_value, tmp_path):
+    model, _, captions = toy_value
+    with torch.no_grad():
+        model.stitch.refine[-1].weight.normal_()  # a trained-looking stitch
+    path = model.save(tmp_path / "vm")
+    loaded = StitchedValueModel.from_pretrained(path)
+    z, t = torch.randn(4, 16, 8, 8), torch.rand(4)
+    with torch.no_grad():
+        assert torch.allclose(loaded(z, t, captions[:4]), model(z, t, captions[:4]), atol=1e-6)
+    config = json.loads((path / "value_model.json").read_text())
+    assert config["backbone"] == "toyworld" and config["reward_model"] == "toyworld-clip"
+    data = bytearray((path / "value_model.safetensors").read_bytes())
+    data[-8] ^= 0xFF
+    (path / "value_model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum"):
+        StitchedValueModel.from_pretrained(path)
+    config["backbone_fingerprint"] = "0" * 64
+    model.save(tmp_path / "vm2")
+    (tmp_path / "vm2" / "value_model.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="stitched from another version of backbone"):
+        StitchedValueModel.from_pretrained(tmp_path / "vm2")
+    with pytest.raises(FileNotFoundError, match="not a value model directory"):
+        StitchedValueModel.from_pretrained(tmp_path)
