@@ -70,6 +70,18 @@ def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def vae_decode(vae, z: torch.Tensor) -> torch.Tensor:
+    """SD3-normalised latents -> images in [0, 1]."""
+    x = vae.decode(z.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor).sample
+    return ((x.float() + 1) / 2).clamp(0, 1)
+
+
+def vae_encode(vae, images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] -> SD3-normalised latents `(E(x).mean - shift) * scale`."""
+    mean = vae.encode(images.to(vae.device, vae.dtype) * 2 - 1).latent_dist.mean
+    return (mean - vae.config.shift_factor) * vae.config.scaling_factor
+
+
 class SD3Policy:
     """Velocity `v(z_t, t, prompt)` of an SD3 transformer, prompt-embedding cache, VAE, LoRA."""
 
@@ -180,15 +192,11 @@ class SD3Policy:
     # ------------------------------------------------------------ VAE (SD3's normalised latent space)
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [0, 1] (differentiable; wrap in no_grad when not needed)."""
-        cfg = self.vae.config
-        x = self.vae.decode(z.to(self.vae.dtype) / cfg.scaling_factor + cfg.shift_factor).sample
-        return ((x.float() + 1) / 2).clamp(0, 1)
+        return vae_decode(self.vae, z)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] -> normalised latents `(E(x).mean - shift) * scale`."""
-        cfg = self.vae.config
-        mean = self.vae.encode(images.to(self.vae.device, self.vae.dtype) * 2 - 1).latent_dist.mean
-        return (mean - cfg.shift_factor) * cfg.scaling_factor
+        return vae_encode(self.vae, images)
 
     # ------------------------------------------------------------ LoRA
     def add_lora(self, rank: int = 32, alpha: float = 64, targets: list[str] = LORA_TARGETS) -> None:

@@ -26,7 +26,7 @@ class RunDir:
     """One run's output folder; JSON files are written to a temporary name and renamed."""
 
     def __init__(self, output_dir: str, run_name: str, cfg: Any):
-        self.path = Path(output_dir) / run_name
+        self.path = (Path(output_dir) / run_name).resolve()  # absolute: Ray workers run elsewhere
         self.path.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.path / "config.yaml")
 

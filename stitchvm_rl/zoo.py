@@ -351,6 +351,16 @@ def load_sd3_pipeline(source: str, dtype: str = "float32", device: str = "cpu") 
     return pipe.to(device)
 
 
+def load_vae(source: str, dtype: str = "float32", device: str = "cpu") -> AutoencoderKL:
+    """Only the VAE of an SD3 pipeline (workers that encode images need nothing else)."""
+    path = resolve(source)
+    try:
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=DTYPES[dtype], local_files_only=Path(path).is_dir())
+    except (OSError, ValueError, KeyError) as err:
+        raise _load_error(path, "SD3 VAE", err) from None
+    return vae.to(device).eval().requires_grad_(False)
+
+
 @dataclass
 class CLIPBundle:
     """A CLIP model with what it needs to read `[0, 1]` images and text: tokenizer and pixel stats."""

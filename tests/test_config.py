@@ -97,8 +97,10 @@ def test_bad_config_files(tmp_path):
 def _job_configs():
     """Every config dataclass of every job script and of the package."""
     from stitchvm_rl.toyworld import ToyWorldConfig
+    from stitchvm_rl.value.evaluate import ValueEvalConfig
+    from stitchvm_rl.value.train import StitchDataConfig, StitchTrainConfig
 
-    found = [ToyWorldConfig]
+    found = [ToyWorldConfig, ValueEvalConfig, StitchDataConfig, StitchTrainConfig]
     for script in sorted((ROOT / "jobs").glob("*.py")):
         spec = importlib.util.spec_from_file_location(f"job_{script.stem}", script)
         module = importlib.util.module_from_spec(spec)

@@ -1,0 +1,69 @@
+"""Process setup shared by every job: Ray (local or submitted) and DeepSpeed (GPU or CPU).
+
+A job started with `python jobs/x.py` starts a private local Ray cluster; under `ray job submit`
+(RAY_ADDRESS is set) it joins that cluster. Never a bare `ray.init()`, which may join a stray one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Single-machine defaults that Ray 2.60 needs on a laptop or CI box (feasibility notes §5): no token
+# auth, and loopback as the node address. Set before `ray` is imported; users can override them.
+LOCAL_RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def init_ray(num_cpus: int = 8) -> None:
+    """Join the cluster of a submitted job, or start a local one with `num_cpus` logical CPUs.
+
+    More logical CPUs than cores lets rollout actors, learner workers and Ray Data share a 2-core
+    machine; with too few, Ray Data can wait forever for a CPU (feasibility notes §5.6).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        return
+    for key, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        _temp_dir=tempfile.mkdtemp(prefix="ray-", dir=os.environ.get("STITCHVM_RAY_TMP", "/tmp")),
+        runtime_env={"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "STITCHVM_CACHE", "WANDB_MODE") if k in os.environ}},
+    )
+
+
+def setup_deepspeed() -> str:
+    """Pick DeepSpeed's accelerator before it is imported; returns "cuda" or "cpu".
+
+    On CPU: DeepSpeed's CPU accelerator with gloo, and its shared-memory all-reduce op marked
+    unavailable -- it is only for inference, yet its first use JIT-compiles for ~2 minutes.
+    """
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return device
+
+
+def deepspeed_config(zero_stage: int, micro_batch: int, grad_accum: int, device: str, grad_clip: float = 1.0) -> dict:
+    """ZeRO config: bf16 on GPU, fp32 on CPU (bf16 is ~20x slower on CPUs without AVX512-BF16)."""
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": device == "cuda"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }

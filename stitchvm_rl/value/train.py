@@ -1,0 +1,275 @@
+"""Stage 2: finetune the stitched value model -- a Ray Train job (DeepSpeed) fed by Ray Data.
+
+    Ray Data:  prompts --[PolicyImages actors: sample + decode]--> clean images   (or an image folder)
+               images  --[TeacherTargets actors: VAE encode + frozen reward model]--> z0, targets
+    Ray Train: every worker takes its shard, noises z0 to z_t (t ~ logit-normal, fresh each epoch,
+               seeded by (seed, epoch, rank) so a resumed run draws the same noise), and trains the
+               stitch + reward tail with DeepSpeed (ZeRO-2; CPU: gloo + fp32).
+
+Rank layout: `num_workers` identical learner ranks (data parallel); rank 0 also writes the value
+model into each checkpoint. Checkpoints are DeepSpeed engine states reported with `ray.train.report`,
+so a restarted worker group (FailureConfig) or a re-run with the same name resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from stitchvm_rl import rewards, zoo
+from stitchvm_rl.config import Range, from_dict, to_dict
+from stitchvm_rl.policy import SD3Policy, vae_encode
+
+
+@dataclass
+class StitchDataConfig:
+    """Where the clean images come from."""
+
+    source: Literal["policy", "folder"] = "policy"
+    """policy: samples of the backbone for `prompts`; folder: images in `folder` (no captions)."""
+    folder: str = ""
+    """Image folder (read by Ray Data) when source=folder."""
+    num_images: Annotated[int, Range(1)] = 2048
+    """Policy samples to generate (source=policy)."""
+    prompts: list[str] = field(default_factory=list)
+    """Prompts for the policy samples (empty: every toy-world caption)."""
+    sample_steps: Annotated[int, Range(1)] = 20
+    """Sampling steps of the policy samples."""
+    cfg_scale: Annotated[float, Range(1)] = 3.0
+    """CFG scale of the policy samples."""
+    resolution: Annotated[int, Range(0)] = 0
+    """Image side in pixels (0: the backbone's native size)."""
+    batch_size: Annotated[int, Range(1)] = 64
+    """Rows per Ray Data batch."""
+    actors: Annotated[int, Range(1)] = 1
+    """Actors in each Ray Data actor pool."""
+    actor_cpus: Annotated[float, Range(0)] = 0.5
+    """CPUs reserved per Ray Data actor (fractional, so data and learners share a small machine)."""
+    actor_gpus: Annotated[float, Range(0)] = 0.0
+    """GPUs per Ray Data actor."""
+
+
+@dataclass
+class StitchTrainConfig:
+    """Stage 2 optimisation (paper: AdamW 1e-5, x5 on the stitch, 100 warm-up steps, batch 128)."""
+
+    objective: Literal["distill", "regress"] = "distill"
+    """distill: match the clean reward model's embedding + tokens; regress: ||V(z_t) - r(z0)||^2."""
+    epochs: Annotated[int, Range(1)] = 6
+    """Passes over the data."""
+    batch_size: Annotated[int, Range(1)] = 32
+    """Per-worker batch size."""
+    lr: Annotated[float, Range(0)] = 1e-4
+    """Learning rate of the reward tail (AdamW)."""
+    stitch_lr_mult: Annotated[float, Range(0)] = 5.0
+    """Learning-rate multiplier of the stitch."""
+    warmup_steps: Annotated[int, Range(0)] = 20
+    """Linear warm-up steps."""
+    weight_decay: Annotated[float, Range(0)] = 0.0
+    """AdamW weight decay."""
+    token_weight: Annotated[float, Range(0)] = 1.0
+    """Weight of the per-token distillation term."""
+    t_logit_mean: float = 0.0
+    """Mean of logit(t) (noise levels are centre-biased: logit-normal)."""
+    t_logit_std: Annotated[float, Range(0)] = 1.0
+    """Std of logit(t)."""
+    num_workers: Annotated[int, Range(1)] = 2
+    """Ray Train learner workers."""
+    use_gpu: bool = False
+    """One GPU per learner worker."""
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage."""
+    checkpoint_every: Annotated[int, Range(1)] = 1
+    """Checkpoint every this many epochs (and after the last)."""
+    max_failures: Annotated[int, Range(-1)] = 2
+    """Worker-group restarts Ray Train may make (FailureConfig)."""
+    crash_after_epoch: int = -1
+    """Fault injection for tests: rank 1 exits hard once after this epoch's checkpoint (-1: never)."""
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class PolicyImages:
+    """Ray Data actor: clean images sampled from the (base) policy, one noise seed per row."""
+
+    def __init__(self, backbone: str, steps: int, cfg_scale: float, resolution: int):
+        self.policy = SD3Policy.from_pretrained(backbone, device=_device())
+        self.steps, self.cfg_scale, self.resolution = steps, cfg_scale, resolution or None
+
+    def __call__(self, batch: dict) -> dict:
+        prompts = [str(p) for p in batch["prompt"]]
+        shape = self.policy.latent_shape_at(self.resolution)
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in batch["seed"]])
+        with torch.no_grad():
+            traj = self.policy.sample(prompts, self.steps, self.cfg_scale, noise=noise)
+            images = self.policy.decode(traj.final)
+        return {"prompt": np.array(prompts, dtype=object), "image": images.cpu().numpy()}
+
+
+class TeacherTargets:
+    """Ray Data actor: VAE latents of clean images and the frozen reward model's targets on them."""
+
+    def __init__(self, backbone: str, reward_model: str, analytic: str):
+        device = _device()
+        self.vae = zoo.load_vae(backbone, device=device)
+        self.clip = zoo.load_clip(reward_model, device=device)
+        self.analytic = rewards.ANALYTIC[analytic] if analytic else None
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> dict:
+        images = torch.as_tensor(np.asarray(batch["image"], dtype=np.float32)).to(self.vae.device)
+        if images.shape[-1] == 3:  # folder images arrive as HWC uint8
+            images = images.permute(0, 3, 1, 2) / 255.0
+        prompts = [str(p) for p in batch.get("prompt", [""] * len(images))]
+        out = self.clip.model.vision_model(pixel_values=rewards.clip_pixels(images, self.clip))
+        embeds = F.normalize(self.clip.model.visual_projection(out.pooler_output).float(), dim=-1)
+        reward = self.analytic(images, prompts) if self.analytic else torch.zeros(len(images))
+        return {
+            "prompt": np.array(prompts, dtype=object),
+            "z0": vae_encode(self.vae, images).float().cpu().numpy(),
+            "embeds": embeds.cpu().numpy(),
+            "tokens": out.last_hidden_state.float().cpu().numpy(),
+            "reward": reward.float().cpu().numpy(),
+        }
+
+
+def build_dataset(backbone: str, reward_model: str, analytic: str, data: StitchDataConfig, prompts: list[str], seed: int):
+    """The Ray Data pipeline of clean latents + teacher targets, materialised once (every epoch
+    re-reads it; only the noise is new per epoch)."""
+    import ray
+
+    common = dict(batch_size=data.batch_size, num_cpus=data.actor_cpus, num_gpus=data.actor_gpus, compute=ray.data.ActorPoolStrategy(size=data.actors))
+    if data.source == "folder":
+        if not Path(data.folder).is_dir():
+            raise FileNotFoundError(f"image folder '{data.folder}' does not exist; set data.folder or use data.source=policy")
+        images = ray.data.read_images(data.folder, mode="RGB", ignore_missing_paths=False)
+    else:
+        rows = [{"prompt": prompts[n % len(prompts)], "seed": seed * 1_000_003 + n} for n in range(data.num_images)]
+        images = ray.data.from_items(rows).map_batches(
+            PolicyImages, fn_constructor_args=(backbone, data.sample_steps, data.cfg_scale, data.resolution), **common
+        )
+    targets = images.map_batches(TeacherTargets, fn_constructor_args=(backbone, reward_model, analytic), **common)
+    return targets.materialize()
+
+
+def read_image_folder(folder: str, n: int, size: int) -> torch.Tensor:
+    """Up to `n` images of a folder as (n, 3, size, size) in [0, 1] (the stage-1 probes)."""
+    from PIL import Image
+
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})[:n]
+    if not paths:
+        raise FileNotFoundError(f"image folder '{folder}' holds no .png/.jpg/.webp images")
+    arrays = [np.asarray(Image.open(p).convert("RGB").resize((size, size)), dtype=np.float32) / 255.0 for p in paths]
+    return torch.as_tensor(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+def distill_loss(student_embeds, student_tokens, batch, token_weight: float, smooth_l1: bool = False) -> tuple[torch.Tensor, dict]:
+    """Paper's multi-level distillation: normalised image embedding + per-token tail outputs."""
+    loss_fn = F.smooth_l1_loss if smooth_l1 else F.mse_loss
+    emb = loss_fn(student_embeds, batch["embeds"], reduction="none").sum(-1).mean()  # = 2 - 2 cos for MSE
+    tok = loss_fn(student_tokens.float(), batch["tokens"])
+    return emb + token_weight * tok, {"loss_embed": emb.item(), "loss_tokens": tok.item()}
+
+
+def train_loop(loop_config: dict) -> None:
+    """Ray Train worker: DeepSpeed engine over the value model's trainable parts."""
+    from stitchvm_rl.runtime import deepspeed_config, setup_deepspeed
+
+    device = setup_deepspeed()  # before deepspeed is imported: it picks its accelerator on import
+    import deepspeed
+    import ray.train
+
+    from stitchvm_rl.value.model import StitchedValueModel
+
+    train = from_dict(StitchTrainConfig, loop_config["train"])
+    seed = loop_config["seed"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(seed)
+    model = StitchedValueModel.from_pretrained(loop_config["init_dir"], device=device)
+    model.train()
+    stitch = list(model.stitch.parameters())
+    rest = [p for p in model.trainable_parameters() if all(p is not q for q in stitch)]
+    for p in model.trainable_parameters():
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(
+        [{"params": stitch, "lr": train.lr * train.stitch_lr_mult}, {"params": rest, "lr": train.lr}], weight_decay=train.weight_decay
+    )
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, train.warmup_steps)))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=warmup, config=deepspeed_config(train.zero_stage, train.batch_size, 1, device)
+    )
+    dtype = next(p.dtype for p in engine.module.stitch.parameters())
+
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            _, client = engine.load_checkpoint(d, tag="engine")
+        start = client["epoch"] + 1
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start, train.epochs):
+        gen = torch.Generator().manual_seed(seed * 7919 + epoch * 131 + rank)
+        totals: dict[str, float] = {}
+        steps = 0
+        for batch in shard.iter_batches(batch_size=train.batch_size, batch_format="numpy", drop_last=True):
+            batch = {k: torch.as_tensor(v).to(engine.device) for k, v in batch.items() if k != "prompt"}
+            z0 = batch["z0"]
+            t = torch.sigmoid(train.t_logit_mean + train.t_logit_std * torch.randn(len(z0), generator=gen)).to(engine.device)
+            eps = torch.randn(z0.shape, generator=gen).to(engine.device)
+            z_t = ((1 - t.view(-1, 1, 1, 1)) * z0 + t.view(-1, 1, 1, 1) * eps).to(dtype)
+            embeds, tokens = engine.module.embed(z_t, t.to(dtype))
+            if train.objective == "regress":
+                loss = F.mse_loss(engine.module.score(embeds).float(), batch["reward"])
+                parts = {"loss_value": loss.item()}
+            else:
+                loss, parts = distill_loss(embeds, tokens, batch, train.token_weight, smooth_l1=engine.module.config.head == "aesthetic")
+            engine.backward(loss)
+            engine.step()
+            steps += 1
+            for k, v in {"loss": loss.item(), **parts}.items():
+                totals[k] = totals.get(k, 0.0) + v
+        metrics = {"epoch": epoch, "steps": steps, "world_size": world, "resumed_from_epoch": start, **{k: v / max(steps, 1) for k, v in totals.items()}}
+        last = epoch == train.epochs - 1
+        if (epoch + 1) % train.checkpoint_every == 0 or last:
+            with tempfile.TemporaryDirectory() as d:
+                engine.save_checkpoint(d, tag="engine", client_state={"epoch": epoch})
+                if rank == 0:
+                    engine.module.save(Path(d) / "value_model")
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+        marker = Path(loop_config["run_dir"]) / ".crash-injected"
+        if epoch == train.crash_after_epoch and rank == min(1, world - 1) and not marker.exists():
+            marker.touch()
+            os._exit(1)  # a hard worker death, as a preempted node would give
+
+
+def run_training(init_dir: Path, run_dir: Path, storage_path: str, run_name: str, train: StitchTrainConfig, dataset, seed: int):
+    """One TorchTrainer.fit(); returns the ray.train Result (its checkpoint holds the value model)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"train": to_dict(train), "seed": seed, "init_dir": str(init_dir), "run_dir": str(run_dir)},
+        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
+        datasets={"train": dataset},
+    )
+    return trainer.fit()
