@@ -72,8 +72,15 @@ def check(cfg: StitchConfig) -> None:
         raise ConfigError("train.objective=regress needs head=scalar and an analytic_reward (e.g. colour_match)")
     if cfg.head == "scalar" and cfg.train.objective != "regress":
         raise ConfigError("head=scalar has no teacher to distil; use train.objective=regress with an analytic_reward")
+    if cfg.data.source == "folder" and not Path(cfg.data.folder).is_dir():
+        raise ConfigError(f"data.folder '{cfg.data.folder}' does not exist; point it at an image folder or use data.source=policy")
     if cfg.data.source == "folder" and cfg.analytic_reward == "colour_match":
         raise ConfigError("colour_match reads toy captions, which folder images do not have; use data.source=policy")
+
+
+def image_size(cfg: StitchConfig) -> int:
+    """Training image side: the configured resolution, else the backbone VAE's native size."""
+    return cfg.data.resolution or zoo.load_vae(cfg.backbone).config.sample_size
 
 
 def main(argv: list[str]) -> dict:
@@ -92,7 +99,7 @@ def main(argv: list[str]) -> dict:
         probes = torch.as_tensor(sampler({"prompt": probe_prompts, "seed": [10**9 + n for n in range(cfg.probe_images)]})["image"])
         del sampler
     else:
-        probes = read_image_folder(cfg.data.folder, cfg.probe_images, cfg.data.resolution or 8 * zoo.load_vae(cfg.backbone).config.sample_size // 8)
+        probes = read_image_folder(cfg.data.folder, cfg.probe_images, image_size(cfg))
     model, search = build_value_model(cfg.backbone, cfg.reward_model, probes, cfg.head, cfg.max_dit_block or None, score_scale=cfg.score_scale, seed=cfg.seed)
     run.write_json("stitch_search.json", {"best": [search.best_i, search.best_j], "table": search.table})
     print(f"stage 1: stitching DiT block {search.best_i} to reward-model block {search.best_j} ({time.perf_counter() - start:.0f} s)")
@@ -100,7 +107,7 @@ def main(argv: list[str]) -> dict:
     del model
 
     # Stage 2: Ray Data -> Ray Train (DeepSpeed).
-    dataset = build_dataset(cfg.backbone, cfg.reward_model, cfg.analytic_reward, cfg.data, prompts, cfg.seed)
+    dataset = build_dataset(cfg.backbone, cfg.reward_model, cfg.analytic_reward, cfg.data, prompts, cfg.seed, image_size(cfg))
     result = run_training(init_dir, run.path, storage, cfg.run_name, cfg.train, dataset, cfg.seed)
     if result.error is not None:
         raise RuntimeError(f"stage 2 failed: {result.error}")

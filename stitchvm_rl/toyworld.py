@@ -42,7 +42,9 @@ CAPTIONS = [f"a {c} {s} on the {p}" for c in COLOURS for s in SHAPES for p in SI
 TOY_SD3 = zoo.SD3Sizes(
     layers=4, heads=4, head_dim=32, latent_size=8, vae_channels=(16, 32, 32), vae_groups=8, shift=1.0
 )
-TOY_CLIP = zoo.CLIPSizes(hidden=64, layers=6, heads=4, image_size=32, patch_size=4, projection=64)
+# patch 8: a 4x4 grid, no finer than the toy DiT's 4x4 token grid -- as CLIP-L/336 (24x24) is no finer than
+# SD3.5-M's 32x32 or 64x64. A finer reward grid would make the stitch invent detail by upsampling.
+TOY_CLIP = zoo.CLIPSizes(hidden=64, layers=6, heads=4, image_size=32, patch_size=8, projection=64)
 
 
 def parse_caption(caption: str) -> tuple[str, str, str]:

@@ -39,3 +39,13 @@ def toy_policy():
     from stitchvm_rl.policy import SD3Policy
 
     return SD3Policy.from_pretrained("toyworld")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shutdown_ray_at_exit():
+    """Jobs run in-process start one local Ray cluster; it is shared and stopped once at the end."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
@@ -42,8 +43,8 @@ class StitchDataConfig:
     """Prompts for the policy samples (empty: every toy-world caption)."""
     sample_steps: Annotated[int, Range(1)] = 20
     """Sampling steps of the policy samples."""
-    cfg_scale: Annotated[float, Range(1)] = 3.0
-    """CFG scale of the policy samples."""
+    cfg_scale: Annotated[float, Range(1)] = 1.0
+    """CFG scale of the policy samples (1: like the CFG-free rollouts the value model will score)."""
     resolution: Annotated[int, Range(0)] = 0
     """Image side in pixels (0: the backbone's native size)."""
     batch_size: Annotated[int, Range(1)] = 64
@@ -91,7 +92,7 @@ class StitchTrainConfig:
     max_failures: Annotated[int, Range(-1)] = 2
     """Worker-group restarts Ray Train may make (FailureConfig)."""
     crash_after_epoch: int = -1
-    """Fault injection for tests: rank 1 exits hard once after this epoch's checkpoint (-1: never)."""
+    """Fault injection for tests: rank 1 dies once, mid-way through the epoch after this one (-1: never)."""
 
 
 def _device() -> str:
@@ -142,7 +143,7 @@ class TeacherTargets:
         }
 
 
-def build_dataset(backbone: str, reward_model: str, analytic: str, data: StitchDataConfig, prompts: list[str], seed: int):
+def build_dataset(backbone: str, reward_model: str, analytic: str, data: StitchDataConfig, prompts: list[str], seed: int, size: int):
     """The Ray Data pipeline of clean latents + teacher targets, materialised once (every epoch
     re-reads it; only the noise is new per epoch)."""
     import ray
@@ -151,7 +152,7 @@ def build_dataset(backbone: str, reward_model: str, analytic: str, data: StitchD
     if data.source == "folder":
         if not Path(data.folder).is_dir():
             raise FileNotFoundError(f"image folder '{data.folder}' does not exist; set data.folder or use data.source=policy")
-        images = ray.data.read_images(data.folder, mode="RGB", ignore_missing_paths=False)
+        images = ray.data.read_images(data.folder, size=(size, size), mode="RGB", ignore_missing_paths=False)
     else:
         rows = [{"prompt": prompts[n % len(prompts)], "seed": seed * 1_000_003 + n} for n in range(data.num_images)]
         images = ray.data.from_items(rows).map_batches(
@@ -236,6 +237,8 @@ def train_loop(loop_config: dict) -> None:
             engine.backward(loss)
             engine.step()
             steps += 1
+            if epoch == train.crash_after_epoch + 1 and rank == min(1, world - 1):
+                _inject_crash(Path(loop_config["run_dir"]) / ".crash-injected")
             for k, v in {"loss": loss.item(), **parts}.items():
                 totals[k] = totals.get(k, 0.0) + v
         metrics = {"epoch": epoch, "steps": steps, "world_size": world, "resumed_from_epoch": start, **{k: v / max(steps, 1) for k, v in totals.items()}}
@@ -248,10 +251,16 @@ def train_loop(loop_config: dict) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
-        marker = Path(loop_config["run_dir"]) / ".crash-injected"
-        if epoch == train.crash_after_epoch and rank == min(1, world - 1) and not marker.exists():
-            marker.touch()
-            os._exit(1)  # a hard worker death, as a preempted node would give
+
+
+def _inject_crash(marker: Path) -> None:
+    """Fault injection for tests: a hard worker death in the middle of an epoch, once per run.
+    The pause lets the controller commit the previous epoch's checkpoint first, as in a real run
+    where preemptions do not come right after a report."""
+    if not marker.exists():
+        marker.touch()
+        time.sleep(3)
+        os._exit(1)
 
 
 def run_training(init_dir: Path, run_dir: Path, storage_path: str, run_name: str, train: StitchTrainConfig, dataset, seed: int):

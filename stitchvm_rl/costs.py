@@ -1,0 +1,65 @@
+"""Real-scale cost model without a GPU: published architectures on the `meta` device.
+
+Shapes flow through the real module code, so parameter counts and FLOPs (torch's FlopCounterMode)
+are those of SD3.5-Medium and CLIP ViT-L/14-336, though no weight exists and nothing is computed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from stitchvm_rl import zoo
+
+
+def count_flops(fn) -> int:
+    """FLOPs of one call (forward only, or forward + backward if `fn` calls backward)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def sd35m_value_model_costs(i: int = 4, j: int = 1, resolution: int = 1024, text_tokens: int = 333) -> dict:
+    """Parameters and forward FLOPs of StitchVM(i, j) = SD3.5-M blocks 1..i + CLIP ViT-L/14-336
+    tail, against what Tweedie scoring needs: a full SD3.5-M forward, a VAE decode, a CLIP forward."""
+    from stitchvm_rl.value.model import DiTHead, StitchedValueModel, ValueModelConfig
+
+    transformer = zoo.meta_model("sd35_medium_transformer")
+    vae = zoo.meta_model("sd35_medium_vae")
+    clip = zoo.meta_model("clip_vit_l14_336")
+    side = resolution // 8
+    with torch.device("meta"):
+        null_embeds = torch.empty(1, text_tokens, transformer.config.joint_attention_dim)
+        null_pooled = torch.empty(1, transformer.config.pooled_projection_dim)
+        head = DiTHead(transformer, i, null_embeds, null_pooled)
+        config = ValueModelConfig(i, j, "clip", zoo.SD35_MEDIUM, zoo.CLIP_VIT_L14_336, "meta")
+        value_model = StitchedValueModel(config, head, clip)
+        z = torch.empty(1, 16, side, side)
+        t = torch.empty(1)
+        pixels = torch.empty(1, 3, 336, 336)
+
+    def full_dit():
+        transformer(hidden_states=z, timestep=t, encoder_hidden_states=null_embeds, pooled_projections=null_pooled)
+
+    costs = {
+        "stitchvm": count_flops(lambda: value_model.embed(z, t)),
+        "sd35m_transformer": count_flops(full_dit),
+        "vae_decode": count_flops(lambda: vae.decode(z)),
+        "clip_image": count_flops(lambda: clip.get_image_features(pixel_values=pixels)),
+    }
+    tweedie = costs["sd35m_transformer"] + costs["vae_decode"] + costs["clip_image"]
+    return {
+        "resolution": resolution,
+        "stitch": {"dit_block": i, "rm_block": j},
+        "params": {
+            "stitchvm_total": zoo.count_params(value_model) - zoo.count_params(value_model.text_model) - zoo.count_params(value_model.text_projection),
+            "stitchvm_dit_head": zoo.count_params(value_model.head),
+            "stitchvm_stitch": zoo.count_params(value_model.stitch),
+            "stitchvm_clip_tail": zoo.count_params(value_model.tail),
+            "sd35m_transformer": zoo.count_params(transformer),
+            "vae": zoo.count_params(vae),
+            "clip_vision": zoo.count_params(clip.vision_model) + zoo.count_params(clip.visual_projection),
+        },
+        "forward_flops": costs | {"tweedie_total": tweedie},
+        "flops_ratio_tweedie_over_stitchvm": tweedie / costs["stitchvm"],
+    }

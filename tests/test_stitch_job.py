@@ -1,0 +1,74 @@
+"""jobs/stitch.py end to end on the toy world: stage 1, Ray Data, Ray Train + DeepSpeed, a killed
+learner worker, evaluation. Small sizes: the figures of the default run are in the README."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from stitchvm_rl.config import ConfigError
+from stitchvm_rl.value.model import StitchedValueModel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_job(name):
+    spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+SMALL = [
+    "probe_images=32",
+    "data.num_images=96",
+    "data.batch_size=32",
+    "train.epochs=2",
+    "train.batch_size=16",
+    "eval.sigmas=[0.5]",
+    "eval.prompts=2",
+    "eval.group_size=4",
+    "eval.mc_k=2",
+    "eval.reference_k=4",
+]
+
+
+def test_stitch_job_survives_a_killed_learner_and_exports_the_value_model(tmp_path):
+    job = load_job("stitch")
+    summary = job.main([f"output_dir={tmp_path}", "train.crash_after_epoch=0", *SMALL, "train.epochs=3"])
+    run = tmp_path / "stitch"
+    for name in ("config.yaml", "stitch_search.json", "summary.json", "accuracy.png", "value_model/value_model.json"):
+        assert (run / name).is_file(), name
+    # rank 1 died hard after epoch 0's checkpoint; Ray Train restarted the group from that checkpoint
+    assert (run / ".crash-injected").is_file()
+    # (from epoch 0's checkpoint, or epoch 1's if rank 0 reported it before the death was noticed)
+    assert summary["train_metrics"]["epoch"] == 2 and summary["train_metrics"]["resumed_from_epoch"] >= 1
+    assert summary["train_metrics"]["world_size"] == 2
+    search = json.loads((run / "stitch_search.json").read_text())
+    assert len(search["table"]) == 16 and summary["stitch"]["dit_block"] == search["best"][0]
+    rows = summary["value_accuracy"]["table"]
+    assert {r["estimator"] for r in rows} == {"stitchvm", "tweedie", "mc"}
+    cost = summary["value_accuracy"]["cost"]
+    assert cost["stitchvm"]["flops_per_estimate_at_mid_sigma"] < cost["tweedie"]["flops_per_estimate_at_mid_sigma"] < cost["mc"]["flops_per_estimate_at_mid_sigma"]
+    model = StitchedValueModel.from_pretrained(run / "value_model")
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(2, 16, 8, 8), torch.tensor([0.3, 0.6]), ["a red circle on the left"] * 2)).all()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train.objective=regress"], "needs head=scalar and an analytic_reward"),
+        (["head=scalar"], "use train.objective=regress"),
+        (["analytic_reward=blueness"], "analytic_reward 'blueness' is unknown"),
+        (["data.source=folder", "data.folder=/no/such/folder"], "does not exist"),
+    ],
+)
+def test_inconsistent_settings_stop_before_any_work(tmp_path, args, message):
+    job = load_job("stitch")
+    with pytest.raises((ConfigError, FileNotFoundError), match=message):
+        job.main([f"output_dir={tmp_path}", *args])
