@@ -11,12 +11,11 @@ The OpenCLIP kinds need the CLIP BPE tokenizer (`tokenizer=`, a hub id or local 
 fetched from the hub once). The outputs are what `rewards.PUBLISHED` loads by default.
 """
 
-import sys
 from dataclasses import dataclass
 from typing import Literal
 
 from stitchvm_rl import convert, zoo
-from stitchvm_rl.config import ConfigError, load_config
+from stitchvm_rl.config import ConfigError, load_config, run_main
 
 
 @dataclass
@@ -45,7 +44,4 @@ def main(argv: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
+    run_main(main)

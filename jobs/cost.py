@@ -7,12 +7,10 @@ Prints parameters and forward FLOPs of the stitched value model next to a full S
 VAE decode + CLIP forward, and writes outputs/<run_name>/summary.json.
 """
 
-import json
-import sys
 from dataclasses import dataclass
 from typing import Annotated
 
-from stitchvm_rl.config import ConfigError, Range, load_config
+from stitchvm_rl.config import ConfigError, Range, load_config, run_main
 from stitchvm_rl.costs import sd35m_value_model_costs
 from stitchvm_rl.tracking import RunDir
 
@@ -54,7 +52,4 @@ def main(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ConfigError as err:
-        sys.exit(f"error: {err}")
+    run_main(main)

@@ -8,7 +8,6 @@ Writes outputs/<run_name>/: config.yaml, samples.png (a prompt's images side by 
 of every image, per reward model, and -- for toy-world captions -- the caption-classifier accuracy).
 """
 
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
@@ -17,10 +16,9 @@ import torch
 
 from stitchvm_rl import prompts as prompt_lists
 from stitchvm_rl import rewards, toyworld
-from stitchvm_rl.config import ConfigError, Range, load_config
+from stitchvm_rl.config import Range, load_config, run_main
 from stitchvm_rl.policy import SD3Policy
 from stitchvm_rl.tracking import RunDir
-from stitchvm_rl.zoo import ModelSourceError
 
 
 @dataclass
@@ -108,7 +106,4 @@ def _is_toy_caption(prompt: str) -> bool:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ConfigError, ModelSourceError, FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
+    run_main(main)

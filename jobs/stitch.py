@@ -12,7 +12,6 @@ level: StitchVM vs Tweedie vs Monte Carlo), accuracy.png.
 
 import json
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +21,11 @@ import torch
 
 from stitchvm_rl import prompts as prompt_lists
 from stitchvm_rl import rewards, runtime, zoo
-from stitchvm_rl.config import ConfigError, Range, load_config
+from stitchvm_rl.config import ConfigError, Range, load_config, run_main
 from stitchvm_rl.tracking import RunDir
 from stitchvm_rl.value.evaluate import ValueEvalConfig, evaluate_value_accuracy, plot_accuracy
 from stitchvm_rl.value.search import build_value_model
 from stitchvm_rl.value.train import PolicyImages, StitchDataConfig, StitchTrainConfig, build_dataset, read_image_folder, run_training
-from stitchvm_rl.zoo import ModelSourceError
 
 
 @dataclass
@@ -132,7 +130,4 @@ def main(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ConfigError, ModelSourceError, FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
+    run_main(main)

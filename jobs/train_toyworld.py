@@ -14,9 +14,8 @@ directory), grid.png (top: ground truth, bottom: CFG samples of the same caption
 """
 
 import json
-import sys
 
-from stitchvm_rl.config import ConfigError, load_config
+from stitchvm_rl.config import load_config, run_main
 from stitchvm_rl.toyworld import ToyWorldConfig, train_toyworld
 
 
@@ -28,7 +27,4 @@ def main(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ConfigError as err:
-        sys.exit(f"error: {err}")
+    run_main(main)

@@ -237,3 +237,15 @@ def load_config(cls: type, argv: list[str]) -> Any:
             value = raw
         _set_path(data, key.strip(), value)
     return from_dict(cls, data)
+
+
+def run_main(main) -> None:
+    """Entry point of every job script: `main(sys.argv[1:])`; a bad input (any ValueError or a
+    missing file: config, model source, prompt file...) ends with its one-line message, exit 2."""
+    import sys
+
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,10 +1,8 @@
-from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from stitchvm_rl import convert, rewards, toyworld, zoo
+from stitchvm_rl import convert, rewards, toyworld
 
 
 @pytest.fixture(scope="module")
