@@ -29,6 +29,7 @@ SMALL = [
     "data.batch_size=32",
     "train.epochs=2",
     "train.batch_size=16",
+    "train.checkpoint_every=1",
     "eval.sigmas=[0.5]",
     "eval.prompts=2",
     "eval.group_size=4",
