@@ -43,9 +43,6 @@ class PromptEmbeds:
     def __len__(self) -> int:
         return self.embeds.shape[0]
 
-    def index(self, idx) -> PromptEmbeds:
-        return PromptEmbeds(self.embeds[idx], self.pooled[idx])
-
     @staticmethod
     def cat(items: list[PromptEmbeds]) -> PromptEmbeds:
         return PromptEmbeds(torch.cat([i.embeds for i in items]), torch.cat([i.pooled for i in items]))

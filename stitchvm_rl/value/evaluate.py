@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Annotated
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from stitchvm_rl import flow, rewards, toyworld, zoo
 from stitchvm_rl.config import Range
+from stitchvm_rl.costs import count_flops
 from stitchvm_rl.policy import SD3Policy
 
 ESTIMATORS = ("stitchvm", "tweedie", "mc")
@@ -124,12 +124,6 @@ class Estimators:
         return flow.dpm2(fn, noise, path).final
 
 
-def flops_per_estimate(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
 def evaluate_value_accuracy(value_dir: str | Path, cfg: ValueEvalConfig, analytic_reward: str = "", seed: int = 0) -> dict:
     """Run the comparison; returns {"table": [...per sigma and estimator...], "cost": {...}}."""
     from stitchvm_rl.value.model import StitchedValueModel
@@ -161,7 +155,7 @@ def evaluate_value_accuracy(value_dir: str | Path, cfg: ValueEvalConfig, analyti
     cost = {
         name: {
             "seconds_per_estimate": seconds[name] / (len(prompts) * len(cfg.sigmas)),
-            "flops_per_estimate_at_mid_sigma": flops_per_estimate(
+            "flops_per_estimate_at_mid_sigma": count_flops(
                 (lambda: est.completions(one_z, mid, one_p, cfg.mc_k, 0)) if name == "mc" else (lambda name=name: getattr(est, name)(one_z, mid, one_p))
             ),
         }
