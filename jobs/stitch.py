@@ -78,7 +78,7 @@ def check(cfg: StitchConfig) -> None:
 
 def image_size(cfg: StitchConfig) -> int:
     """Training image side: the configured resolution, else the backbone VAE's native size."""
-    return cfg.data.resolution or zoo.load_vae(cfg.backbone).config.sample_size
+    return cfg.data.resolution or zoo.vae_config(cfg.backbone)["sample_size"]
 
 
 def main(argv: list[str]) -> dict:

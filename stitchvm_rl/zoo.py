@@ -351,14 +351,30 @@ def load_sd3_pipeline(source: str, dtype: str = "float32", device: str = "cpu") 
     return pipe.to(device)
 
 
-def load_vae(source: str, dtype: str = "float32", device: str = "cpu") -> AutoencoderKL:
-    """Only the VAE of an SD3 pipeline (workers that encode images need nothing else)."""
+def _load_part(cls, source: str, subfolder: str, dtype: str, device: str):
+    """One component of an SD3 pipeline directory / repo, without loading the rest."""
     path = resolve(source)
     try:
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=DTYPES[dtype], local_files_only=Path(path).is_dir())
+        part = cls.from_pretrained(path, subfolder=subfolder, dtype=DTYPES[dtype], local_files_only=Path(path).is_dir())
     except (OSError, ValueError, KeyError) as err:
-        raise _load_error(path, "SD3 VAE", err) from None
-    return vae.to(device).eval().requires_grad_(False)
+        raise _load_error(path, f"SD3 {subfolder}", err) from None
+    return part.to(device).eval().requires_grad_(False)
+
+
+def load_vae(source: str, dtype: str = "float32", device: str = "cpu") -> AutoencoderKL:
+    """Only the VAE of an SD3 pipeline (workers that encode images need nothing else)."""
+    return _load_part(AutoencoderKL, source, "vae", dtype, device)
+
+
+def load_sd3_transformer(source: str, dtype: str = "float32", device: str = "cpu") -> SD3Transformer2DModel:
+    """Only the transformer of an SD3 pipeline (a value model's head needs no text encoders)."""
+    return _load_part(SD3Transformer2DModel, source, "transformer", dtype, device)
+
+
+def vae_config(source: str) -> dict:
+    """The VAE's config without its weights."""
+    path = resolve(source)
+    return AutoencoderKL.load_config(path, subfolder="vae", local_files_only=Path(path).is_dir())
 
 
 @dataclass

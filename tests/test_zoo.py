@@ -80,6 +80,17 @@ def test_a_file_or_a_non_pipeline_directory_is_refused(tmp_path):
     (broken / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
     with pytest.raises(zoo.ModelSourceError, match="not a loadable SD3 pipeline"):
         zoo.load_sd3_pipeline(str(broken))
+    with pytest.raises(zoo.ModelSourceError, match="not a loadable SD3 transformer"):
+        zoo.load_sd3_transformer(str(broken))
+
+
+def test_single_components_load_without_the_rest():
+    pipe = zoo.load_sd3_pipeline("tiny-sd3")
+    transformer = zoo.load_sd3_transformer("tiny-sd3")
+    for (name, a), (_, b) in zip(pipe.transformer.state_dict().items(), transformer.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert zoo.vae_config("tiny-sd3")["sample_size"] == pipe.vae.config.sample_size
+    assert not any(p.requires_grad for p in zoo.load_vae("tiny-sd3").parameters())
 
 
 def test_hub_ids_are_passed_to_the_hub_and_fail_clearly_offline():

@@ -249,7 +249,7 @@ class StitchedValueModel(nn.Module):
             expected = (f.metadata() or {}).get("checksum")
         if expected != tensor_checksum(weights):
             raise ValueError(f"value model weights in '{path}' fail their checksum: the file is truncated or corrupted")
-        transformer = zoo.load_sd3_pipeline(config.backbone).transformer
+        transformer = zoo.load_sd3_transformer(config.backbone)
         dit = DiTHead(transformer, config.dit_block, weights["head.null_embeds"], weights["head.null_pooled"])
         if head_fingerprint(dit) != config.backbone_fingerprint:
             raise ValueError(
