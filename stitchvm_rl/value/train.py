@@ -100,7 +100,9 @@ def _device() -> str:
 
 
 class PolicyImages:
-    """Ray Data actor: clean images sampled from the (base) policy, one noise seed per row."""
+    """Ray Data actor: clean images sampled from the (base) policy, one noise seed per row, with
+    the policy's own final latents (the value model must read those, not a VAE re-encoding of the
+    decoded image: on the toy world the two differ by 11 %)."""
 
     def __init__(self, backbone: str, steps: int, cfg_scale: float, resolution: int):
         self.policy = SD3Policy.from_pretrained(backbone, device=_device())
@@ -113,11 +115,12 @@ class PolicyImages:
         with torch.no_grad():
             traj = self.policy.sample(prompts, self.steps, self.cfg_scale, noise=noise)
             images = self.policy.decode(traj.final)
-        return {"prompt": np.array(prompts, dtype=object), "image": images.cpu().numpy()}
+        return {"prompt": np.array(prompts, dtype=object), "image": images.cpu().numpy(), "z0": traj.final.float().cpu().numpy()}
 
 
 class TeacherTargets:
-    """Ray Data actor: VAE latents of clean images and the frozen reward model's targets on them."""
+    """Ray Data actor: the frozen reward model's targets on clean images, and their latents (VAE
+    encoded unless the rows already carry the policy's latents)."""
 
     def __init__(self, backbone: str, reward_model: str, analytic: str):
         device = _device()
@@ -136,7 +139,7 @@ class TeacherTargets:
         reward = self.analytic(images, prompts) if self.analytic else torch.zeros(len(images))
         return {
             "prompt": np.array(prompts, dtype=object),
-            "z0": vae_encode(self.vae, images).float().cpu().numpy(),
+            "z0": np.asarray(batch["z0"], dtype=np.float32) if "z0" in batch else vae_encode(self.vae, images).float().cpu().numpy(),
             "embeds": embeds.cpu().numpy(),
             "tokens": out.last_hidden_state.float().cpu().numpy(),
             "reward": reward.float().cpu().numpy(),
