@@ -92,13 +92,17 @@ def main(argv: list[str]) -> dict:
 
     # Stage 1: closed-form stitch search on probe images, then the value model at the best (i, j).
     probe_prompts = [prompts[n % len(prompts)] for n in range(cfg.probe_images)]
+    probe_latents = None  # policy probes bring their own latents (as stage 2's rows do); folder images are encoded
     if cfg.data.source == "policy":
         sampler = PolicyImages(cfg.backbone, cfg.data.sample_steps, cfg.data.cfg_scale, cfg.data.resolution)
-        probes = torch.as_tensor(sampler({"prompt": probe_prompts, "seed": [10**9 + n for n in range(cfg.probe_images)]})["image"])
+        rows = sampler({"prompt": probe_prompts, "seed": [10**9 + n for n in range(cfg.probe_images)]})
+        probes, probe_latents = torch.as_tensor(rows["image"]), torch.as_tensor(rows["z0"])
         del sampler
     else:
         probes = read_image_folder(cfg.data.folder, cfg.probe_images, image_size(cfg))
-    model, search = build_value_model(cfg.backbone, cfg.reward_model, probes, cfg.head, cfg.max_dit_block or None, score_scale=cfg.score_scale, seed=cfg.seed)
+    model, search = build_value_model(
+        cfg.backbone, cfg.reward_model, probes, cfg.head, cfg.max_dit_block or None, score_scale=cfg.score_scale, seed=cfg.seed, latents=probe_latents
+    )
     run.write_json("stitch_search.json", {"best": [search.best_i, search.best_j], "table": search.table})
     print(f"stage 1: stitching DiT block {search.best_i} to reward-model block {search.best_j} ({time.perf_counter() - start:.0f} s)")
     init_dir = model.save(run.path / "init")

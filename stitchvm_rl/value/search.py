@@ -62,11 +62,11 @@ def _tokens(grid: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def stitch_search(head, clip_model, encode_images, clip_pixels, images: torch.Tensor, rm_blocks=(1, 2, 3, 4), batch_size: int = 16, seed: int = 0) -> StitchSearchResult:
+def stitch_search(head, clip_model, clip_pixels, batches, rm_blocks=(1, 2, 3, 4), seed: int = 0) -> StitchSearchResult:
     """Fit every (i, j): i over all blocks of `head` (a `DiTHead`), j over `rm_blocks`.
 
-    `encode_images` maps [0, 1] images to normalised latents; `clip_pixels` maps them to the reward
-    model's pixel values.
+    `batches` yields (images in [0, 1], their normalised latents); `clip_pixels` maps images to the
+    reward model's pixel values.
     """
     gen = torch.Generator().manual_seed(seed)
     n_dit = len(head.blocks)
@@ -74,9 +74,9 @@ def stitch_search(head, clip_model, encode_images, clip_pixels, images: torch.Te
     rm_blocks = [j for j in rm_blocks if j <= len(clip_model.vision_model.encoder.layers)]
     fits = [AffineLeastSquares(head.width, c_rm * len(rm_blocks)) for _ in range(n_dit)]
     cls_sum = torch.zeros(len(rm_blocks), c_rm, dtype=torch.float64)
-    for start in range(0, len(images), batch_size):
-        x = images[start : start + batch_size]
-        z0 = encode_images(x)
+    count = 0
+    for x, z0 in batches:
+        count += len(x)
         t = torch.rand(len(x), generator=gen).to(z0.device, z0.dtype)
         eps = torch.randn(z0.shape, generator=gen).to(z0.device, z0.dtype)
         z_t = (1 - t.view(-1, 1, 1, 1)) * z0 + t.view(-1, 1, 1, 1) * eps
@@ -110,7 +110,7 @@ def stitch_search(head, clip_model, encode_images, clip_pixels, images: torch.Te
     weight, bias = solutions[result.best_i]
     result.weight = weight[n * c_rm : (n + 1) * c_rm].float()
     result.bias = bias[n * c_rm : (n + 1) * c_rm].float()
-    result.cls_mean = (cls_sum[n] / len(images)).float()
+    result.cls_mean = (cls_sum[n] / count).float()
     return result
 
 
@@ -127,9 +127,10 @@ def init_stitch(model, result: StitchSearchResult) -> None:
     cfg.stitch_mse = {f"{row['i']},{row['j']}": row["mse"] for row in result.table}
 
 
-def build_value_model(backbone: str, reward_model: str, images: torch.Tensor, head: str = "clip", max_dit_block: int | None = None, rm_blocks=(1, 2, 3, 4), score_scale: float = 1.0, device: str = "cpu", seed: int = 0):
+def build_value_model(backbone: str, reward_model: str, images: torch.Tensor, head: str = "clip", max_dit_block: int | None = None, rm_blocks=(1, 2, 3, 4), score_scale: float = 1.0, device: str = "cpu", seed: int = 0, latents: torch.Tensor | None = None, batch_size: int = 16):
     """Stage 1 end to end: load both sources, search (i, j) on `images`, build the value model there
-    with F from least squares. Returns (model, search result)."""
+    with F from least squares. `latents`: the images' own latents when they are policy samples (else
+    the VAE encodes them, batch by batch). Returns (model, search result)."""
     from stitchvm_rl import rewards, zoo
     from stitchvm_rl.policy import SD3Policy
     from stitchvm_rl.value.model import DiTHead, StitchedValueModel, null_prompt_embeds
@@ -138,7 +139,13 @@ def build_value_model(backbone: str, reward_model: str, images: torch.Tensor, he
     clip = zoo.load_clip(reward_model, device=device)
     blocks = len(policy.transformer.transformer_blocks)
     candidates = DiTHead(policy.transformer, min(max_dit_block or blocks, blocks), *null_prompt_embeds(policy.pipe))
-    result = stitch_search(candidates, clip.model, policy.encode_images, lambda x: rewards.clip_pixels(x, clip), images.to(device), rm_blocks, seed=seed)
+
+    def batches():
+        for s in range(0, len(images), batch_size):
+            x = images[s : s + batch_size].to(device)
+            yield x, (latents[s : s + batch_size].to(device) if latents is not None else policy.encode_images(x))
+
+    result = stitch_search(candidates, clip.model, lambda x: rewards.clip_pixels(x, clip), batches(), rm_blocks, seed=seed)
     model = StitchedValueModel.from_parts(policy.pipe, clip, result.best_i, result.best_j, head, backbone, reward_model, score_scale)
     init_stitch(model, result)
     return model, result

@@ -1,7 +1,7 @@
 """Stage 2: finetune the stitched value model -- a Ray Train job (DeepSpeed) fed by Ray Data.
 
     Ray Data:  prompts --[PolicyImages actors: sample + decode]--> clean images   (or an image folder)
-               images  --[TeacherTargets actors: VAE encode + frozen reward model]--> z0, targets
+               images  --[TeacherTargets actors: frozen reward model (+ VAE encode of folder images)]--> z0, targets
     Ray Train: every worker takes its shard, noises z0 to z_t (t ~ logit-normal, fresh each epoch,
                seeded by (seed, epoch, rank) so a resumed run draws the same noise), and trains the
                stitch + reward tail with DeepSpeed (ZeRO-2; CPU: gloo + fp32).
@@ -120,17 +120,17 @@ class PolicyImages:
 
 class TeacherTargets:
     """Ray Data actor: the frozen reward model's targets on clean images, and their latents (VAE
-    encoded unless the rows already carry the policy's latents)."""
+    encoded with `encode`; policy rows already carry the policy's own)."""
 
-    def __init__(self, backbone: str, reward_model: str, analytic: str):
-        device = _device()
-        self.vae = zoo.load_vae(backbone, device=device)
-        self.clip = zoo.load_clip(reward_model, device=device)
+    def __init__(self, backbone: str, reward_model: str, analytic: str, encode: bool):
+        self.device = _device()
+        self.vae = zoo.load_vae(backbone, device=self.device) if encode else None
+        self.clip = zoo.load_clip(reward_model, device=self.device)
         self.analytic = rewards.ANALYTIC[analytic] if analytic else None
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
-        images = torch.as_tensor(np.asarray(batch["image"], dtype=np.float32)).to(self.vae.device)
+        images = torch.as_tensor(np.asarray(batch["image"], dtype=np.float32)).to(self.device)
         if images.shape[-1] == 3:  # folder images arrive as HWC uint8
             images = images.permute(0, 3, 1, 2) / 255.0
         prompts = [str(p) for p in batch.get("prompt", [""] * len(images))]
@@ -139,7 +139,7 @@ class TeacherTargets:
         reward = self.analytic(images, prompts) if self.analytic else torch.zeros(len(images))
         return {
             "prompt": np.array(prompts, dtype=object),
-            "z0": np.asarray(batch["z0"], dtype=np.float32) if "z0" in batch else vae_encode(self.vae, images).float().cpu().numpy(),
+            "z0": vae_encode(self.vae, images).float().cpu().numpy() if self.vae is not None else np.asarray(batch["z0"], dtype=np.float32),
             "embeds": embeds.cpu().numpy(),
             "tokens": out.last_hidden_state.float().cpu().numpy(),
             "reward": reward.float().cpu().numpy(),
@@ -161,7 +161,7 @@ def build_dataset(backbone: str, reward_model: str, analytic: str, data: StitchD
         images = ray.data.from_items(rows).map_batches(
             PolicyImages, fn_constructor_args=(backbone, data.sample_steps, data.cfg_scale, data.resolution), **common
         )
-    targets = images.map_batches(TeacherTargets, fn_constructor_args=(backbone, reward_model, analytic), **common)
+    targets = images.map_batches(TeacherTargets, fn_constructor_args=(backbone, reward_model, analytic, data.source == "folder"), **common)
     return targets.materialize()
 
 
