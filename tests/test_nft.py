@@ -1,0 +1,88 @@
+"""The NFT loss and the reward normalisation, against the formulas in algorithms-notes §1.9 and §2."""
+
+import pytest
+import torch
+
+from stitchvm_rl import flow, nft
+
+
+def _batch(n=6, seed=0, tau=None):
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, 4, 3, 3)
+    anchor, eps = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    tau = torch.zeros(n) if tau is None else tau
+    t = tau + (1 - tau) * (0.1 + 0.8 * torch.rand(n, generator=g))
+    z_t, u = flow.bridge_sample(anchor, tau, t, eps)
+    v_old = u + 0.3 * torch.randn(shape, generator=g)
+    return anchor, z_t, u, t, tau, v_old, g
+
+
+def test_plain_form_with_r_one_and_beta_one_is_flow_matching():
+    anchor, z_t, u, t, tau, v_old, g = _batch()
+    v_theta = torch.randn(v_old.shape, generator=g)
+    loss = nft.nft_loss_plain(v_theta, v_old, u, torch.ones(len(u)), beta=1.0)
+    assert torch.allclose(loss, ((v_theta - u) ** 2).mean(), rtol=1e-6)
+
+
+def test_official_form_at_tau_zero_is_the_x0_space_loss_of_the_official_code():
+    anchor, z_t, u, t, tau, v_old, g = _batch()
+    v_theta = (v_old + 0.1 * torch.randn(v_old.shape, generator=g)).requires_grad_(True)
+    v_ref = v_old + 0.05 * torch.randn(v_old.shape, generator=g)
+    r = torch.rand(len(u), generator=g)
+    beta = 0.1
+    loss, parts = nft.nft_loss(v_theta, v_old, v_ref, z_t, anchor, t, tau, r, beta)
+    # train_nft_sd3.py, written out independently
+    tc = t.view(-1, 1, 1, 1)
+    v_pos, v_neg = beta * v_theta + (1 - beta) * v_old, (1 + beta) * v_old - beta * v_theta
+    x0_pos, x0_neg = z_t - tc * v_pos, z_t - tc * v_neg
+    w_pos = (x0_pos - anchor).abs().mean((1, 2, 3)).clamp(min=1e-5).detach()
+    w_neg = (x0_neg - anchor).abs().mean((1, 2, 3)).clamp(min=1e-5).detach()
+    l_pos = ((x0_pos - anchor) ** 2).mean((1, 2, 3)) / w_pos
+    l_neg = ((x0_neg - anchor) ** 2).mean((1, 2, 3)) / w_neg
+    expected = 5 * (r * l_pos / beta + (1 - r) * l_neg / beta).mean() + 1e-4 * ((v_theta - v_ref) ** 2).mean()
+    assert torch.allclose(loss, expected, rtol=1e-5)
+    assert parts["loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.4])
+def test_official_form_descends_the_same_way_as_the_plain_form(tau):
+    """Per sample, both gradients are positive multiples of each other where v_theta = v_old (as
+    after every sync), and still agree in direction nearby."""
+    anchor, z_t, u, t, tau_t, v_old, g = _batch(tau=torch.full((6,), tau))
+    r = torch.rand(6, generator=g)
+    for offset, min_cos in ((0.0, 1 - 1e-5), (0.05, 0.9)):
+        v_theta = (v_old + offset * torch.randn(v_old.shape, generator=g)).requires_grad_(True)
+        loss, _ = nft.nft_loss(v_theta, v_old, v_old, z_t, anchor, t, tau_t, r, beta=1.0, kl_weight=0.0)
+        (grad_official,) = torch.autograd.grad(loss, v_theta)
+        (grad_plain,) = torch.autograd.grad(nft.nft_loss_plain(v_theta, v_old, u, r, beta=1.0), v_theta)
+        cos = torch.nn.functional.cosine_similarity(grad_official.flatten(1), grad_plain.flatten(1))
+        assert bool((cos > min_cos).all()), (offset, cos)
+
+
+def test_the_true_bridge_velocity_predicts_its_anchor():
+    anchor, z_t, u, t, tau, v_old, g = _batch(tau=torch.full((6,), 0.3))
+    assert torch.allclose(nft._anchor_prediction(u, z_t, t, tau), anchor, atol=1e-4)
+    anchor0, z0_t, u0, t0, tau0, _, _ = _batch()
+    assert torch.allclose(nft._anchor_prediction(u0, z0_t, t0, tau0), z0_t - t0.view(-1, 1, 1, 1) * u0, atol=1e-5)
+
+
+def test_normalisation_maps_an_unclipped_group_to_mean_one_half():
+    scores = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.5, 11.0])
+    groups = torch.tensor([7, 7, 7, 3, 3, 3])
+    r = nft.optimality_probability(scores, groups)
+    assert torch.allclose(r[:3].mean(), torch.tensor(0.5)) and torch.allclose(r[3:].mean(), torch.tensor(0.5))
+    std = scores.std(unbiased=False)  # one std over the whole batch, not per group
+    assert torch.allclose(r[0], 0.5 + (1.0 - 2.0) / (std + 1e-4) / 10)
+    assert bool((r[:3].diff() > 0).all())
+
+
+def test_normalisation_clips_outliers_and_refuses_nan():
+    scores = torch.cat([torch.zeros(50), torch.tensor([100.0])])
+    r = nft.optimality_probability(scores, torch.zeros(51, dtype=torch.long))
+    assert r[-1] == 1.0 and bool((r >= 0).all())  # A clipped at +5 -> r = 1
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        nft.optimality_probability(torch.tensor([1.0, float("nan")]), torch.tensor([0, 0]))
+
+
+def test_old_policy_decay_schedule():
+    assert [nft.old_policy_decay(s) for s in (0, 100, 500, 5000)] == [0.0, pytest.approx(0.1), 0.5, 0.5]
