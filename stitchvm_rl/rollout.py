@@ -1,0 +1,144 @@
+"""`RolloutWorker`: the Ray actor that samples prompt groups from the data-collection policy and
+scores them with one advantage estimator.
+
+    learner rank 0 --rollout(prompts, seed)--> RolloutWorker (policy with adapter "old")
+        terminal  DPM-2 to t = 0, decode, pixel reward            anchor z0,    tau = 0
+        stitchvm  DPM-2 to step k, sum of value models V(z_tau)   anchor z_tau, tau = sigma_k
+        tweedie   DPM-2 to step k, r(Dec(z_tau - tau v))          anchor z_tau
+        mc        DPM-2 to step k, mean r of mc_k SDE completions anchor z_tau
+    <-- RolloutBatch (through the object store), tagged with the adapter version that made it
+    learner rank 0 --load_adapter(AdapterState)--> every worker answers (version, checksum)
+
+Everything a batch contains follows from (prompts, seed, adapter version): a batch lost with its
+actor is redone bit for bit by any other actor. `k ~ U{stop_min..stop_max}` is drawn per group (one
+`k` for all K images of a prompt, so they are ranked at the same noise level).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+import torch
+
+from stitchvm_rl import flow, rewards
+from stitchvm_rl.config import Range
+from stitchvm_rl.policy import AdapterState, PromptEmbeds, SD3Policy
+
+ESTIMATORS = ("terminal", "stitchvm", "tweedie", "mc")
+
+
+@dataclass
+class RolloutConfig:
+    """How rollouts are sampled and scored."""
+
+    estimator: Literal["terminal", "stitchvm", "tweedie", "mc"] = "stitchvm"
+    """terminal: full rollout + pixel reward (the Monte Carlo baseline); stitchvm / tweedie / mc: early stop."""
+    group_size: Annotated[int, Range(2)] = 8
+    """K images per prompt (advantages are centred within a group)."""
+    num_steps: Annotated[int, Range(2)] = 10
+    """DPM-2 steps of the full schedule (CFG-free)."""
+    stop_min: Annotated[int, Range(1)] = 4
+    """Smallest stop index k of the early-stopped estimators."""
+    stop_max: Annotated[int, Range(1)] = 7
+    """Largest stop index k (paper, 25 steps: U{12..17})."""
+    mc_k: Annotated[int, Range(1)] = 4
+    """SDE completions per latent for estimator=mc."""
+    noise_level: Annotated[float, Range(0)] = 0.7
+    """Flow-SDE noise level of the mc completions."""
+    batch_size: Annotated[int, Range(1)] = 64
+    """Latents per forward batch when scoring."""
+    lora_rank: Annotated[int, Range(1)] = 32
+    """LoRA rank (must match the learner's)."""
+    lora_alpha: Annotated[float, Range(0)] = 64.0
+    """LoRA alpha (must match the learner's)."""
+
+
+def check_rollout_config(cfg: RolloutConfig, value_models: list[str]) -> None:
+    """Refuse settings that cannot work, before any actor starts."""
+    if not cfg.stop_min <= cfg.stop_max < cfg.num_steps:
+        raise ValueError(f"stop indices need stop_min <= stop_max < num_steps; got {cfg.stop_min}..{cfg.stop_max} of {cfg.num_steps} steps")
+    if cfg.estimator == "stitchvm" and not value_models:
+        raise ValueError("estimator=stitchvm needs at least one value model directory (build one with jobs/stitch.py)")
+
+
+@dataclass
+class RolloutBatch:
+    """K samples of each of G prompts, ready for the NFT loss."""
+
+    anchors: torch.Tensor  # (G*K, C, H, W): z0 for terminal, z_tau otherwise
+    tau: torch.Tensor  # (G*K,) noise level of the anchor (0 for terminal)
+    groups: torch.Tensor  # (G*K,) index into group_prompts
+    group_prompts: list[str]  # (G,)
+    group_embeds: PromptEmbeds  # (G, ...) the policy's text conditioning, computed once per prompt
+    scores: torch.Tensor  # (G*K,) raw estimator scores
+    version: int  # adapter version that sampled them
+    estimator: str
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.group_prompts[g] for g in self.groups.tolist()]
+
+
+class RolloutWorker:
+    """Ray actor (`ray.remote(RolloutWorker).options(num_gpus=...)`): one policy replica with the
+    LoRA adapters, a reward and, for stitchvm, the value models (their scores are summed)."""
+
+    def __init__(self, backbone: str, cfg: RolloutConfig, reward_weights: dict[str, float], value_models: list[str], device: str = "cpu", dtype: str = "float32"):
+        from stitchvm_rl.value.evaluate import Estimators, ValueEvalConfig
+        from stitchvm_rl.value.model import StitchedValueModel
+
+        check_rollout_config(cfg, value_models)
+        self.cfg = cfg
+        self.policy = SD3Policy.from_pretrained(backbone, dtype=dtype, device=device)
+        self.policy.add_lora(cfg.lora_rank, cfg.lora_alpha)
+        self.version = 0
+        self.schedule = flow.sd3_sigmas(cfg.num_steps, scheduler_config=self.policy.pipe.scheduler.config)
+        self.value_models = [StitchedValueModel.from_pretrained(d, device=device, dtype=dtype) for d in value_models]
+        reward = rewards.build_rewards(reward_weights, device=device) if cfg.estimator != "stitchvm" else None
+        scoring = ValueEvalConfig(steps=cfg.num_steps, cfg_scale=1.0, noise_level=cfg.noise_level, batch_size=cfg.batch_size)
+        self.estimators = Estimators(self.policy, self._value, reward, scoring)
+
+    def _value(self, z: torch.Tensor, t: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return sum(model(z, t.to(z.device), prompts).float() for model in self.value_models)
+
+    def load_adapter(self, state: AdapterState) -> tuple[int, str]:
+        """Make `state` the data-collection adapter; answer with (version, checksum) for the learner to verify."""
+        self.policy.load_adapter(state, name="old")
+        self.version = state.version
+        return state.version, state.checksum
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[str], seed: int) -> RolloutBatch:
+        """Sample `group_size` images for each prompt with adapter "old" and score them."""
+        cfg, gen = self.cfg, torch.Generator().manual_seed(seed)
+        anchors, taus, scores = [], [], []
+        with self.policy.adapter("old"):
+            for prompt in prompts:
+                group = [prompt] * cfg.group_size
+                noise = self.policy.initial_noise(cfg.group_size, gen)
+                k = cfg.num_steps if cfg.estimator == "terminal" else int(torch.randint(cfg.stop_min, cfg.stop_max + 1, (1,), generator=gen))
+                z = self.policy.sample(group, cfg.num_steps, 1.0, "dpm2", stop_after=k, noise=noise).final
+                tau = float(self.schedule[k])
+                anchors.append(z.cpu())
+                taus.append(torch.full((cfg.group_size,), tau))
+                scores.append(self._score(z, tau, group, seed=int(torch.randint(2**31, (1,), generator=gen))))
+            embeds = self.policy.encode_prompts(list(prompts))
+        return RolloutBatch(
+            anchors=torch.cat(anchors),
+            tau=torch.cat(taus),
+            groups=torch.arange(len(prompts)).repeat_interleave(cfg.group_size),
+            group_prompts=list(prompts),
+            group_embeds=PromptEmbeds(embeds.embeds.cpu(), embeds.pooled.cpu()),
+            scores=torch.cat(scores).float(),
+            version=self.version,
+            estimator=cfg.estimator,
+        )
+
+    def _score(self, z: torch.Tensor, tau: float, prompts: list[str], seed: int) -> torch.Tensor:
+        est = self.estimators
+        if self.cfg.estimator == "terminal":
+            return est.reward(self.policy.decode(z), prompts).float().cpu()
+        if self.cfg.estimator == "mc":
+            return est.completions(z, tau, prompts, self.cfg.mc_k, seed)
+        return getattr(est, self.cfg.estimator)(z, tau, prompts)

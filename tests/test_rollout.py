@@ -1,0 +1,94 @@
+"""RolloutWorker as a Ray actor on the toy world: what each estimator returns, reproducibility from
+(prompts, seed, adapter version), and adapter sync."""
+
+import pytest
+import torch
+
+from stitchvm_rl import flow, nft, rewards, runtime, toyworld
+from stitchvm_rl.policy import SD3Policy
+from stitchvm_rl.rollout import RolloutConfig, RolloutWorker, check_rollout_config
+from stitchvm_rl.value.model import StitchedValueModel
+from stitchvm_rl.value.search import build_value_model
+
+PROMPTS = ["a red circle on the left", "a blue square on the right"]
+CFG = dict(group_size=3, num_steps=6, stop_min=2, stop_max=4, lora_rank=4, lora_alpha=8.0)
+
+
+@pytest.fixture(scope="module")
+def value_dir(tmp_path_factory):
+    gen = torch.Generator().manual_seed(0)
+    captions = toyworld.random_captions(16, gen)
+    model, _ = build_value_model("toyworld", "toyworld-clip", toyworld.render(captions, gen), max_dit_block=2, rm_blocks=(1,))
+    return str(model.save(tmp_path_factory.mktemp("vm") / "value_model"))
+
+
+def _actor(estimator, value_models=()):
+    import ray
+
+    runtime.init_ray()
+    return ray.remote(RolloutWorker).remote("toyworld", RolloutConfig(estimator=estimator, **CFG), {"toy_clip": 1.0}, list(value_models))
+
+
+def test_terminal_rollouts_are_clean_samples_scored_by_the_pixel_reward():
+    import ray
+
+    a, b = _actor("terminal"), _actor("terminal")
+    batch, again = ray.get([a.rollout.remote(PROMPTS, 11), b.rollout.remote(PROMPTS, 11)])
+    assert batch.anchors.shape == (6, 16, 8, 8) and bool((batch.tau == 0).all()) and batch.version == 0
+    assert batch.prompts == [PROMPTS[0]] * 3 + [PROMPTS[1]] * 3
+    assert torch.equal(batch.anchors, again.anchors) and torch.equal(batch.scores, again.scores)  # any actor can redo it
+    policy = SD3Policy.from_pretrained("toyworld")
+    with torch.no_grad():
+        expected = rewards.build_reward("toy_clip")(policy.decode(batch.anchors), batch.prompts)
+    assert torch.allclose(batch.scores, expected, atol=1e-5)
+    assert not torch.equal(batch.anchors, ray.get(a.rollout.remote(PROMPTS, 12)).anchors)
+    r = nft.optimality_probability(batch.scores, batch.groups)
+    assert torch.allclose(r.view(2, 3).mean(1), torch.full((2,), 0.5), atol=1e-6)
+
+
+def test_stitchvm_rollouts_stop_early_per_group_and_carry_the_value(value_dir):
+    import ray
+
+    batch = ray.get(_actor("stitchvm", [value_dir]).rollout.remote(PROMPTS, 5))
+    sigmas = flow.sd3_sigmas(6, scheduler_config=SD3Policy.from_pretrained("toyworld").pipe.scheduler.config)
+    allowed = {round(float(sigmas[k]), 6) for k in range(2, 5)}
+    for g in range(2):
+        taus = batch.tau[batch.groups == g]
+        assert len(set(taus.tolist())) == 1 and round(float(taus[0]), 6) in allowed  # one stop per group
+    value = StitchedValueModel.from_pretrained(value_dir)
+    with torch.no_grad():
+        expected = value(batch.anchors, batch.tau, batch.prompts)
+    assert torch.allclose(batch.scores, expected, atol=1e-5)
+
+
+def test_adapter_sync_answers_version_and_checksum_and_changes_the_samples():
+    import ray
+
+    actor = _actor("terminal")
+    before = ray.get(actor.rollout.remote(PROMPTS[:1], 3))
+    learner = SD3Policy.from_pretrained("toyworld")
+    learner.add_lora(CFG["lora_rank"], CFG["lora_alpha"])
+    with torch.no_grad():
+        for name, p in learner.transformer.named_parameters():
+            if ".lora_B.default." in name:
+                p.add_(0.05)
+    state = learner.export_adapter("default", version=3)
+    assert ray.get(actor.load_adapter.remote(state)) == (3, state.checksum)
+    after = ray.get(actor.rollout.remote(PROMPTS[:1], 3))
+    assert after.version == 3 and not torch.allclose(after.anchors, before.anchors)
+    state.tensors[next(iter(state.tensors))] += 1.0  # corrupted in transit
+    with pytest.raises(ray.exceptions.RayTaskError, match="failed its checksum"):
+        ray.get(actor.load_adapter.remote(state))
+
+
+@pytest.mark.parametrize(
+    "overrides, values, message",
+    [
+        (dict(stop_max=6), ["vm"], "stop_min <= stop_max < num_steps"),
+        (dict(stop_min=5, stop_max=4), ["vm"], "stop_min <= stop_max < num_steps"),
+        (dict(estimator="stitchvm"), [], "needs at least one value model"),
+    ],
+)
+def test_bad_rollout_settings_stop_early(overrides, values, message):
+    with pytest.raises(ValueError, match=message):
+        check_rollout_config(RolloutConfig(**{**CFG, **overrides}), values)
