@@ -58,7 +58,7 @@ class SampleConfig:
 def main(argv: list[str]) -> dict:
     cfg = load_config(SampleConfig, argv)
     prompts = prompt_lists.resolve_prompts(cfg.prompts, cfg.prompt_file)
-    toy_captions = all(_is_toy_caption(p) for p in prompts)
+    toy_captions = all(toyworld.is_caption(p) for p in prompts)
     if "colour_match" in cfg.rewards and not toy_captions:
         raise ValueError("reward 'colour_match' reads toy-world captions only; drop it from 'rewards' for other prompts")
     run = RunDir(cfg.output_dir, cfg.run_name, cfg)
@@ -95,14 +95,6 @@ def main(argv: list[str]) -> dict:
     print({k: v for k, v in summary.items() if k != "rewards"})
     print(f"wrote {run.path}")
     return summary
-
-
-def _is_toy_caption(prompt: str) -> bool:
-    try:
-        toyworld.parse_caption(prompt)
-        return True
-    except ValueError:
-        return False
 
 
 if __name__ == "__main__":

@@ -67,3 +67,25 @@ def deepspeed_config(zero_stage: int, micro_batch: int, grad_accum: int, device:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def torch_trainer(train_fn, loop_config: dict, num_workers: int, use_gpu: bool, max_failures: int, storage_path: str, run_name: str, datasets: dict | None = None):
+    """A TorchTrainer as every job here uses it: `num_workers` ranks (1 CPU, and 1 GPU with use_gpu),
+    gloo on CPU / NCCL on GPU, restarts after worker failures, the last 2 checkpoints kept under
+    storage_path/run_name (re-running the same name resumes from them)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer(
+        train_fn,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        datasets=datasets,
+    )

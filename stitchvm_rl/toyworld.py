@@ -55,6 +55,15 @@ def parse_caption(caption: str) -> tuple[str, str, str]:
     return words[1], words[2], words[5]
 
 
+def is_caption(prompt: str) -> bool:
+    """Whether `prompt` is one of the 36 toy-world captions."""
+    try:
+        parse_caption(prompt)
+        return True
+    except ValueError:
+        return False
+
+
 def random_captions(n: int, generator: torch.Generator) -> list[str]:
     return [CAPTIONS[i] for i in torch.randint(len(CAPTIONS), (n,), generator=generator).tolist()]
 

@@ -268,20 +268,8 @@ def _inject_crash(marker: Path) -> None:
 
 def run_training(init_dir: Path, run_dir: Path, storage_path: str, run_name: str, train: StitchTrainConfig, dataset, seed: int):
     """One TorchTrainer.fit(); returns the ray.train Result (its checkpoint holds the value model)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from stitchvm_rl.runtime import torch_trainer
 
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"train": to_dict(train), "seed": seed, "init_dir": str(init_dir), "run_dir": str(run_dir)},
-        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=storage_path,
-            failure_config=FailureConfig(max_failures=train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-        torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
-        datasets={"train": dataset},
-    )
+    loop_config = {"train": to_dict(train), "seed": seed, "init_dir": str(init_dir), "run_dir": str(run_dir)}
+    trainer = torch_trainer(train_loop, loop_config, train.num_workers, train.use_gpu, train.max_failures, storage_path, run_name, datasets={"train": dataset})
     return trainer.fit()

@@ -1,0 +1,154 @@
+"""DiffusionNFT post-training on Ray: rollout actors score prompt groups, a DeepSpeed learner in
+Ray Train runs the NFT updates, the `old` adapter is synced back to the actors after every update.
+
+    python jobs/nft.py                                     # toy world, toy CLIP reward, stitchvm, CPU, local Ray
+    python jobs/nft.py rollout.estimator=terminal          # the Monte Carlo (full-rollout) baseline
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/nft.py
+
+With estimator=stitchvm and no `value_models`, the value model of `jobs/stitch.py`'s defaults is
+built once (minutes) and cached under $STITCHVM_CACHE. Writes outputs/<run_name>/: config.yaml,
+metrics.jsonl (one line per epoch, learner rank 0), summary.json. Re-running the same run_name
+resumes from the last checkpoint under storage_path.
+"""
+
+import importlib.util
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+from stitchvm_rl import prompts as prompt_lists
+from stitchvm_rl import runtime, toyworld, zoo
+from stitchvm_rl.config import ConfigError, Range, load_config, run_main, to_dict
+from stitchvm_rl.learner import NFTTrainConfig, run_learner
+from stitchvm_rl.rollout import RolloutConfig, RolloutWorker, check_rollout_config
+from stitchvm_rl.tracking import RunDir
+
+
+@dataclass
+class NFTConfig:
+    run_name: str = "nft"
+    """Name of the run folder (and of the Ray Train run: re-running the same name resumes)."""
+    output_dir: str = "outputs"
+    """Where run folders go."""
+    storage_path: str = ""
+    """Ray Train checkpoint storage: shared FS, s3:// or gs:// on clusters (empty: <output_dir>/ray)."""
+    backbone: str = "toyworld"
+    """SD3 policy: hub id, local dir, 'toyworld'."""
+    rewards: dict[str, float] = field(default_factory=lambda: {"toy_clip": 1.0})
+    """Pixel rewards {name: weight} for terminal / tweedie / mc and for evaluation."""
+    value_models: list[str] = field(default_factory=list)
+    """Value-model directories summed by estimator=stitchvm (empty: build jobs/stitch.py's default, cached)."""
+    prompts: list[str] = field(default_factory=list)
+    """Training prompts (empty: the toy captions)."""
+    prompt_file: str = ""
+    """UTF-8 file of training prompts, one per line."""
+    epochs: Annotated[int, Range(1)] = 4
+    """Epochs; each is one sampling round and one optimizer step."""
+    groups_per_epoch: Annotated[int, Range(1)] = 8
+    """Prompt groups sampled per epoch (a multiple of train.num_workers)."""
+    eval_every: Annotated[int, Range(0)] = 2
+    """Evaluate every this many epochs and after the last (0: never)."""
+    eval_prompts: Annotated[int, Range(1)] = 36
+    """Evaluation prompts (the first n training prompts), fixed seeds, ODE sampling."""
+    seed: int = 0
+    """Seed of prompts, noise and LoRA initialisation."""
+    ray_cpus: Annotated[int, Range(1)] = 8
+    """Logical CPUs of a local Ray cluster (ignored when joining a cluster)."""
+    rollout_workers: Annotated[int, Range(1)] = 2
+    """RolloutWorker actors."""
+    rollout_cpus: Annotated[float, Range(0)] = 1.0
+    """CPUs per rollout actor."""
+    rollout_gpus: Annotated[float, Range(0)] = 0.0
+    """GPUs per rollout actor."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Sampling and advantage estimation."""
+    train: NFTTrainConfig = field(default_factory=NFTTrainConfig)
+    """NFT optimisation (Ray Train + DeepSpeed)."""
+
+
+def check(cfg: NFTConfig) -> None:
+    """Refuse inconsistent settings before any model is loaded."""
+    if cfg.groups_per_epoch % cfg.train.num_workers:
+        raise ConfigError(f"groups_per_epoch={cfg.groups_per_epoch} must be a multiple of train.num_workers={cfg.train.num_workers} (every learner rank takes the same share)")
+    try:
+        check_rollout_config(cfg.rollout, cfg.value_models or ["(built on demand)"])
+    except ValueError as err:
+        raise ConfigError(f"rollout: {err}") from None
+    for d in cfg.value_models:
+        if not (Path(d) / "value_model.json").is_file():
+            raise ConfigError(f"value model '{d}' does not exist; build one with `python jobs/stitch.py` and pass its value_model/ directory")
+
+
+def default_value_model() -> str:
+    """jobs/stitch.py with its defaults, built once and cached (keyed by run name and zoo version)."""
+    out = zoo.cache_dir() / "value_models"
+    path = out / "stitch-default" / "value_model"
+    if not (path / "value_model.json").is_file():
+        spec = importlib.util.spec_from_file_location("stitch_job", Path(__file__).with_name("stitch.py"))
+        job = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(job)
+        print(f"building the default value model into {path} (once)")
+        job.main([f"output_dir={out}", "run_name=stitch-default"])
+    return str(path)
+
+
+def main(argv: list[str]) -> dict:
+    import ray
+
+    cfg = load_config(NFTConfig, argv)
+    check(cfg)
+    prompts = prompt_lists.resolve_prompts(cfg.prompts, cfg.prompt_file)
+    run = RunDir(cfg.output_dir, cfg.run_name, cfg)
+    storage = cfg.storage_path or str((Path(cfg.output_dir) / "ray").resolve())
+    runtime.init_ray(cfg.ray_cpus)
+    value_models = cfg.value_models or ([default_value_model()] if cfg.rollout.estimator == "stitchvm" else [])
+    start = time.perf_counter()
+
+    # Rollout actors belong to the driver (named): they outlive learner restarts; Ray restarts a dead one.
+    names = [f"{cfg.run_name}-rollout-{n}" for n in range(cfg.rollout_workers)]
+    actor_cls = ray.remote(RolloutWorker)
+    options = dict(num_cpus=cfg.rollout_cpus, num_gpus=cfg.rollout_gpus, max_restarts=-1, max_task_retries=-1)
+    actors = [
+        actor_cls.options(name=name, **options).remote(cfg.backbone, cfg.rollout, cfg.rewards, value_models, "cuda" if cfg.rollout_gpus else "cpu")
+        for name in names
+    ]
+    ray.get([a.__ray_ready__.remote() for a in actors])
+
+    loop = {
+        "backbone": cfg.backbone,
+        "rollout": to_dict(cfg.rollout),
+        "reward_weights": cfg.rewards,
+        "prompts": prompts,
+        "eval_prompts": [prompts[n % len(prompts)] for n in range(cfg.eval_prompts)],
+        "epochs": cfg.epochs,
+        "groups_per_epoch": cfg.groups_per_epoch,
+        "eval_every": cfg.eval_every,
+        "seed": cfg.seed,
+        "actor_names": names,
+        "run_dir": str(run.path),
+    }
+    result = run_learner(loop, cfg.train, storage, cfg.run_name)
+    if result.error is not None:
+        raise RuntimeError(f"NFT training failed: {result.error}")
+    metrics = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    epochs = [m for m in metrics if m["epoch"] >= 0]
+    evals = [m for m in metrics if "eval_reward_mean" in m]
+    summary = {
+        "estimator": cfg.rollout.estimator,
+        "epochs": cfg.epochs,
+        "seconds_total": time.perf_counter() - start,
+        "seconds_per_epoch": sum(m["seconds_epoch"] for m in epochs) / len(epochs),
+        "final": epochs[-1],
+        "eval": [{k: m[k] for k in m if k.startswith("eval_") or k == "epoch"} for m in evals],
+        "is_toy": all(toyworld.is_caption(p) for p in prompts),
+    }
+    run.write_json("summary.json", summary)
+    print(json.dumps({k: v for k, v in summary.items() if k != "final"}, indent=1))
+    print(f"wrote {run.path}")
+    return summary
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,252 @@
+"""The DiffusionNFT learner: one `TorchTrainer.fit()` for the whole run, controller inside the loop.
+
+Rank layout (`num_workers` data-parallel learner ranks, DeepSpeed ZeRO over the LoRA `default` weights):
+    rank 0   after each update pushes the `old` adapter to every actor (checked by version +
+             checksum), evaluates, appends metrics.jsonl
+    rank r   asks the actors for its share of the epoch's prompt groups (groups r, r + W, ...; group n
+             goes to actor n mod A with a seed fixed by (seed, epoch, n), so any actor can redo it);
+             the raw scores of all ranks are all-gathered so rewards are
+             normalised over the whole epoch (per-prompt mean, global std); trains one optimizer step
+             (gradients accumulated over groups x timesteps); soft-updates `old` exactly like rank 0
+Rollout actors are created by the driver and looked up by name, so they outlive a learner restart.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import torch
+
+from stitchvm_rl import flow, nft, toyworld
+from stitchvm_rl.config import Range, from_dict, to_dict
+from stitchvm_rl.policy import PromptEmbeds, SD3Policy
+from stitchvm_rl.rollout import RolloutBatch, RolloutConfig
+
+
+@dataclass
+class NFTTrainConfig:
+    """DiffusionNFT optimisation (official SD3.5-M values: lr 3e-4, wd 1e-4, beta 1 (0.1 multi-reward))."""
+
+    lr: Annotated[float, Range(0)] = 3e-4
+    """AdamW learning rate of the LoRA weights."""
+    weight_decay: Annotated[float, Range(0)] = 1e-4
+    """AdamW weight decay."""
+    beta: Annotated[float, Range(0)] = 1.0
+    """NFT mixing strength of the implicit policies (config.beta)."""
+    kl_weight: Annotated[float, Range(0)] = 1e-4
+    """Weight of ||v_theta - v_ref||^2 (config.train.beta)."""
+    adv_clip: Annotated[float, Range(0)] = 5.0
+    """Advantage clip; also scales the policy loss, as in the official code."""
+    timestep_fraction: Annotated[float, Range(0, 1)] = 0.99
+    """Share of the schedule's timesteps (t > tau) trained per group."""
+    num_workers: Annotated[int, Range(1)] = 2
+    """Ray Train learner ranks."""
+    use_gpu: bool = False
+    """One GPU per learner rank."""
+    zero_stage: Annotated[int, Range(0, 3)] = 2
+    """DeepSpeed ZeRO stage."""
+    max_failures: Annotated[int, Range(-1)] = 2
+    """Learner-group restarts Ray Train may make (FailureConfig)."""
+
+
+def train_timesteps(schedule: torch.Tensor, tau: float, count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` of the schedule's noise levels strictly above `tau` (never t = tau: the bridge target
+    grows like 1/sigma there), in random order."""
+    valid = schedule[schedule > tau + 1e-6]
+    return valid[torch.randperm(len(valid), generator=generator)[:count]]
+
+
+def timesteps_per_group(rollout: RolloutConfig, fraction: float) -> int:
+    """The same number for every group (every rank then takes the same number of micro-steps):
+    a fraction of the fewest valid timesteps any stop can leave."""
+    fewest = rollout.num_steps if rollout.estimator == "terminal" else rollout.stop_min
+    return max(1, int(fewest * fraction))
+
+
+def nft_micro_step(policy: SD3Policy, batch: RolloutBatch, group: int, r: torch.Tensor, t: float, train: NFTTrainConfig, generator: torch.Generator):
+    """NFT loss of one prompt group at one noise level t > tau (bridge-anchored at the batch's anchors)."""
+    rows = batch.groups == group
+    anchor = batch.anchors[rows].to(policy.device, policy.dtype)
+    tau = batch.tau[rows].to(policy.device)
+    t_vec = torch.full_like(tau, t)
+    eps = torch.randn(anchor.shape, generator=generator).to(anchor)
+    z_t, _ = flow.bridge_sample(anchor, tau, t_vec, eps)
+    z_t = z_t.to(policy.dtype)
+    cond = PromptEmbeds(
+        batch.group_embeds.embeds[group : group + 1].expand(len(anchor), -1, -1).to(policy.device, policy.dtype),
+        batch.group_embeds.pooled[group : group + 1].expand(len(anchor), -1).to(policy.device, policy.dtype),
+    )
+    with torch.no_grad():
+        with policy.adapter("old"):
+            v_old = policy.velocity(z_t, t_vec, cond)
+        with policy.adapter(None):
+            v_ref = policy.velocity(z_t, t_vec, cond)
+    v_theta = policy.velocity(z_t, t_vec, cond)
+    return nft.nft_loss(v_theta.float(), v_old.float(), v_ref.float(), z_t.float(), anchor.float(), t_vec, tau, r[rows].to(policy.device), train.beta, train.kl_weight, train.adv_clip)
+
+
+@torch.no_grad()
+def evaluate_on_fixed_prompts(policy: SD3Policy, reward, prompts: list[str], steps: int, seed: int) -> dict:
+    """Fixed prompts and seeds, ODE (DPM-2) sampling with the trained adapter, clean reward."""
+    noise = policy.initial_noise(len(prompts), torch.Generator().manual_seed(seed))
+    images = policy.decode(policy.sample(prompts, steps, 1.0, "dpm2", noise=noise).final)
+    scores = reward(images, prompts).float()
+    out = {"eval_reward_mean": scores.mean().item(), "eval_reward_std": scores.std().item()}
+    if all(toyworld.is_caption(p) for p in prompts):
+        out["eval_caption_accuracy"] = toyworld.caption_accuracy(images, prompts)["all"]
+    return out
+
+
+def train_loop(loop: dict) -> None:
+    """Ray Train worker (see the module docstring for the rank layout)."""
+    from stitchvm_rl.runtime import deepspeed_config, setup_deepspeed
+
+    device = setup_deepspeed()  # before deepspeed is imported
+    import deepspeed
+    import ray
+    import ray.train
+    import torch.distributed as dist
+
+    from stitchvm_rl import rewards
+
+    train = from_dict(NFTTrainConfig, loop["train"])
+    rollout = from_dict(RolloutConfig, loop["rollout"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(loop["seed"])  # identical LoRA init on every rank
+    policy = SD3Policy.from_pretrained(loop["backbone"], device=device)
+    policy.add_lora(rollout.lora_rank, rollout.lora_alpha)
+    trainable = [p for p in policy.transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
+    groups_per_rank = loop["groups_per_epoch"] // world
+    per_group = timesteps_per_group(rollout, train.timestep_fraction)
+    engine, _, _, _ = deepspeed.initialize(
+        model=policy.transformer, optimizer=optimizer, config=deepspeed_config(train.zero_stage, rollout.group_size, groups_per_rank * per_group, device)
+    )
+    schedule = flow.sd3_sigmas(rollout.num_steps, scheduler_config=policy.pipe.scheduler.config)
+
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            _, client = engine.load_checkpoint(d, tag="engine")
+        start = client["epoch"] + 1
+    actors = [ray.get_actor(name) for name in loop["actor_names"]]
+    reward = rewards.build_rewards(loop["reward_weights"], device=device) if rank == 0 else None
+    run_dir = Path(loop["run_dir"])
+    if rank == 0:
+        _push_old_adapter(policy, actors, version=start)
+    dist.barrier()  # no rank samples before every actor holds the current `old` adapter
+    if rank == 0:
+        if start == 0 and loop["eval_every"]:  # the base policy, for comparison
+            _append_metrics(run_dir, {"epoch": -1, **evaluate_on_fixed_prompts(policy, reward, loop["eval_prompts"], rollout.num_steps, loop["seed"])})
+
+    for epoch in range(start, loop["epochs"]):
+        marks = {"start": time.perf_counter()}
+        prompts = _epoch_prompts(loop["prompts"], loop["groups_per_epoch"], loop["seed"], epoch)
+        chunks = [prompts[g : g + 1] for g in range(len(prompts))]  # one group per request: actors share the work finely
+        # every rank requests its own share (ObjectRefs handed between ranks out of band hang in ray.get)
+        my_chunks = list(range(rank, len(chunks), world))
+        refs = [actors[n % len(actors)].rollout.remote(chunks[n], seed=loop["seed"] * 100_003 + epoch * 1009 + n) for n in my_chunks]
+        mine = dict(zip(my_chunks, ray.get(refs)))
+        marks["sampled"] = time.perf_counter()
+
+        # normalise over the whole epoch: every rank sees every (small) score vector, keeps its own r
+        gathered = [None] * world
+        dist.all_gather_object(gathered, {n: (b.scores, b.groups, b.version) for n, b in mine.items()})
+        parts = {n: part for per_rank in gathered for n, part in per_rank.items()}
+        scores = torch.cat([parts[n][0] for n in range(len(chunks))])
+        groups = torch.cat([parts[n][1] + n * len(chunks[0]) for n in range(len(chunks))])  # globally unique ids
+        r_all = nft.optimality_probability(scores, groups, train.adv_clip)
+        r_by_chunk = dict(zip(range(len(chunks)), r_all.split([len(parts[n][0]) for n in range(len(chunks))])))
+
+        gen = torch.Generator().manual_seed(loop["seed"] * 7919 + epoch * 131 + rank)
+        totals: dict[str, float] = {}
+        steps = 0
+        for n, batch in mine.items():
+            for group in range(len(batch.group_prompts)):
+                tau = float(batch.tau[batch.groups == group][0])
+                for t in train_timesteps(schedule, tau, per_group, gen).tolist():
+                    loss, loss_parts = nft_micro_step(policy, batch, group, r_by_chunk[n], t, train, gen)
+                    engine.backward(loss)
+                    engine.step()  # DeepSpeed steps the optimizer once per epoch (gradient accumulation)
+                    steps += 1
+                    for k, v in loss_parts.items():
+                        totals[k] = totals.get(k, 0.0) + v
+        global_step = epoch + 1
+        policy.soft_update_old(nft.old_policy_decay(global_step))
+        marks["trained"] = time.perf_counter()
+
+        metrics = {
+            "epoch": epoch,
+            "global_step": global_step,
+            "resumed_from_epoch": start,
+            "world_size": world,
+            "reward_mean": scores.mean().item(),
+            "reward_std": scores.std().item(),
+            "r_mean": r_all.mean().item(),
+            "version_lag": epoch - min(part[2] for part in parts.values()),  # 0 when sampling waits for every sync
+            **_mean_over_ranks(totals, steps),
+        }
+        if rank == 0:
+            _push_old_adapter(policy, actors, version=global_step)
+        dist.barrier()
+        marks["synced"] = time.perf_counter()
+        if rank == 0:
+            if loop["eval_every"] and (global_step % loop["eval_every"] == 0 or global_step == loop["epochs"]):
+                metrics |= evaluate_on_fixed_prompts(policy, reward, loop["eval_prompts"], rollout.num_steps, loop["seed"])
+            metrics |= {
+                "seconds_sample": marks["sampled"] - marks["start"],
+                "seconds_train": marks["trained"] - marks["sampled"],
+                "seconds_sync": marks["synced"] - marks["trained"],
+                "seconds_epoch": time.perf_counter() - marks["start"],
+            }
+            _append_metrics(run_dir, metrics)
+        with tempfile.TemporaryDirectory() as d:
+            engine.save_checkpoint(d, tag="engine", client_state={"epoch": epoch})
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _mean_over_ranks(totals: dict[str, float], steps: int) -> dict[str, float]:
+    """Per-micro-step means of the loss parts over every rank's share."""
+    import torch.distributed as dist
+
+    keys = sorted(totals)
+    vec = torch.tensor([totals[k] for k in keys] + [steps], dtype=torch.float64)
+    dist.all_reduce(vec)
+    return {k: (vec[n] / vec[-1].clamp_min(1)).item() for n, k in enumerate(keys)}
+
+
+def _append_metrics(run_dir: Path, metrics: dict) -> None:
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+
+
+def _epoch_prompts(prompts: list[str], n: int, seed: int, epoch: int) -> list[str]:
+    """The epoch's `n` prompt groups: a seeded permutation, so a resumed run draws the same ones."""
+    gen = torch.Generator().manual_seed(seed * 31 + epoch)
+    return [prompts[i % len(prompts)] for i in torch.randperm(max(n, len(prompts)), generator=gen)[:n].tolist()]
+
+
+def _push_old_adapter(policy: SD3Policy, actors: list, version: int) -> None:
+    """Export `old` once, put it in the object store, have every actor load it and verify its answer."""
+    import ray
+
+    state = policy.export_adapter("old", version=version)
+    ref = ray.put(state)
+    answers = ray.get([actor.load_adapter.remote(ref) for actor in actors])
+    if any(answer != (version, state.checksum) for answer in answers):
+        raise RuntimeError(f"adapter sync failed: sent version {version} ({state.checksum[:12]}), actors answered {answers}")
+
+
+def run_learner(loop: dict, train: NFTTrainConfig, storage_path: str, run_name: str):
+    """One TorchTrainer.fit() for the whole run; returns the ray.train Result."""
+    from stitchvm_rl.runtime import torch_trainer
+
+    loop_config = {**loop, "train": to_dict(train)}
+    return torch_trainer(train_loop, loop_config, train.num_workers, train.use_gpu, train.max_failures, storage_path, run_name).fit()
