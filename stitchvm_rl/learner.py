@@ -104,7 +104,7 @@ def evaluate_on_fixed_prompts(policy: SD3Policy, reward, prompts: list[str], ste
 
 def train_loop(loop: dict) -> None:
     """Ray Train worker (see the module docstring for the rank layout)."""
-    from stitchvm_rl.runtime import deepspeed_config, setup_deepspeed
+    from stitchvm_rl.runtime import deepspeed_config, resume_epoch, setup_deepspeed
 
     device = setup_deepspeed()  # before deepspeed is imported
     import deepspeed
@@ -130,12 +130,7 @@ def train_loop(loop: dict) -> None:
     )
     schedule = flow.sd3_sigmas(rollout.num_steps, scheduler_config=policy.pipe.scheduler.config)
 
-    start = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            _, client = engine.load_checkpoint(d, tag="engine")
-        start = client["epoch"] + 1
+    start = resume_epoch(engine)
     actors = [ray.get_actor(name) for name in loop["actor_names"]]
     reward = rewards.build_rewards(loop["reward_weights"], device=device) if rank == 0 else None
     run_dir = Path(loop["run_dir"])

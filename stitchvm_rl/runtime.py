@@ -69,6 +69,19 @@ def deepspeed_config(zero_stage: int, micro_batch: int, grad_accum: int, device:
     }
 
 
+def resume_epoch(engine) -> int:
+    """Inside a Ray Train loop: load the run's latest checkpoint (a DeepSpeed engine state saved with
+    tag "engine" and client state {"epoch": n}) if there is one; returns the first epoch to run."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return 0
+    with checkpoint.as_directory() as d:
+        _, client = engine.load_checkpoint(d, tag="engine")
+    return client["epoch"] + 1
+
+
 def torch_trainer(train_fn, loop_config: dict, num_workers: int, use_gpu: bool, max_failures: int, storage_path: str, run_name: str, datasets: dict | None = None):
     """A TorchTrainer as every job here uses it: `num_workers` ranks (1 CPU, and 1 GPU with use_gpu),
     gloo on CPU / NCCL on GPU, restarts after worker failures, the last 2 checkpoints kept under

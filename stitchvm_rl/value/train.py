@@ -186,7 +186,7 @@ def distill_loss(student_embeds, student_tokens, batch, token_weight: float, smo
 
 def train_loop(loop_config: dict) -> None:
     """Ray Train worker: DeepSpeed engine over the value model's trainable parts."""
-    from stitchvm_rl.runtime import deepspeed_config, setup_deepspeed
+    from stitchvm_rl.runtime import deepspeed_config, resume_epoch, setup_deepspeed
 
     device = setup_deepspeed()  # before deepspeed is imported: it picks its accelerator on import
     import deepspeed
@@ -214,12 +214,7 @@ def train_loop(loop_config: dict) -> None:
     )
     dtype = next(p.dtype for p in engine.module.stitch.parameters())
 
-    start = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            _, client = engine.load_checkpoint(d, tag="engine")
-        start = client["epoch"] + 1
+    start = resume_epoch(engine)
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(start, train.epochs):
         gen = torch.Generator().manual_seed(seed * 7919 + epoch * 131 + rank)
