@@ -147,8 +147,7 @@ def train_loop(loop: dict) -> None:
         chunks = [prompts[g : g + 1] for g in range(len(prompts))]  # one group per request: actors share the work finely
         # every rank requests its own share (ObjectRefs handed between ranks out of band hang in ray.get)
         my_chunks = list(range(rank, len(chunks), world))
-        refs = [actors[n % len(actors)].rollout.remote(chunks[n], seed=loop["seed"] * 100_003 + epoch * 1009 + n) for n in my_chunks]
-        mine = dict(zip(my_chunks, ray.get(refs)))
+        mine, redone = _sample_share(policy, actors, chunks, my_chunks, version=epoch, seed=loop["seed"] * 100_003 + epoch * 1009)
         marks["sampled"] = time.perf_counter()
 
         # normalise over the whole epoch: every rank sees every (small) score vector, keeps its own r
@@ -187,6 +186,8 @@ def train_loop(loop: dict) -> None:
             "r_mean": r_all.mean().item(),
             "version_lag": epoch - min(part[2] for part in parts.values()),  # 0 when sampling waits for every sync
             **_mean_over_ranks(totals, steps),
+            "rollouts_redone": _sum_over_ranks(redone),
+            "samples": len(scores),
         }
         if rank == 0:
             _push_old_adapter(policy, actors, version=global_step)
@@ -217,6 +218,14 @@ def _mean_over_ranks(totals: dict[str, float], steps: int) -> dict[str, float]:
     return {k: (vec[n] / vec[-1].clamp_min(1)).item() for n, k in enumerate(keys)}
 
 
+def _sum_over_ranks(value: int) -> int:
+    import torch.distributed as dist
+
+    vec = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(vec)
+    return int(vec.item())
+
+
 def _append_metrics(run_dir: Path, metrics: dict) -> None:
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(metrics) + "\n")
@@ -226,6 +235,29 @@ def _epoch_prompts(prompts: list[str], n: int, seed: int, epoch: int) -> list[st
     """The epoch's `n` prompt groups: a seeded permutation, so a resumed run draws the same ones."""
     gen = torch.Generator().manual_seed(seed * 31 + epoch)
     return [prompts[i % len(prompts)] for i in torch.randperm(max(n, len(prompts)), generator=gen)[:n].tolist()]
+
+
+def _sample_share(policy: SD3Policy, actors: list, chunks: list[list[str]], my_chunks: list[int], version: int, seed: int) -> tuple[dict[int, RolloutBatch], int]:
+    """Chunk n from actor n mod A with seed (seed + n). Ray restarts a dead actor and retries its
+    task, but the restarted actor holds the base adapter: a batch of the wrong version is redone after
+    this rank (whose `old` equals rank 0's) re-syncs that actor -- no sample lost, none counted twice.
+    Returns the batches and how many were redone."""
+    import ray
+
+    def request(n):
+        return actors[n % len(actors)].rollout.remote(chunks[n], seed=seed + n)
+
+    batches = dict(zip(my_chunks, ray.get([request(n) for n in my_chunks])))
+    redone = 0
+    for _ in range(3):
+        stale = [n for n, b in batches.items() if b.version != version]
+        if not stale:
+            return batches, redone
+        redone += len(stale)
+        for n in stale:
+            _push_old_adapter(policy, [actors[n % len(actors)]], version)
+        batches |= dict(zip(stale, ray.get([request(n) for n in stale])))
+    raise RuntimeError(f"rollout actors keep returning batches of another adapter version than {version}")
 
 
 def _push_old_adapter(policy: SD3Policy, actors: list, version: int) -> None:

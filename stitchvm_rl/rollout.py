@@ -16,6 +16,7 @@ actor is redone bit for bit by any other actor. `k ~ U{stop_min..stop_max}` is d
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -52,6 +53,8 @@ class RolloutConfig:
     """LoRA rank (must match the learner's)."""
     lora_alpha: Annotated[float, Range(0)] = 64.0
     """LoRA alpha (must match the learner's)."""
+    crash_on_call: int = -1
+    """Fault injection for tests: each actor dies hard once, in its n-th rollout call (-1: never)."""
 
 
 def check_rollout_config(cfg: RolloutConfig, value_models: list[str]) -> None:
@@ -92,7 +95,8 @@ class RolloutWorker:
         self.cfg = cfg
         self.policy = SD3Policy.from_pretrained(backbone, dtype=dtype, device=device)
         self.policy.add_lora(cfg.lora_rank, cfg.lora_alpha)
-        self.version = 0
+        self.version = 0  # a restarted actor is back at the base adapter: the learner sees it and re-syncs
+        self.calls = 0
         self.schedule = flow.sd3_sigmas(cfg.num_steps, scheduler_config=self.policy.pipe.scheduler.config)
         self.value_models = [StitchedValueModel.from_pretrained(d, device=device, dtype=dtype) for d in value_models]
         reward = rewards.build_rewards(reward_weights, device=device) if cfg.estimator != "stitchvm" else None
@@ -111,6 +115,9 @@ class RolloutWorker:
     @torch.no_grad()
     def rollout(self, prompts: list[str], seed: int) -> RolloutBatch:
         """Sample `group_size` images for each prompt with adapter "old" and score them."""
+        self.calls += 1
+        if self.calls == self.cfg.crash_on_call and not _restarted():
+            os._exit(1)  # fault injection: a hard death mid-epoch, as a preempted node
         cfg, gen = self.cfg, torch.Generator().manual_seed(seed)
         anchors, taus, scores = [], [], []
         with self.policy.adapter("old"):
@@ -142,3 +149,9 @@ class RolloutWorker:
         if self.cfg.estimator == "mc":
             return est.completions(z, tau, prompts, self.cfg.mc_k, seed)
         return getattr(est, self.cfg.estimator)(z, tau, prompts)
+
+
+def _restarted() -> bool:
+    import ray
+
+    return ray.get_runtime_context().was_current_actor_reconstructed

@@ -38,7 +38,7 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_nft_job_trains_syncs_and_resumes_exactly(tmp_path):
+def test_nft_job_trains_syncs_resumes_and_survives_a_dead_rollout_actor(tmp_path):
     job = load_job()
     straight = job.main([f"output_dir={tmp_path}", "run_name=straight", "epochs=4", *TINY])
     lines = _metrics(tmp_path / "straight")
@@ -56,6 +56,16 @@ def test_nft_job_trains_syncs_and_resumes_exactly(tmp_path):
     assert [m["epoch"] for m in resumed] == [0, 1, 2, 3] and resumed[-1]["resumed_from_epoch"] == 2
     for a, b in zip(epochs, resumed):
         for key in ("loss", "loss_pos", "loss_neg", "kl", "reward_mean"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), (a["epoch"], key)
+
+    # each rollout actor dies hard in its 2nd call; Ray restarts it and retries, the learner sees the
+    # restarted actor's stale adapter and redoes those groups: same samples, same training
+    job.main([f"output_dir={tmp_path}", "run_name=crashed", "epochs=2", "rollout.crash_on_call=2", *TINY])
+    crashed = [m for m in _metrics(tmp_path / "crashed") if m["epoch"] >= 0]
+    assert sum(m["rollouts_redone"] for m in crashed) >= 1 and all(m["samples"] == 4 for m in crashed)
+    assert epochs[0]["rollouts_redone"] == 0
+    for a, b in zip(epochs[:2], crashed):
+        for key in ("loss", "kl", "reward_mean", "reward_std"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), (a["epoch"], key)
 
 
