@@ -1,0 +1,54 @@
+"""Acceptance: `ray start --head` on loopback, then `ray job submit ... -- python jobs/nft.py`
+finishes SUCCEEDED and writes its run directory. The head runs in the foreground (`--block`) and is
+stopped by signalling that process, never by `ray stop` (which would kill every Ray on the machine)."""
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GCS_PORT, DASHBOARD_PORT = 6391, 8276
+
+
+def test_ray_job_submit_runs_the_nft_job_to_success(tmp_path):
+    ray = str(Path(sys.executable).with_name("ray"))
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",  # Ray 2.60 turns token auth on for local clusters
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keep the node on 127.0.0.1
+        "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{DASHBOARD_PORT}",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    env.pop("RAY_ADDRESS", None)
+    # a short temp dir: Ray's socket paths under it must stay below the 107-character limit
+    head = subprocess.Popen(
+        [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={GCS_PORT}", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={DASHBOARD_PORT}", "--num-cpus=8", f"--temp-dir={tempfile.mkdtemp(prefix='rh-', dir='/tmp')}", "--include-dashboard=true"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        out = tmp_path / "out"
+        cmd = [ray, "job", "submit", f"--address=http://127.0.0.1:{DASHBOARD_PORT}", f"--working-dir={ROOT}", "--",
+               "python", "jobs/nft.py", f"output_dir={out}", "epochs=1", "eval_every=1", "eval_prompts=2", "groups_per_epoch=2",
+               "rollout.estimator=terminal", "rollout.group_size=2", "rollout.num_steps=3", "rollout.stop_min=1", "rollout.stop_max=2",
+               "rollout.lora_rank=4", "rollout.lora_alpha=8"]
+        not_ready = ("Failed to connect", "Connection refused", "please try again later")  # head still starting its job agent
+        for _ in range(60):
+            result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+            if not any(text in result.stdout + result.stderr for text in not_ready):
+                break
+            time.sleep(2)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        jobs = JobSubmissionClient(f"http://127.0.0.1:{DASHBOARD_PORT}").list_jobs()
+        assert [job.status for job in jobs] == [JobStatus.SUCCEEDED]
+        for name in ("config.yaml", "metrics.jsonl", "summary.json"):
+            assert (out / "nft" / name).is_file(), name
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
