@@ -27,7 +27,9 @@ def test_ray_job_submit_runs_the_nft_job_to_success(tmp_path):
     # a short temp dir: Ray's socket paths under it must stay below the 107-character limit
     head = subprocess.Popen(
         [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={GCS_PORT}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={DASHBOARD_PORT}", "--num-cpus=8", f"--temp-dir={tempfile.mkdtemp(prefix='rh-', dir='/tmp')}", "--include-dashboard=true"],
+         f"--dashboard-port={DASHBOARD_PORT}", "--num-cpus=8",
+         # off the defaults: the session's local Ray already holds the dashboard agent's default ports
+         "--dashboard-agent-listen-port=52391", "--dashboard-agent-grpc-port=52392", "--metrics-export-port=52393", "--runtime-env-agent-port=52394", f"--temp-dir={tempfile.mkdtemp(prefix='rh-', dir='/tmp')}", "--include-dashboard=true"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
