@@ -3,12 +3,16 @@ Ray Train runs the NFT updates, the `old` adapter is synced back to the actors a
 
     python jobs/nft.py                                     # toy world, toy CLIP reward, stitchvm, CPU, local Ray
     python jobs/nft.py rollout.estimator=terminal          # the Monte Carlo (full-rollout) baseline
+    python jobs/nft.py rollout.async=true wandb.mode=offline
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/nft.py
+    ray job submit --address http://<head>:8265 --working-dir . -- \
+        python jobs/nft.py --config jobs/configs/nft_sd35m_stitchvm.yaml    # SD3.5-M on a GPU cluster
 
 With estimator=stitchvm and no `value_models`, the value model of `jobs/stitch.py`'s defaults is
 built once (minutes) and cached under $STITCHVM_CACHE. Writes outputs/<run_name>/: config.yaml,
-metrics.jsonl (one line per epoch, learner rank 0), summary.json. Re-running the same run_name
-resumes from the last checkpoint under storage_path.
+metrics.jsonl (one line per epoch, learner rank 0), samples/ (evaluation grids), reward_curve.png,
+lora/ (the EMA adapter as a diffusers LoRA: `python jobs/sample.py lora=outputs/nft/lora`) and
+summary.json. Re-running the same run_name resumes from the last checkpoint under storage_path.
 """
 
 import importlib.util
@@ -23,7 +27,7 @@ from stitchvm_rl import runtime, toyworld, zoo
 from stitchvm_rl.config import ConfigError, Range, load_config, run_main, to_dict
 from stitchvm_rl.learner import NFTTrainConfig, run_learner
 from stitchvm_rl.rollout import RolloutConfig, RolloutWorker, check_rollout_config
-from stitchvm_rl.tracking import RunDir
+from stitchvm_rl.tracking import RunDir, WandbConfig
 
 
 @dataclass
@@ -44,14 +48,18 @@ class NFTConfig:
     """Training prompts (empty: the toy captions)."""
     prompt_file: str = ""
     """UTF-8 file of training prompts, one per line."""
-    epochs: Annotated[int, Range(1)] = 4
+    epochs: Annotated[int, Range(1)] = 20
     """Epochs; each is one sampling round and one optimizer step."""
     groups_per_epoch: Annotated[int, Range(1)] = 8
     """Prompt groups sampled per epoch (a multiple of train.num_workers)."""
-    eval_every: Annotated[int, Range(0)] = 2
-    """Evaluate every this many epochs and after the last (0: never)."""
-    eval_prompts: Annotated[int, Range(1)] = 36
-    """Evaluation prompts (the first n training prompts), fixed seeds, ODE sampling."""
+    eval_every: Annotated[int, Range(0)] = 5
+    """Evaluate (the EMA adapter) every this many epochs and after the last (0: never)."""
+    eval_prompts: Annotated[int, Range(1)] = 72
+    """Evaluation prompts (training prompts cycled), fixed seeds, ODE sampling."""
+    drift_every: Annotated[int, Range(0)] = 5
+    """Every this many epochs, full rollouts check the estimator against the terminal reward (0: never)."""
+    drift_groups: Annotated[int, Range(1)] = 2
+    """Prompt groups in each drift check."""
     seed: int = 0
     """Seed of prompts, noise and LoRA initialisation."""
     ray_cpus: Annotated[int, Range(1)] = 8
@@ -64,8 +72,10 @@ class NFTConfig:
     """GPUs per rollout actor."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """Sampling and advantage estimation."""
-    train: NFTTrainConfig = field(default_factory=NFTTrainConfig)
-    """NFT optimisation (Ray Train + DeepSpeed)."""
+    train: NFTTrainConfig = field(default_factory=lambda: NFTTrainConfig(lr=1e-3))
+    """NFT optimisation (Ray Train + DeepSpeed); lr 1e-3 for the toy world's short default run."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Tracking (learner rank 0)."""
 
 
 def check(cfg: NFTConfig) -> None:
@@ -92,6 +102,26 @@ def default_value_model() -> str:
         print(f"building the default value model into {path} (once)")
         job.main([f"output_dir={out}", "run_name=stitch-default"])
     return str(path)
+
+
+def plot_rewards(metrics: list[dict], path: Path, estimator: str) -> None:
+    """Training reward (the estimator's, per epoch) and evaluation reward (clean, EMA) against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [m for m in metrics if m["epoch"] >= 0]
+    evals = [m for m in metrics if "eval_reward_mean" in m]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([m["global_step"] for m in epochs], [m["reward_mean"] for m in epochs], alpha=0.6, label=f"rollout score ({estimator})")
+    ax.plot([m["global_step"] for m in evals], [m["eval_reward_mean"] for m in evals], marker="o", label="evaluation reward (EMA, ODE)")
+    ax.set(xlabel="optimizer step", ylabel="reward", title="DiffusionNFT")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main(argv: list[str]) -> dict:
@@ -125,9 +155,15 @@ def main(argv: list[str]) -> dict:
         "epochs": cfg.epochs,
         "groups_per_epoch": cfg.groups_per_epoch,
         "eval_every": cfg.eval_every,
+        "drift_every": cfg.drift_every,
+        "drift_groups": cfg.drift_groups,
         "seed": cfg.seed,
         "actor_names": names,
+        "devices": cfg.train.num_workers + cfg.rollout_workers,  # for device-hours: one device per process
         "run_dir": str(run.path),
+        "run_name": cfg.run_name,
+        "wandb": to_dict(cfg.wandb),
+        "config": to_dict(cfg),
     }
     result = run_learner(loop, cfg.train, storage, cfg.run_name)
     if result.error is not None:
@@ -140,10 +176,16 @@ def main(argv: list[str]) -> dict:
         "epochs": cfg.epochs,
         "seconds_total": time.perf_counter() - start,
         "seconds_per_epoch": sum(m["seconds_epoch"] for m in epochs) / len(epochs),
+        "device_hours": epochs[-1]["device_hours"],
         "final": epochs[-1],
-        "eval": [{k: m[k] for k in m if k.startswith("eval_") or k == "epoch"} for m in evals],
+        "eval": [{k: m[k] for k in m if k.startswith("eval_") or k in ("epoch", "global_step")} for m in evals],
+        "eval_reward_gain": evals[-1]["eval_reward_mean"] - evals[0]["eval_reward_mean"] if evals else None,
+        "drift": [{k: m[k] for k in m if k.startswith("drift_") or k == "global_step"} for m in epochs if "drift_spearman" in m],
+        "lora": str(run.path / "lora"),
+        "wandb_run_id": epochs[-1]["wandb_run_id"],
         "is_toy": all(toyworld.is_caption(p) for p in prompts),
     }
+    plot_rewards(metrics, run.path / "reward_curve.png", cfg.rollout.estimator)
     run.write_json("summary.json", summary)
     print(json.dumps({k: v for k, v in summary.items() if k != "final"}, indent=1))
     print(f"wrote {run.path}")

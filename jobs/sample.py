@@ -3,6 +3,7 @@
     python jobs/sample.py                                   # toy world on CPU (seconds)
     python jobs/sample.py cfg_scale=1 seed=3 run_name=mine  # any field: key=value
     python jobs/sample.py --config jobs/configs/sample_sd35m.yaml    # SD3.5-Medium, 1 GPU
+    python jobs/sample.py lora=outputs/nft/lora cfg_scale=1            # a policy trained by jobs/nft.py
 
 Writes outputs/<run_name>/: config.yaml, samples.png (a prompt's images side by side), summary.json (reward
 of every image, per reward model, and -- for toy-world captions -- the caption-classifier accuracy).
@@ -10,6 +11,7 @@ of every image, per reward model, and -- for toy-world captions -- the caption-c
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
@@ -29,6 +31,8 @@ class SampleConfig:
     """Where run folders go."""
     model: str = "toyworld"
     """SD3 pipeline: hub id, local directory, 'toyworld' or 'tiny-sd3'."""
+    lora: str = ""
+    """A diffusers LoRA directory to load into the pipeline (e.g. jobs/nft.py's <run>/lora)."""
     prompts: list[str] = field(default_factory=list)
     """Prompts to sample (empty: prompt_file, else every toy-world caption)."""
     prompt_file: str = ""
@@ -64,6 +68,10 @@ def main(argv: list[str]) -> dict:
     run = RunDir(cfg.output_dir, cfg.run_name, cfg)
     torch.manual_seed(cfg.seed)
     policy = SD3Policy.from_pretrained(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    if cfg.lora:
+        if not (Path(cfg.lora) / "pytorch_lora_weights.safetensors").is_file():
+            raise ValueError(f"lora '{cfg.lora}' holds no pytorch_lora_weights.safetensors; pass the lora/ directory of a jobs/nft.py run")
+        policy.pipe.load_lora_weights(cfg.lora)
     reward = rewards.build_rewards(cfg.rewards, device=cfg.device)
 
     start = time.perf_counter()

@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import keyword
 import textwrap
 import types
 import typing
@@ -156,6 +157,7 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
+        key = _field_name(key)
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
@@ -167,9 +169,24 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def _field_name(key: Any) -> Any:
+    """A key that is a Python keyword names the field with a trailing underscore (`async` -> `async_`)."""
+    return f"{key}_" if isinstance(key, str) and keyword.iskeyword(key) else key
+
+
+def _key_name(name: str) -> str:
+    return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
+
+
 def to_dict(cfg: Any) -> dict:
-    """The config as plain YAML-safe data (tuples become lists)."""
-    return yaml.safe_load(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    """The config as plain YAML-safe data (tuples become lists; `async_` is written as `async`)."""
+
+    def keys(node):
+        if isinstance(node, dict):
+            return {_key_name(k): keys(v) for k, v in node.items()}
+        return node
+
+    return keys(yaml.safe_load(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)))
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
@@ -189,7 +206,7 @@ def format_help(cls: type, prefix: str = "") -> str:
             lines.append(f"{prefix}{f.name}:  # {docs.get(f.name, '')}")
             lines.append(format_help(hints[f.name], prefix + f.name + "."))
         else:
-            lines.append(f"{prefix}{f.name}={value!r}  # {docs.get(f.name, '')}")
+            lines.append(f"{prefix}{_key_name(f.name)}={value!r}  # {docs.get(f.name, '')}")
     return "\n".join(lines)
 
 

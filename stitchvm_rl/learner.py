@@ -1,19 +1,26 @@
 """The DiffusionNFT learner: one `TorchTrainer.fit()` for the whole run, controller inside the loop.
 
 Rank layout (`num_workers` data-parallel learner ranks, DeepSpeed ZeRO over the LoRA `default` weights):
-    rank 0   after each update pushes the `old` adapter to every actor (checked by version +
-             checksum), evaluates, appends metrics.jsonl
+    rank 0   pushes the `old` adapter to every actor after each update (checked by version +
+             checksum), evaluates the EMA adapter, watches value drift, owns wandb, appends
+             metrics.jsonl, exports the final LoRA
     rank r   asks the actors for its share of the epoch's prompt groups (groups r, r + W, ...; group n
              goes to actor n mod A with a seed fixed by (seed, epoch, n), so any actor can redo it);
-             the raw scores of all ranks are all-gathered so rewards are
-             normalised over the whole epoch (per-prompt mean, global std); trains one optimizer step
-             (gradients accumulated over groups x timesteps); soft-updates `old` exactly like rank 0
+             the raw scores of all ranks are all-gathered so rewards are normalised over the whole
+             epoch (per-prompt mean, global std); trains one optimizer step (gradients accumulated
+             over groups x timesteps); soft-updates `old` and the EMA exactly like rank 0
 Rollout actors are created by the driver and looked up by name, so they outlive a learner restart.
+
+Versions: v_e is the `old` adapter after e updates. Synchronous: epoch e is sampled with v_e.
+With rollout.async, epoch e + 1 is requested before epoch e trains, so it is sampled with v_e
+(staleness one version); the checkpoint keeps v_{e-1} so that a resumed async run replays exactly.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -24,7 +31,7 @@ import torch
 
 from stitchvm_rl import flow, nft, toyworld
 from stitchvm_rl.config import Range, from_dict, to_dict
-from stitchvm_rl.policy import PromptEmbeds, SD3Policy
+from stitchvm_rl.policy import AdapterState, PromptEmbeds, SD3Policy, tensor_checksum
 from stitchvm_rl.rollout import RolloutBatch, RolloutConfig
 
 
@@ -44,6 +51,10 @@ class NFTTrainConfig:
     """Advantage clip; also scales the policy loss, as in the official code."""
     timestep_fraction: Annotated[float, Range(0, 1)] = 0.99
     """Share of the schedule's timesteps (t > tau) trained per group."""
+    grad_clip: Annotated[float, Range(0)] = 1.0
+    """Gradient-norm clip."""
+    ema_max_decay: Annotated[float, Range(0, 1)] = 0.9
+    """Cap of the evaluation EMA's decay min((1 + step) / (10 + step), cap)."""
     num_workers: Annotated[int, Range(1)] = 2
     """Ray Train learner ranks."""
     use_gpu: bool = False
@@ -91,20 +102,21 @@ def nft_micro_step(policy: SD3Policy, batch: RolloutBatch, group: int, r: torch.
 
 
 @torch.no_grad()
-def evaluate_on_fixed_prompts(policy: SD3Policy, reward, prompts: list[str], steps: int, seed: int) -> dict:
-    """Fixed prompts and seeds, ODE (DPM-2) sampling with the trained adapter, clean reward."""
+def evaluate_on_fixed_prompts(policy: SD3Policy, reward, prompts: list[str], steps: int, seed: int, adapter: str | None = "ema") -> tuple[dict, torch.Tensor]:
+    """Fixed prompts and seeds, ODE (DPM-2) sampling with `adapter`, clean reward; returns (metrics, images)."""
     noise = policy.initial_noise(len(prompts), torch.Generator().manual_seed(seed))
-    images = policy.decode(policy.sample(prompts, steps, 1.0, "dpm2", noise=noise).final)
+    with policy.adapter(adapter):
+        images = policy.decode(policy.sample(prompts, steps, 1.0, "dpm2", noise=noise).final)
     scores = reward(images, prompts).float()
     out = {"eval_reward_mean": scores.mean().item(), "eval_reward_std": scores.std().item()}
     if all(toyworld.is_caption(p) for p in prompts):
         out["eval_caption_accuracy"] = toyworld.caption_accuracy(images, prompts)["all"]
-    return out
+    return out, images.cpu()
 
 
 def train_loop(loop: dict) -> None:
     """Ray Train worker (see the module docstring for the rank layout)."""
-    from stitchvm_rl.runtime import deepspeed_config, resume_epoch, setup_deepspeed
+    from stitchvm_rl.runtime import deepspeed_config, resume_state, setup_deepspeed
 
     device = setup_deepspeed()  # before deepspeed is imported
     import deepspeed
@@ -113,7 +125,9 @@ def train_loop(loop: dict) -> None:
     import torch.distributed as dist
 
     from stitchvm_rl import rewards
+    from stitchvm_rl.tracking import NoTracker, WandbConfig, make_tracker
 
+    # ---------------------------------------------------------------- setup
     train = from_dict(NFTTrainConfig, loop["train"])
     rollout = from_dict(RolloutConfig, loop["rollout"])
     ctx = ray.train.get_context()
@@ -125,34 +139,54 @@ def train_loop(loop: dict) -> None:
     optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
     groups_per_rank = loop["groups_per_epoch"] // world
     per_group = timesteps_per_group(rollout, train.timestep_fraction)
-    engine, _, _, _ = deepspeed.initialize(
-        model=policy.transformer, optimizer=optimizer, config=deepspeed_config(train.zero_stage, rollout.group_size, groups_per_rank * per_group, device)
-    )
+    ds_config = deepspeed_config(train.zero_stage, rollout.group_size, groups_per_rank * per_group, device, train.grad_clip)
+    engine, _, _, _ = deepspeed.initialize(model=policy.transformer, optimizer=optimizer, config=ds_config)
     schedule = flow.sd3_sigmas(rollout.num_steps, scheduler_config=policy.pipe.scheduler.config)
 
-    start = resume_epoch(engine)
-    actors = [ray.get_actor(name) for name in loop["actor_names"]]
-    reward = rewards.build_rewards(loop["reward_weights"], device=device) if rank == 0 else None
-    run_dir = Path(loop["run_dir"])
-    if rank == 0:
-        _push_old_adapter(policy, actors, version=start)
-    dist.barrier()  # no rank samples before every actor holds the current `old` adapter
-    if rank == 0:
-        if start == 0 and loop["eval_every"]:  # the base policy, for comparison
-            _append_metrics(run_dir, {"epoch": -1, **evaluate_on_fixed_prompts(policy, reward, loop["eval_prompts"], rollout.num_steps, loop["seed"])})
+    # the checkpoint holds the trainable LoRA + optimizer (DeepSpeed) and the rest in its client state
+    state = resume_state(engine, load_module_strict=False)
+    start = state.get("epoch", -1) + 1
+    if state:
+        _set_adapter(policy, "old", state["old"])
+        _set_adapter(policy, "ema", state["ema"])
+        torch.set_rng_state(state["rng"])
+    current = policy.export_adapter("old", version=start)  # v_e: `old` after e updates
+    previous = _adapter_state(state["old_prev"], start - 1) if state and rollout.async_ else current
+    device_hours = state.get("device_hours", 0.0)
 
+    actors = [ray.get_actor(name) for name in loop["actor_names"]]
+    run_dir = Path(loop["run_dir"])
+    reward = rewards.build_rewards(loop["reward_weights"], device=device) if rank == 0 else None
+    wandb_cfg = from_dict(WandbConfig, loop["wandb"])
+    tracker = make_tracker(wandb_cfg, loop["run_name"], loop["config"], run_dir, state.get("wandb_run_id", "")) if rank == 0 else NoTracker()
+    if rank == 0:
+        _push_adapter(previous, actors)  # async: the resumed epoch replays with v_{e-1}, as it ran
+    dist.barrier()  # no rank samples before every actor holds the adapter
+    if rank == 0 and start == 0 and loop["eval_every"]:  # the base policy, for comparison
+        base, images = evaluate_on_fixed_prompts(policy, reward, loop["eval_prompts"], rollout.num_steps, loop["seed"])
+        _append_metrics(run_dir, {"epoch": -1, "global_step": 0, **base})
+        tracker.log(base, step=0)
+        _save_samples(tracker, run_dir, images, step=0)
+
+    # ---------------------------------------------------------------- train
+    pending = None  # async: this rank's requests for the next epoch, already in flight
     for epoch in range(start, loop["epochs"]):
         marks = {"start": time.perf_counter()}
-        prompts = _epoch_prompts(loop["prompts"], loop["groups_per_epoch"], loop["seed"], epoch)
-        chunks = [prompts[g : g + 1] for g in range(len(prompts))]  # one group per request: actors share the work finely
-        # every rank requests its own share (ObjectRefs handed between ranks out of band hang in ray.get)
-        my_chunks = list(range(rank, len(chunks), world))
-        mine, redone = _sample_share(policy, actors, chunks, my_chunks, version=epoch, seed=loop["seed"] * 100_003 + epoch * 1009)
+        chunks, seed = _epoch_chunks(loop, epoch), _epoch_seed(loop, epoch)
+        my_chunks = list(range(rank, len(chunks), world))  # every rank requests its own share (ObjectRefs handed between ranks hang in ray.get)
+        refs = pending or _request(actors, chunks, my_chunks, seed)
+        mine, redone = _collect(actors, chunks, refs, seed, expected=previous if rollout.async_ else current, restore=current)
+        if rollout.async_ and epoch == start and start > 0:  # the replayed epoch is in: actors move on to v_e
+            dist.barrier()
+            if rank == 0:
+                _push_adapter(current, actors)
+            dist.barrier()
+        pending = _request(actors, _epoch_chunks(loop, epoch + 1), my_chunks, _epoch_seed(loop, epoch + 1)) if rollout.async_ and epoch + 1 < loop["epochs"] else None
         marks["sampled"] = time.perf_counter()
 
         # normalise over the whole epoch: every rank sees every (small) score vector, keeps its own r
         gathered = [None] * world
-        dist.all_gather_object(gathered, {n: (b.scores, b.groups, b.version) for n, b in mine.items()})
+        dist.all_gather_object(gathered, {n: (b.scores, b.groups, b.version, b.seconds_sample, b.seconds_score) for n, b in mine.items()})
         parts = {n: part for per_rank in gathered for n, part in per_rank.items()}
         scores = torch.cat([parts[n][0] for n in range(len(chunks))])
         groups = torch.cat([parts[n][1] + n * len(chunks[0]) for n in range(len(chunks))])  # globally unique ids
@@ -173,9 +207,16 @@ def train_loop(loop: dict) -> None:
                     for k, v in loss_parts.items():
                         totals[k] = totals.get(k, 0.0) + v
         global_step = epoch + 1
-        policy.soft_update_old(nft.old_policy_decay(global_step))
+        policy.soft_update("old", nft.old_policy_decay(global_step))
+        policy.soft_update("ema", nft.ema_decay(global_step, train.ema_max_decay))
+        previous, current = current, policy.export_adapter("old", version=global_step)
         marks["trained"] = time.perf_counter()
+        if rank == 0:
+            _push_adapter(current, actors)
+        dist.barrier()
+        marks["synced"] = time.perf_counter()
 
+        # ------------------------------------------------------------ watch and log (rank 0)
         metrics = {
             "epoch": epoch,
             "global_step": global_step,
@@ -184,28 +225,80 @@ def train_loop(loop: dict) -> None:
             "reward_mean": scores.mean().item(),
             "reward_std": scores.std().item(),
             "r_mean": r_all.mean().item(),
-            "version_lag": epoch - min(part[2] for part in parts.values()),  # 0 when sampling waits for every sync
+            "version_lag": epoch - min(part[2] for part in parts.values()),  # 0 synchronous, 1 async
             **_mean_over_ranks(totals, steps),
+            "old_deviation": policy.adapter_distance("old"),
             "rollouts_redone": _sum_over_ranks(redone),
             "samples": len(scores),
+            "actor_seconds_sample": sum(part[3] for part in parts.values()),
+            "actor_seconds_score": sum(part[4] for part in parts.values()),
         }
         if rank == 0:
-            _push_old_adapter(policy, actors, version=global_step)
-        dist.barrier()
-        marks["synced"] = time.perf_counter()
-        if rank == 0:
+            if loop["drift_every"] and rollout.estimator != "terminal" and global_step % loop["drift_every"] == 0:
+                drift_prompts = _epoch_prompts(loop["prompts"], loop["drift_groups"], loop["seed"] + 1, epoch)
+                metrics |= ray.get(actors[0].value_drift.remote(drift_prompts, seed=seed + 7))
             if loop["eval_every"] and (global_step % loop["eval_every"] == 0 or global_step == loop["epochs"]):
-                metrics |= evaluate_on_fixed_prompts(policy, reward, loop["eval_prompts"], rollout.num_steps, loop["seed"])
+                evaluation, images = evaluate_on_fixed_prompts(policy, reward, loop["eval_prompts"], rollout.num_steps, loop["seed"])
+                metrics |= evaluation
+                _save_samples(tracker, run_dir, images, step=global_step)
+            seconds = time.perf_counter() - marks["start"]
+            device_hours += seconds * loop["devices"] / 3600
             metrics |= {
-                "seconds_sample": marks["sampled"] - marks["start"],
+                "seconds_wait_rollouts": marks["sampled"] - marks["start"],
                 "seconds_train": marks["trained"] - marks["sampled"],
                 "seconds_sync": marks["synced"] - marks["trained"],
-                "seconds_epoch": time.perf_counter() - marks["start"],
+                "seconds_epoch": seconds,
+                "samples_per_second": len(scores) / seconds,
+                "device_hours": device_hours,
+                "wandb_run_id": tracker.run_id,
             }
             _append_metrics(run_dir, metrics)
-        with tempfile.TemporaryDirectory() as d:
-            engine.save_checkpoint(d, tag="engine", client_state={"epoch": epoch})
+            tracker.log(metrics, step=global_step)
+        client = {
+            "epoch": epoch,
+            "old": current.tensors,
+            "old_prev": previous.tensors,
+            "ema": policy.export_adapter("ema").tensors,
+            "rng": torch.get_rng_state(),
+            "prompt_groups_seen": global_step * loop["groups_per_epoch"],  # prompt order is a function of (seed, epoch)
+            "device_hours": device_hours,
+            "wandb_run_id": tracker.run_id,
+        }
+        with tempfile.TemporaryDirectory() as d:  # Ray Train registers it only once every rank has reported
+            engine.save_checkpoint(d, tag="engine", client_state=client, exclude_frozen_parameters=True)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    # ---------------------------------------------------------------- save
+    if rank == 0:
+        _save_lora(policy, run_dir / "lora")
+        tracker.finish()
+
+
+def _set_adapter(policy: SD3Policy, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    policy.load_adapter(_adapter_state(tensors, 0), name)
+
+
+def _adapter_state(tensors: dict[str, torch.Tensor], version: int) -> AdapterState:
+    return AdapterState(tensors, version, tensor_checksum(tensors))
+
+
+def _save_lora(policy: SD3Policy, path: Path) -> None:
+    """The EMA adapter (what evaluation measured) as a diffusers LoRA, written to a temporary
+    directory and renamed, so a crash never leaves half a LoRA behind."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_lora(str(tmp), "ema")
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def _save_samples(tracker, run_dir: Path, images: torch.Tensor, step: int) -> None:
+    """The evaluation images as a grid (samples/step_XXXXX.png), also sent to wandb."""
+    path = run_dir / "samples" / f"step_{step:05d}.png"
+    path.parent.mkdir(exist_ok=True)
+    toyworld.save_grid(images, path, nrow=12)
+    tracker.log_image("eval_samples", path, step=step)
 
 
 def _mean_over_ranks(totals: dict[str, float], steps: int) -> dict[str, float]:
@@ -232,43 +325,57 @@ def _append_metrics(run_dir: Path, metrics: dict) -> None:
 
 
 def _epoch_prompts(prompts: list[str], n: int, seed: int, epoch: int) -> list[str]:
-    """The epoch's `n` prompt groups: a seeded permutation, so a resumed run draws the same ones."""
+    """`n` prompts for an epoch: a seeded permutation, so a resumed run draws the same ones."""
     gen = torch.Generator().manual_seed(seed * 31 + epoch)
     return [prompts[i % len(prompts)] for i in torch.randperm(max(n, len(prompts)), generator=gen)[:n].tolist()]
 
 
-def _sample_share(policy: SD3Policy, actors: list, chunks: list[list[str]], my_chunks: list[int], version: int, seed: int) -> tuple[dict[int, RolloutBatch], int]:
-    """Chunk n from actor n mod A with seed (seed + n). Ray restarts a dead actor and retries its
-    task, but the restarted actor holds the base adapter: a batch of the wrong version is redone after
-    this rank (whose `old` equals rank 0's) re-syncs that actor -- no sample lost, none counted twice.
+def _epoch_chunks(loop: dict, epoch: int) -> list[list[str]]:
+    """The epoch's prompt groups, one per rollout request (actors share the work finely)."""
+    return [[p] for p in _epoch_prompts(loop["prompts"], loop["groups_per_epoch"], loop["seed"], epoch)]
+
+
+def _epoch_seed(loop: dict, epoch: int) -> int:
+    """Request n of an epoch uses seed (_epoch_seed + n): the same samples whichever actor serves it."""
+    return loop["seed"] * 100_003 + epoch * 1009
+
+
+def _request(actors: list, chunks: list[list[str]], ids: list[int], seed: int) -> dict:
+    """Chunk n to actor n mod A with seed (seed + n); returns {n: ObjectRef}."""
+    return {n: actors[n % len(actors)].rollout.remote(chunks[n], seed=seed + n) for n in ids}
+
+
+def _collect(actors: list, chunks: list[list[str]], refs: dict, seed: int, expected: AdapterState, restore: AdapterState) -> tuple[dict[int, RolloutBatch], int]:
+    """The batches behind `refs`, all sampled with adapter `expected`. Ray restarts a dead actor and
+    retries its task, but the restarted actor holds the base adapter: a batch of another version is
+    redone after this rank (whose adapters equal rank 0's) re-syncs that actor, which then gets
+    `restore` (the adapter actors hold now) -- no sample lost, none counted twice.
     Returns the batches and how many were redone."""
     import ray
 
-    def request(n):
-        return actors[n % len(actors)].rollout.remote(chunks[n], seed=seed + n)
-
-    batches = dict(zip(my_chunks, ray.get([request(n) for n in my_chunks])))
+    batches = dict(zip(refs, ray.get(list(refs.values()))))
     redone = 0
     for _ in range(3):
-        stale = [n for n, b in batches.items() if b.version != version]
+        stale = [n for n, b in batches.items() if b.version != expected.version]
         if not stale:
             return batches, redone
         redone += len(stale)
-        for n in stale:
-            _push_old_adapter(policy, [actors[n % len(actors)]], version)
-        batches |= dict(zip(stale, ray.get([request(n) for n in stale])))
-    raise RuntimeError(f"rollout actors keep returning batches of another adapter version than {version}")
+        resync = [actors[i] for i in sorted({n % len(actors) for n in stale})]
+        _push_adapter(expected, resync)
+        batches |= dict(zip(stale, ray.get(list(_request(actors, chunks, stale, seed).values()))))
+        if restore.version != expected.version:
+            _push_adapter(restore, resync)
+    raise RuntimeError(f"rollout actors keep returning batches of another adapter version than {expected.version}")
 
 
-def _push_old_adapter(policy: SD3Policy, actors: list, version: int) -> None:
-    """Export `old` once, put it in the object store, have every actor load it and verify its answer."""
+def _push_adapter(state: AdapterState, actors: list) -> None:
+    """Put one exported adapter in the object store, have every actor load it, verify the answers."""
     import ray
 
-    state = policy.export_adapter("old", version=version)
     ref = ray.put(state)
     answers = ray.get([actor.load_adapter.remote(ref) for actor in actors])
-    if any(answer != (version, state.checksum) for answer in answers):
-        raise RuntimeError(f"adapter sync failed: sent version {version} ({state.checksum[:12]}), actors answered {answers}")
+    if any(answer != (state.version, state.checksum) for answer in answers):
+        raise RuntimeError(f"adapter sync failed: sent version {state.version} ({state.checksum[:12]}), actors answered {answers}")
 
 
 def run_learner(loop: dict, train: NFTTrainConfig, storage_path: str, run_name: str):

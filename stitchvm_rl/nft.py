@@ -78,10 +78,11 @@ def nft_loss(
         return (err**2).mean(dims) / scale
 
     pos, neg = normalised_error(v_pos), normalised_error(v_neg)
+    x0_norm = _anchor_prediction(v_theta.detach(), z_t, t, tau).pow(2).mean().sqrt()  # blows up if training diverges
     policy = adv_clip * (r * pos / beta + (1 - r) * neg / beta).mean()
     kl = ((v_theta - v_ref.detach()) ** 2).mean()
     loss = policy + kl_weight * kl
-    return loss, {"loss": loss.item(), "loss_policy": policy.item(), "kl": kl.item(), "loss_pos": pos.mean().item(), "loss_neg": neg.mean().item()}
+    return loss, {"loss": loss.item(), "loss_policy": policy.item(), "kl": kl.item(), "loss_pos": pos.mean().item(), "loss_neg": neg.mean().item(), "x0_norm": x0_norm.item()}
 
 
 def nft_loss_plain(v_theta: torch.Tensor, v_old: torch.Tensor, u: torch.Tensor, r: torch.Tensor, beta: float) -> torch.Tensor:
@@ -94,3 +95,8 @@ def nft_loss_plain(v_theta: torch.Tensor, v_old: torch.Tensor, u: torch.Tensor, 
 def old_policy_decay(step: int) -> float:
     """eta of the soft update theta_old <- eta theta_old + (1 - eta) theta (DiffusionNFT decay type 1)."""
     return min(0.001 * step, 0.5)
+
+
+def ema_decay(step: int, cap: float = 0.9) -> float:
+    """Decay of the evaluation EMA after optimizer step `step`: min((1 + s) / (10 + s), cap) (official)."""
+    return min((1 + step) / (10 + step), cap)

@@ -2,7 +2,8 @@
 
 Adapters (peft, on the transformer's attention projections):
     "default"   the policy being trained (theta)
-    "old"       the data-collection policy (theta_old), moved by `soft_update_old`
+    "old"       the data-collection policy (theta_old), moved by `soft_update("old", eta)`
+    "ema"       the evaluation copy (an EMA of theta), moved by `soft_update("ema", decay)`
     None        adapters disabled = the frozen reference (base) model
 Adapters travel between processes as `AdapterState` (a flat tensor dict + version + checksum).
 """
@@ -30,7 +31,7 @@ LORA_TARGETS = [
     "attn.add_v_proj",
     "attn.to_add_out",
 ]
-ADAPTERS = ("default", "old")
+ADAPTERS = ("default", "old", "ema")
 
 
 @dataclass
@@ -197,13 +198,14 @@ class SD3Policy:
 
     # ------------------------------------------------------------ LoRA
     def add_lora(self, rank: int = 32, alpha: float = 64, targets: list[str] = LORA_TARGETS) -> None:
-        """Add the trained adapter "default" and the data-collection adapter "old" (a copy of it)."""
+        """Add the trained adapter "default" and its copies "old" (data collection) and "ema" (evaluation)."""
         config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
         with warnings.catch_warnings():  # peft warns that a second adapter is a second adapter
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             for name in ADAPTERS:
                 self.transformer.add_adapter(config, adapter_name=name)
-        self.soft_update_old(eta=0.0)
+        for name in ADAPTERS[1:]:
+            self.soft_update(name, eta=0.0)
         self.transformer.set_adapter("default")
 
     @contextlib.contextmanager
@@ -225,11 +227,25 @@ class SD3Policy:
         return {k: p for k, p in self.transformer.named_parameters() if f".lora_A.{name}." in k or f".lora_B.{name}." in k}
 
     @torch.no_grad()
-    def soft_update_old(self, eta: float) -> None:
-        """theta_old <- eta * theta_old + (1 - eta) * theta   (eta = 0: old becomes a copy of default)."""
+    def soft_update(self, name: str, eta: float) -> None:
+        """theta_name <- eta * theta_name + (1 - eta) * theta   (eta = 0: a copy of "default")."""
         new = self._lora_params("default")
-        for key, p_old in self._lora_params("old").items():
-            p_old.lerp_(new[key.replace(".old.", ".default.")], 1.0 - eta)
+        for key, p in self._lora_params(name).items():
+            p.lerp_(new[key.replace(f".{name}.", ".default.")], 1.0 - eta)
+
+    @torch.no_grad()
+    def adapter_distance(self, name: str, other: str = "default") -> float:
+        """||theta_name - theta_other|| over all LoRA weights (e.g. how far "old" trails "default")."""
+        b = self._lora_params(other)
+        return sum(((p - b[k.replace(f".{name}.", f".{other}.")]) ** 2).sum() for k, p in self._lora_params(name).items()).sqrt().item()
+
+    def save_lora(self, directory: str, name: str = "default") -> None:
+        """Write adapter `name` as a diffusers LoRA (pytorch_lora_weights.safetensors with its LoraConfig
+        as metadata): `StableDiffusion3Pipeline.load_lora_weights(directory)` reads it back."""
+        state = get_peft_model_state_dict(self.transformer, adapter_name=name)
+        config = self.transformer.peft_config[name]
+        metadata = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
+        StableDiffusion3Pipeline.save_lora_weights(directory, transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata)
 
     def export_adapter(self, name: str = "default", version: int = 0) -> AdapterState:
         """The adapter as a flat dict of CPU tensors (keys without the adapter name), versioned, checksummed."""

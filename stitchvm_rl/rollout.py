@@ -8,6 +8,7 @@ scores them with one advantage estimator.
         mc        DPM-2 to step k, mean r of mc_k SDE completions anchor z_tau
     <-- RolloutBatch (through the object store), tagged with the adapter version that made it
     learner rank 0 --load_adapter(AdapterState)--> every worker answers (version, checksum)
+    learner rank 0 --value_drift(prompts, seed)--> the estimator at the stop vs the terminal reward
 
 Everything a batch contains follows from (prompts, seed, adapter version): a batch lost with its
 actor is redone bit for bit by any other actor. `k ~ U{stop_min..stop_max}` is drawn per group (one
@@ -17,6 +18,7 @@ actor is redone bit for bit by any other actor. `k ~ U{stop_min..stop_max}` is d
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -53,6 +55,8 @@ class RolloutConfig:
     """LoRA rank (must match the learner's)."""
     lora_alpha: Annotated[float, Range(0)] = 64.0
     """LoRA alpha (must match the learner's)."""
+    async_: bool = False
+    """`rollout.async`: sample epoch n + 1 while the learner trains on epoch n (staleness one version)."""
     crash_on_call: int = -1
     """Fault injection for tests: each actor dies hard once, in its n-th rollout call (-1: never)."""
 
@@ -77,6 +81,8 @@ class RolloutBatch:
     scores: torch.Tensor  # (G*K,) raw estimator scores
     version: int  # adapter version that sampled them
     estimator: str
+    seconds_sample: float = 0.0  # actor-side time spent sampling
+    seconds_score: float = 0.0  # actor-side time spent scoring
 
     @property
     def prompts(self) -> list[str]:
@@ -99,7 +105,7 @@ class RolloutWorker:
         self.calls = 0
         self.schedule = flow.sd3_sigmas(cfg.num_steps, scheduler_config=self.policy.pipe.scheduler.config)
         self.value_models = [StitchedValueModel.from_pretrained(d, device=device, dtype=dtype) for d in value_models]
-        reward = rewards.build_rewards(reward_weights, device=device) if cfg.estimator != "stitchvm" else None
+        reward = rewards.build_rewards(reward_weights, device=device)  # stitchvm too: the drift watch needs it
         scoring = ValueEvalConfig(steps=cfg.num_steps, cfg_scale=1.0, noise_level=cfg.noise_level, batch_size=cfg.batch_size)
         self.estimators = Estimators(self.policy, self._value, reward, scoring)
 
@@ -120,16 +126,18 @@ class RolloutWorker:
             os._exit(1)  # fault injection: a hard death mid-epoch, as a preempted node
         cfg, gen = self.cfg, torch.Generator().manual_seed(seed)
         anchors, taus, scores = [], [], []
+        seconds = {"sample": 0.0, "score": 0.0}
         with self.policy.adapter("old"):
             for prompt in prompts:
-                group = [prompt] * cfg.group_size
-                noise = self.policy.initial_noise(cfg.group_size, gen)
-                k = cfg.num_steps if cfg.estimator == "terminal" else int(torch.randint(cfg.stop_min, cfg.stop_max + 1, (1,), generator=gen))
-                z = self.policy.sample(group, cfg.num_steps, 1.0, "dpm2", stop_after=k, noise=noise).final
+                start = time.perf_counter()
+                z, k = self._sample_group(prompt, gen)
                 tau = float(self.schedule[k])
                 anchors.append(z.cpu())
                 taus.append(torch.full((cfg.group_size,), tau))
-                scores.append(self._score(z, tau, group, seed=int(torch.randint(2**31, (1,), generator=gen))))
+                scored = time.perf_counter()
+                scores.append(self._score(z, tau, [prompt] * cfg.group_size, seed=int(torch.randint(2**31, (1,), generator=gen))))
+                seconds["sample"] += scored - start
+                seconds["score"] += time.perf_counter() - scored
             embeds = self.policy.encode_prompts(list(prompts))
         return RolloutBatch(
             anchors=torch.cat(anchors),
@@ -140,7 +148,39 @@ class RolloutWorker:
             scores=torch.cat(scores).float(),
             version=self.version,
             estimator=cfg.estimator,
+            seconds_sample=seconds["sample"],
+            seconds_score=seconds["score"],
         )
+
+    def _sample_group(self, prompt: str, gen: torch.Generator, full: bool = False) -> tuple[torch.Tensor, int]:
+        """K latents of one prompt at the group's stop index k ~ U{stop_min..stop_max} (terminal: the
+        last step); `full` returns the whole trajectory (steps 0..num_steps) instead of z_k."""
+        cfg = self.cfg
+        noise = self.policy.initial_noise(cfg.group_size, gen)
+        k = cfg.num_steps if cfg.estimator == "terminal" else int(torch.randint(cfg.stop_min, cfg.stop_max + 1, (1,), generator=gen))
+        traj = self.policy.sample([prompt] * cfg.group_size, cfg.num_steps, 1.0, "dpm2", stop_after=None if full else k, noise=noise)
+        return (traj.latents if full else traj.final), k
+
+    @torch.no_grad()
+    def value_drift(self, prompts: list[str], seed: int) -> dict:
+        """Full rollouts of the current `old` policy: the estimator's score at each group's stop against
+        the terminal reward of the same trajectories (the value model is trained off-policy; watch it).
+        Returns the mean within-group Spearman and both means."""
+        from stitchvm_rl.value.evaluate import spearman
+
+        gen = torch.Generator().manual_seed(seed)
+        rho, estimates, terminal = [], [], []
+        with self.policy.adapter("old"):
+            for prompt in prompts:
+                latents, k = self._sample_group(prompt, gen, full=True)
+                group = [prompt] * self.cfg.group_size
+                estimate = self._score(latents[k], float(self.schedule[k]), group, seed=int(torch.randint(2**31, (1,), generator=gen)))
+                reward = self.estimators.reward(self.policy.decode(latents[-1]), group).float().cpu()
+                rho.append(spearman(estimate, reward))
+                estimates.append(estimate.mean().item())
+                terminal.append(reward.mean().item())
+        n = len(prompts)
+        return {"drift_spearman": sum(rho) / n, "drift_estimate_mean": sum(estimates) / n, "drift_terminal_mean": sum(terminal) / n}
 
     def _score(self, z: torch.Tensor, tau: float, prompts: list[str], seed: int) -> torch.Tensor:
         est = self.estimators

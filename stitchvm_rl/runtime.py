@@ -34,7 +34,7 @@ def init_ray(num_cpus: int = 8) -> None:
         num_cpus=num_cpus,
         include_dashboard=False,
         _temp_dir=tempfile.mkdtemp(prefix="ray-", dir=os.environ.get("STITCHVM_RAY_TMP", "/tmp")),
-        runtime_env={"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "STITCHVM_CACHE", "WANDB_MODE") if k in os.environ}},
+        runtime_env={"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "STITCHVM_CACHE", "WANDB_MODE", "WANDB_API_KEY") if k in os.environ}},
     )
 
 
@@ -69,17 +69,23 @@ def deepspeed_config(zero_stage: int, micro_batch: int, grad_accum: int, device:
     }
 
 
-def resume_epoch(engine) -> int:
+def resume_state(engine, load_module_strict: bool = True) -> dict:
     """Inside a Ray Train loop: load the run's latest checkpoint (a DeepSpeed engine state saved with
-    tag "engine" and client state {"epoch": n}) if there is one; returns the first epoch to run."""
+    tag "engine" and a client state holding at least {"epoch": n}) if there is one; returns that client
+    state, or {} for a fresh run."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if not checkpoint:
-        return 0
+        return {}
     with checkpoint.as_directory() as d:
-        _, client = engine.load_checkpoint(d, tag="engine")
-    return client["epoch"] + 1
+        _, client = engine.load_checkpoint(d, tag="engine", load_module_strict=load_module_strict)
+    return client
+
+
+def resume_epoch(engine) -> int:
+    """The first epoch to run: 0, or the one after the latest checkpoint's (see `resume_state`)."""
+    return resume_state(engine).get("epoch", -1) + 1
 
 
 def torch_trainer(train_fn, loop_config: dict, num_workers: int, use_gpu: bool, max_failures: int, storage_path: str, run_name: str, datasets: dict | None = None):

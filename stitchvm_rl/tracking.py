@@ -1,12 +1,14 @@
-"""Run directories: `outputs/<run name>/` with the resolved config.yaml and JSON results."""
+"""Run directories (`outputs/<run name>/` with the resolved config.yaml and JSON results) and
+experiment tracking (wandb, or a no-op stand-in when it is off)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from stitchvm_rl.config import save_config
 
@@ -36,3 +38,72 @@ class RunDir:
         tmp.write_text(json.dumps(_clean(data), indent=2))
         os.replace(tmp, target)
         return target
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases tracking, owned by one process (learner rank 0)."""
+
+    mode: Literal["disabled", "offline", "online"] = "disabled"
+    """disabled: no wandb at all; offline: local files (`wandb sync` later); online: live."""
+    project: str = "stitchvm-rl"
+    """wandb project."""
+    entity: str = ""
+    """wandb entity (team or user; empty: your default)."""
+    group: str = ""
+    """Group runs to compare, e.g. the terminal baseline and stitchvm of one experiment."""
+    tags: list[str] = field(default_factory=list)
+    """Free-form tags."""
+
+
+class NoTracker:
+    """Stands in when wandb is off, so training code never branches on it."""
+
+    run_id = ""
+
+    def log(self, metrics: dict, step: int) -> None:
+        pass
+
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class WandbTracker:
+    """A wandb run whose id survives resume (the id is kept in the checkpoint) and whose step axis
+    is the global optimizer step, so a resumed run continues its curves instead of starting new ones."""
+
+    def __init__(self, cfg: WandbConfig, name: str, config: dict, run_dir: Path, run_id: str = ""):
+        import wandb
+
+        self.run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity or None,
+            group=cfg.group or None,
+            tags=cfg.tags or None,
+            name=name,
+            id=run_id or None,  # wandb picks a new id; resumed runs pass the one from the checkpoint
+            resume="allow",
+            mode=cfg.mode,
+            dir=str(run_dir),
+            config=config,
+        )
+        self.run_id = self.run.id
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.run.log({k: v for k, v in _clean(metrics).items() if isinstance(v, (int, float))}, step=step)
+
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        import wandb
+
+        self.run.log({key: wandb.Image(str(path))}, step=step)
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+def make_tracker(cfg: WandbConfig, name: str, config: dict, run_dir: Path, run_id: str = ""):
+    """A WandbTracker, or a NoTracker when cfg.mode is disabled."""
+    return NoTracker() if cfg.mode == "disabled" else WandbTracker(cfg, name, config, run_dir, run_id)

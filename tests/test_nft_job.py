@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from stitchvm_rl.config import ConfigError
 
@@ -22,12 +24,18 @@ TINY = [
     "rollout.lora_alpha=8",
     "eval_prompts=4",
     "eval_every=2",
+    "drift_every=0",
     "train.lr=1e-2",
 ]
+COMPARED = ("loss", "loss_pos", "loss_neg", "kl", "reward_mean", "old_deviation")
 
 
 def load_job():
-    spec = importlib.util.spec_from_file_location("job_nft", ROOT / "jobs" / "nft.py")
+    return _load("nft")
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -48,15 +56,28 @@ def test_nft_job_trains_syncs_resumes_and_survives_a_dead_rollout_actor(tmp_path
     assert all(abs(m["r_mean"] - 0.5) < 1e-6 for m in epochs)  # groups are centred
     assert epochs[0]["kl"] == 0.0 and epochs[-1]["kl"] > 0  # LoRA starts at zero, then moves away from the reference
     assert {"eval_reward_mean", "eval_caption_accuracy"} <= set(epochs[1]) and "eval_reward_mean" not in epochs[0]
-    assert straight["epochs"] == 4 and straight["seconds_per_epoch"] > 0
+    assert straight["epochs"] == 4 and straight["seconds_per_epoch"] > 0 and straight["device_hours"] > 0
+    assert (tmp_path / "straight" / "samples" / "step_00004.png").is_file() and (tmp_path / "straight" / "reward_curve.png").is_file()
 
-    job.main([f"output_dir={tmp_path}", "run_name=resumed", "epochs=2", *TINY])
-    job.main([f"output_dir={tmp_path}", "run_name=resumed", "epochs=4", *TINY])
+    # 2 epochs, stop, 2 more (wandb offline: the resumed run continues the same wandb run)
+    offline = ["wandb.mode=offline", "wandb.project=test"]
+    first = job.main([f"output_dir={tmp_path}", "run_name=resumed", "epochs=2", *offline, *TINY])
+    second = job.main([f"output_dir={tmp_path}", "run_name=resumed", "epochs=4", *offline, *TINY])
     resumed = [m for m in _metrics(tmp_path / "resumed") if m["epoch"] >= 0]
     assert [m["epoch"] for m in resumed] == [0, 1, 2, 3] and resumed[-1]["resumed_from_epoch"] == 2
     for a, b in zip(epochs, resumed):
-        for key in ("loss", "loss_pos", "loss_neg", "kl", "reward_mean"):
+        for key in COMPARED:
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), (a["epoch"], key)
+    assert first["wandb_run_id"] and second["wandb_run_id"] == first["wandb_run_id"]
+    assert list((tmp_path / "resumed" / "wandb").glob(f"offline-run-*-{first['wandb_run_id']}"))
+    # the EMA adapter (what evaluation measured) is the same too, and diffusers loads it for sampling
+    lora = [load_file(tmp_path / run / "lora" / "pytorch_lora_weights.safetensors") for run in ("straight", "resumed")]
+    assert lora[0].keys() == lora[1].keys() and all(torch.allclose(lora[0][k], lora[1][k], atol=1e-6) for k in lora[0])
+    sample = _load("sample")
+    args = [f"output_dir={tmp_path}", "prompts=[a red circle on the left, a blue square on the right]", "images_per_prompt=1", "num_steps=4", "cfg_scale=1"]
+    base = sample.main([*args, "run_name=base"])
+    tuned = sample.main([*args, "run_name=tuned", f"lora={tmp_path / 'straight' / 'lora'}"])
+    assert tuned["rewards"]["toy_clip"] != base["rewards"]["toy_clip"]
 
     # each rollout actor dies hard in its 2nd call; Ray restarts it and retries, the learner sees the
     # restarted actor's stale adapter and redoes those groups: same samples, same training
@@ -67,6 +88,23 @@ def test_nft_job_trains_syncs_resumes_and_survives_a_dead_rollout_actor(tmp_path
     for a, b in zip(epochs[:2], crashed):
         for key in ("loss", "kl", "reward_mean", "reward_std"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), (a["epoch"], key)
+
+
+def test_async_rollouts_lag_one_version_and_resume_exactly(tmp_path):
+    """rollout.async: epoch n + 1 is sampled with v_n while epoch n trains; a run stopped after 2
+    epochs replays epoch 2 with the adapter it would have used, so 2 + 2 == 4 straight."""
+    job = load_job()
+    job.main([f"output_dir={tmp_path}", "run_name=straight", "epochs=4", "rollout.async=true", *TINY])
+    straight = [m for m in _metrics(tmp_path / "straight") if m["epoch"] >= 0]
+    assert [m["version_lag"] for m in straight] == [0, 1, 1, 1]
+    job.main([f"output_dir={tmp_path}", "run_name=resumed", "epochs=2", "rollout.async=true", *TINY])
+    job.main([f"output_dir={tmp_path}", "run_name=resumed", "epochs=4", "rollout.async=true", *TINY])
+    resumed = [m for m in _metrics(tmp_path / "resumed") if m["epoch"] >= 0]
+    assert [m["version_lag"] for m in resumed] == [0, 1, 1, 1]
+    for a, b in zip(straight, resumed):
+        for key in COMPARED:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), (a["epoch"], key)
+    assert (tmp_path / "straight" / "config.yaml").read_text().count("async: true") == 1
 
 
 @pytest.mark.parametrize(

@@ -65,14 +65,14 @@ def test_adapters_default_old_and_reference(lora_policy):
 def test_soft_update_eta_zero_copies_default_and_eta_one_keeps_old(lora_policy):
     z, t, cond = inputs(lora_policy)
     before = velocity(lora_policy, "old", z, t, cond)
-    lora_policy.soft_update_old(eta=1.0)
+    lora_policy.soft_update("old", eta=1.0)
     assert torch.equal(velocity(lora_policy, "old", z, t, cond), before)
     old = {k: v.clone() for k, v in lora_policy._lora_params("old").items()}
-    lora_policy.soft_update_old(eta=0.25)
+    lora_policy.soft_update("old", eta=0.25)
     for key, p in lora_policy._lora_params("old").items():
         new = lora_policy._lora_params("default")[key.replace(".old.", ".default.")]
         assert torch.allclose(p, 0.25 * old[key] + 0.75 * new, atol=1e-7)
-    lora_policy.soft_update_old(eta=0.0)
+    lora_policy.soft_update("old", eta=0.0)
     assert torch.equal(velocity(lora_policy, "old", z, t, cond), velocity(lora_policy, "default", z, t, cond))
 
 
@@ -88,6 +88,16 @@ def test_adapter_export_import_round_trip_is_bit_exact(lora_policy):
     other.add_lora(rank=4, alpha=8)
     other.load_adapter(state, "old")
     assert torch.equal(velocity(other, "old", z, t, cond), velocity(lora_policy, "default", z, t, cond))
+
+
+def test_saved_lora_loads_into_a_plain_diffusers_pipeline(lora_policy, tmp_path):
+    """alpha / r = 2 here: a LoRA read back without its alpha would give another velocity."""
+    z, t, cond = inputs(lora_policy)
+    lora_policy.save_lora(str(tmp_path), "default")
+    other = SD3Policy.from_pretrained("tiny-sd3")
+    other.pipe.load_lora_weights(str(tmp_path))
+    assert torch.allclose(other.velocity(z, t, cond), velocity(lora_policy, "default", z, t, cond), atol=1e-5)
+    assert not torch.allclose(other.velocity(z, t, cond), velocity(lora_policy, None, z, t, cond), atol=1e-3)
 
 
 def test_checksum_catches_a_changed_tensor_and_a_foreign_adapter(lora_policy):
