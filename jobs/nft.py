@@ -56,6 +56,8 @@ class NFTConfig:
     """Evaluate (the EMA adapter) every this many epochs and after the last (0: never)."""
     eval_prompts: Annotated[int, Range(1)] = 72
     """Evaluation prompts (training prompts cycled), fixed seeds, ODE sampling."""
+    eval_steps: Annotated[int, Range(0)] = 0
+    """ODE steps of the evaluation sampler (0: rollout.num_steps; the official SD3.5 runs use 40)."""
     drift_every: Annotated[int, Range(0)] = 5
     """Every this many epochs, full rollouts check the estimator against the terminal reward (0: never)."""
     drift_groups: Annotated[int, Range(1)] = 2
@@ -155,6 +157,7 @@ def main(argv: list[str]) -> dict:
         "epochs": cfg.epochs,
         "groups_per_epoch": cfg.groups_per_epoch,
         "eval_every": cfg.eval_every,
+        "eval_steps": cfg.eval_steps,
         "drift_every": cfg.drift_every,
         "drift_groups": cfg.drift_groups,
         "seed": cfg.seed,

@@ -102,9 +102,9 @@ def nft_micro_step(policy: SD3Policy, batch: RolloutBatch, group: int, r: torch.
 
 
 @torch.no_grad()
-def evaluate_on_fixed_prompts(policy: SD3Policy, reward, prompts: list[str], steps: int, seed: int, adapter: str | None = "ema") -> tuple[dict, torch.Tensor]:
+def evaluate_on_fixed_prompts(policy: SD3Policy, reward, prompts: list[str], steps: int, seed: int, adapter: str | None = "ema", resolution: int = 0) -> tuple[dict, torch.Tensor]:
     """Fixed prompts and seeds, ODE (DPM-2) sampling with `adapter`, clean reward; returns (metrics, images)."""
-    noise = policy.initial_noise(len(prompts), torch.Generator().manual_seed(seed))
+    noise = policy.initial_noise(len(prompts), torch.Generator().manual_seed(seed), resolution=resolution or None)
     with policy.adapter(adapter):
         images = policy.decode(policy.sample(prompts, steps, 1.0, "dpm2", noise=noise).final)
     scores = reward(images, prompts).float()
@@ -163,7 +163,7 @@ def train_loop(loop: dict) -> None:
         _push_adapter(previous, actors)  # async: the resumed epoch replays with v_{e-1}, as it ran
     dist.barrier()  # no rank samples before every actor holds the adapter
     if rank == 0 and start == 0 and loop["eval_every"]:  # the base policy, for comparison
-        base, images = evaluate_on_fixed_prompts(policy, reward, loop["eval_prompts"], rollout.num_steps, loop["seed"])
+        base, images = evaluate_on_fixed_prompts(policy, reward, loop["eval_prompts"], loop["eval_steps"] or rollout.num_steps, loop["seed"], resolution=rollout.resolution)
         _append_metrics(run_dir, {"epoch": -1, "global_step": 0, **base})
         tracker.log(base, step=0)
         _save_samples(tracker, run_dir, images, step=0)
@@ -238,7 +238,7 @@ def train_loop(loop: dict) -> None:
                 drift_prompts = _epoch_prompts(loop["prompts"], loop["drift_groups"], loop["seed"] + 1, epoch)
                 metrics |= ray.get(actors[0].value_drift.remote(drift_prompts, seed=seed + 7))
             if loop["eval_every"] and (global_step % loop["eval_every"] == 0 or global_step == loop["epochs"]):
-                evaluation, images = evaluate_on_fixed_prompts(policy, reward, loop["eval_prompts"], rollout.num_steps, loop["seed"])
+                evaluation, images = evaluate_on_fixed_prompts(policy, reward, loop["eval_prompts"], loop["eval_steps"] or rollout.num_steps, loop["seed"], resolution=rollout.resolution)
                 metrics |= evaluation
                 _save_samples(tracker, run_dir, images, step=global_step)
             seconds = time.perf_counter() - marks["start"]

@@ -39,6 +39,10 @@ class RolloutConfig:
     """terminal: full rollout + pixel reward (the Monte Carlo baseline); stitchvm / tweedie / mc: early stop."""
     group_size: Annotated[int, Range(2)] = 8
     """K images per prompt (advantages are centred within a group)."""
+    resolution: Annotated[int, Range(0)] = 0
+    """Image side in pixels (0: the model's native size; SD3.5-M runs use 512)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Rollout actors' model dtype (bfloat16 on GPU)."""
     num_steps: Annotated[int, Range(2)] = 10
     """DPM-2 steps of the full schedule (CFG-free)."""
     stop_min: Annotated[int, Range(1)] = 4
@@ -93,18 +97,18 @@ class RolloutWorker:
     """Ray actor (`ray.remote(RolloutWorker).options(num_gpus=...)`): one policy replica with the
     LoRA adapters, a reward and, for stitchvm, the value models (their scores are summed)."""
 
-    def __init__(self, backbone: str, cfg: RolloutConfig, reward_weights: dict[str, float], value_models: list[str], device: str = "cpu", dtype: str = "float32"):
+    def __init__(self, backbone: str, cfg: RolloutConfig, reward_weights: dict[str, float], value_models: list[str], device: str = "cpu"):
         from stitchvm_rl.value.evaluate import Estimators, ValueEvalConfig
         from stitchvm_rl.value.model import StitchedValueModel
 
         check_rollout_config(cfg, value_models)
         self.cfg = cfg
-        self.policy = SD3Policy.from_pretrained(backbone, dtype=dtype, device=device)
+        self.policy = SD3Policy.from_pretrained(backbone, dtype=cfg.dtype, device=device)
         self.policy.add_lora(cfg.lora_rank, cfg.lora_alpha)
         self.version = 0  # a restarted actor is back at the base adapter: the learner sees it and re-syncs
         self.calls = 0
         self.schedule = flow.sd3_sigmas(cfg.num_steps, scheduler_config=self.policy.pipe.scheduler.config)
-        self.value_models = [StitchedValueModel.from_pretrained(d, device=device, dtype=dtype) for d in value_models]
+        self.value_models = [StitchedValueModel.from_pretrained(d, device=device, dtype=cfg.dtype) for d in value_models]
         reward = rewards.build_rewards(reward_weights, device=device)  # stitchvm too: the drift watch needs it
         scoring = ValueEvalConfig(steps=cfg.num_steps, cfg_scale=1.0, noise_level=cfg.noise_level, batch_size=cfg.batch_size)
         self.estimators = Estimators(self.policy, self._value, reward, scoring)
@@ -156,7 +160,7 @@ class RolloutWorker:
         """K latents of one prompt at the group's stop index k ~ U{stop_min..stop_max} (terminal: the
         last step); `full` returns the whole trajectory (steps 0..num_steps) instead of z_k."""
         cfg = self.cfg
-        noise = self.policy.initial_noise(cfg.group_size, gen)
+        noise = self.policy.initial_noise(cfg.group_size, gen, resolution=cfg.resolution or None)
         k = cfg.num_steps if cfg.estimator == "terminal" else int(torch.randint(cfg.stop_min, cfg.stop_max + 1, (1,), generator=gen))
         traj = self.policy.sample([prompt] * cfg.group_size, cfg.num_steps, 1.0, "dpm2", stop_after=None if full else k, noise=noise)
         return (traj.latents if full else traj.final), k

@@ -96,11 +96,14 @@ def test_bad_config_files(tmp_path):
 
 def _job_configs():
     """Every config dataclass of every job script and of the package."""
+    from stitchvm_rl.learner import NFTTrainConfig
+    from stitchvm_rl.rollout import RolloutConfig
     from stitchvm_rl.toyworld import ToyWorldConfig
+    from stitchvm_rl.tracking import WandbConfig
     from stitchvm_rl.value.evaluate import ValueEvalConfig
     from stitchvm_rl.value.train import StitchDataConfig, StitchTrainConfig
 
-    found = [ToyWorldConfig, ValueEvalConfig, StitchDataConfig, StitchTrainConfig]
+    found = [ToyWorldConfig, ValueEvalConfig, StitchDataConfig, StitchTrainConfig, RolloutConfig, NFTTrainConfig, WandbConfig]
     for script in sorted((ROOT / "jobs").glob("*.py")):
         spec = importlib.util.spec_from_file_location(f"job_{script.stem}", script)
         module = importlib.util.module_from_spec(spec)
@@ -118,3 +121,16 @@ def test_every_config_field_has_a_one_line_docstring():
         for f in dataclasses.fields(cls):
             assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"
             assert "\n" not in docs[f.name], f"{cls.__name__}.{f.name}: docstring must be one line"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "jobs" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load_into_their_job(path):
+    """jobs/configs/<job>_*.yaml is read by jobs/<job>.py: every key and type must be valid there."""
+    job = path.stem.split("_")[0]
+    spec = importlib.util.spec_from_file_location(f"job_{job}", ROOT / "jobs" / f"{job}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    (cls,) = [v for k, v in vars(module).items() if k.endswith("Config") and dataclasses.is_dataclass(v) and v.__module__ == module.__name__]
+    cfg = load_config(cls, ["--config", str(path)])
+    assert cfg.run_name == path.stem

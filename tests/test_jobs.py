@@ -1,4 +1,4 @@
-"""The README's main command, run as users run it: a subprocess, no arguments but the output dir."""
+"""The README's jobs run as users run them: a subprocess, no arguments, in a fresh directory."""
 
 import json
 import os
@@ -9,9 +9,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_job(*args, cwd):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "jobs" / "sample.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+def run_job(*args, cwd, job="sample.py", env=None, timeout=600):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / "jobs" / job), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_main_job_default_builds_its_value_model_and_trains(tmp_path):
+    """`python jobs/nft.py` on a machine that has never built a value model (empty cache)."""
+    result = run_job(cwd=tmp_path, job="nft.py", env={"STITCHVM_CACHE": str(tmp_path / "cache")}, timeout=1500)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "outputs" / "nft"
+    assert (tmp_path / "cache" / "value_models" / "stitch-default" / "value_model" / "value_model.json").is_file()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["estimator"] == "stitchvm" and summary["epochs"] == 20 and summary["is_toy"]
+    assert [e["global_step"] for e in summary["eval"]] == [0, 5, 10, 15, 20]
+    assert [d["global_step"] for d in summary["drift"]] == [5, 10, 15, 20]
+    assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file() and (run / "reward_curve.png").is_file()
 
 
 def test_sample_job_default_writes_its_run_directory(tmp_path):
