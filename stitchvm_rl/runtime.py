@@ -108,3 +108,37 @@ def torch_trainer(train_fn, loop_config: dict, num_workers: int, use_gpu: bool, 
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         datasets=datasets,
     )
+
+
+class PeakMemory:
+    """Peak memory of the code inside `with PeakMemory(device) as peak:` in MiB (`peak.mib`).
+
+    CUDA: torch's peak allocated bytes, reset on entry. CPU: the process's peak resident set (VmHWM),
+    reset on entry through /proc/self/clear_refs (Linux >= 4.0) -- so measure each method in its own
+    process after its models are loaded, or the peak of loading hides the peak of running."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.mib = 0.0
+
+    def __enter__(self):
+        import torch
+
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            self.mib = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            status = open("/proc/self/status").read()
+            self.mib = int(status.split("VmHWM:")[1].split()[0]) / 1024
+        return False

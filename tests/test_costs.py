@@ -20,3 +20,14 @@ def test_real_scale_value_model_is_a_fraction_of_tweedie_scoring():
     assert costs["flops_ratio_tweedie_over_stitchvm"] > 5
     # more blocks in the head cost more
     assert sd35m_value_model_costs(i=8, j=1, resolution=1024)["forward_flops"]["stitchvm"] > flops["stitchvm"]
+
+
+def test_a_stitchvm_dps_step_costs_less_than_a_tweedie_one_at_real_scale():
+    from stitchvm_rl.costs import sd35m_guidance_step_costs
+
+    costs = sd35m_guidance_step_costs(i=4, j=1, resolution=512)
+    step = costs["step"]
+    assert step["none"]["backward_activation_gib"] == 0  # no autograd, nothing saved
+    # stitchvm = the unguided step + one value-model forward and backward; tweedie differentiates it all
+    assert step["none"]["flops"] < step["stitchvm"]["flops"] < step["tweedie"]["flops"]
+    assert costs["flops_ratio_tweedie_over_stitchvm"] > 2 and costs["activation_ratio_tweedie_over_stitchvm"] > 4

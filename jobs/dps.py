@@ -1,0 +1,147 @@
+"""Inference-time guidance with a value: DPS guided by StitchVM vs by Tweedie, and FK steering.
+
+    python jobs/dps.py                                     # toy world, toy CLIP reward, CPU, local Ray (minutes)
+    python jobs/dps.py "methods=[none,stitchvm]" scales.stitchvm=0.01 guidance.cfg_scale=3
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/dps.py
+
+Every method samples the same prompts from the same initial noise (FK steering: the first of its
+particles is that noise too) in its own Ray task -- a fresh worker process -- so its peak memory is
+its own (CUDA peak allocated on GPU; on CPU the process's peak resident set, reset after loading).
+The final images of every method are scored by the clean reward models. With no `value_model`, the
+value model of `jobs/stitch.py`'s defaults is built once and cached (as jobs/nft.py does).
+
+Writes outputs/<run_name>/: config.yaml, grid.png (one column per method, same noise per row),
+summary.json (reward and caption accuracy per method, seconds per sample, peak memory, and the
+stitchvm / tweedie ratios).
+"""
+
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+
+from stitchvm_rl import prompts as prompt_lists
+from stitchvm_rl import rewards, runtime, toyworld
+from stitchvm_rl.config import ConfigError, Range, load_config, run_main
+from stitchvm_rl.guidance import GuidanceConfig, run_guided
+from stitchvm_rl.tracking import RunDir
+
+METHODS = ("none", "tweedie", "stitchvm", "fk_tweedie", "fk_stitchvm")
+
+
+@dataclass
+class DPSConfig:
+    run_name: str = "dps"
+    """Name of the run folder under output_dir."""
+    output_dir: str = "outputs"
+    """Where run folders go."""
+    backbone: str = "toyworld"
+    """SD3 pipeline: hub id, local dir, 'toyworld'."""
+    rewards: dict[str, float] = field(default_factory=lambda: {"toy_clip": 1.0})
+    """Pixel rewards {name: weight}: Tweedie's value and the final score of every method."""
+    value_model: str = ""
+    """Value-model directory for stitchvm (empty: build jobs/stitch.py's default, cached)."""
+    methods: list[str] = field(default_factory=lambda: ["none", "tweedie", "stitchvm", "fk_stitchvm"])
+    """Methods to run: none, tweedie, stitchvm, fk_tweedie, fk_stitchvm."""
+    scales: dict[str, float] = field(default_factory=lambda: {"tweedie": 0.01, "stitchvm": 0.005})
+    """DPS scale per value, swept separately as in the paper (toy world: the best reward at unchanged caption accuracy)."""
+    prompts: list[str] = field(default_factory=list)
+    """Prompts (empty: prompt_file, else every toy-world caption)."""
+    prompt_file: str = ""
+    """UTF-8 text file with one prompt per line."""
+    images_per_prompt: Annotated[int, Range(1)] = 2
+    """Images per prompt and method."""
+    batch_size: Annotated[int, Range(1)] = 24
+    """Images per guided batch."""
+    resolution: Annotated[int, Range(0)] = 0
+    """Image side in pixels (0: the model's native size)."""
+    seed: int = 0
+    """Seed of the initial noise and of the SDE noise."""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Where each method runs (one GPU per task on cuda)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Model dtype (bfloat16 on GPU)."""
+    ray_cpus: Annotated[int, Range(1)] = 4
+    """Logical CPUs of a local Ray cluster (ignored when joining a cluster)."""
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    """The guided sampler, shared by every method."""
+
+
+def check(cfg: DPSConfig) -> None:
+    """Refuse inconsistent settings before any model is loaded."""
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown or not cfg.methods:
+        raise ConfigError(f"methods {unknown or '[]'} unknown or empty; choose from {', '.join(METHODS)}")
+    for kind in {m.removeprefix("fk_") for m in cfg.methods if m.removeprefix("fk_") != "none"}:
+        if kind not in cfg.scales:
+            raise ConfigError(f"method '{kind}' has no DPS scale; set scales.{kind}=...")
+    if cfg.value_model and not (Path(cfg.value_model) / "value_model.json").is_file():
+        raise ConfigError(f"value model '{cfg.value_model}' does not exist; build one with `python jobs/stitch.py` and pass its value_model/ directory")
+
+
+def default_value_model() -> str:
+    """jobs/stitch.py with its defaults, built once and cached (shared with jobs/nft.py)."""
+    spec = importlib.util.spec_from_file_location("nft_job", Path(__file__).with_name("nft.py"))
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return job.default_value_model()
+
+
+def main(argv: list[str]) -> dict:
+    import ray
+
+    cfg = load_config(DPSConfig, argv)
+    check(cfg)
+    prompts = prompt_lists.resolve_prompts(cfg.prompts, cfg.prompt_file)
+    run = RunDir(cfg.output_dir, cfg.run_name, cfg)
+    runtime.init_ray(cfg.ray_cpus)
+    needs_value = any(m.removeprefix("fk_") == "stitchvm" for m in cfg.methods)
+    value_model = cfg.value_model or (default_value_model() if needs_value else "")
+
+    # one fresh worker process per method (max_calls=1), one after another, so each peak is its own
+    task = ray.remote(max_calls=1, num_cpus=1, num_gpus=1 if cfg.device == "cuda" else 0)(run_guided)
+    todo = [p for p in prompts for _ in range(cfg.images_per_prompt)]
+    results = {}
+    for method in cfg.methods:
+        print(f"running {method} ...", flush=True)
+        scale = cfg.scales.get(method.removeprefix("fk_"), 0.0)
+        results[method] = ray.get(task.remote(method, cfg.backbone, cfg.rewards, value_model, todo, cfg.guidance, scale, cfg.batch_size, cfg.resolution, cfg.seed, cfg.device, cfg.dtype))
+
+    reward = rewards.build_rewards(cfg.rewards)
+    summary = {"methods": {}}
+    for method, out in results.items():
+        scores = reward.components(out["images"], todo)
+        row = {
+            "reward_mean": {name: v.mean().item() for name, v in scores.items()},
+            "reward_total": sum(cfg.rewards[name] * v.mean().item() for name, v in scores.items()),
+            "seconds_per_sample": out["seconds_per_sample"],
+            "peak_memory_mib": out["peak_memory_mib"],
+            "process": out["process"],
+        }
+        if all(toyworld.is_caption(p) for p in prompts):
+            row["caption_accuracy"] = toyworld.caption_accuracy(out["images"], todo)["all"]
+        summary["methods"][method] = row
+    rows = summary["methods"]
+    if "tweedie" in rows and "stitchvm" in rows:
+        summary["speedup_stitchvm_over_tweedie"] = rows["tweedie"]["seconds_per_sample"] / rows["stitchvm"]["seconds_per_sample"]
+        summary["memory_ratio_stitchvm_over_tweedie"] = rows["stitchvm"]["peak_memory_mib"] / rows["tweedie"]["peak_memory_mib"]
+        if "none" in rows:  # what guidance adds on top of sampling (resident weights excluded)
+            extra = {m: rows[m]["peak_memory_mib"] - rows["none"]["peak_memory_mib"] for m in ("tweedie", "stitchvm")}
+            summary["extra_memory_over_none_mib"] = extra
+            summary["extra_memory_ratio_stitchvm_over_tweedie"] = extra["stitchvm"] / extra["tweedie"] if extra["tweedie"] > 0 else None
+    if "none" in rows:
+        summary["reward_gain_over_none"] = {m: r["reward_total"] - rows["none"]["reward_total"] for m, r in rows.items() if m != "none"}
+    # one column per method, the same initial noise along each row
+    grid = torch.stack([results[m]["images"] for m in cfg.methods], 1).flatten(0, 1)
+    toyworld.save_grid(grid[: 24 * len(cfg.methods)], run.path / "grid.png", nrow=len(cfg.methods))
+    run.write_json("summary.json", summary)
+    print(json.dumps(summary, indent=1))
+    print(f"wrote {run.path}")
+    return summary
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,254 @@
+"""Inference-time guidance with a value: DPS (value-gradient ascent on the flow SDE) and FK steering.
+
+Values of a noisy latent z_t (`value.velocity_and_gradient` returns v, dV/dz_t and V):
+    none      no value: the unguided flow SDE
+    tweedie   V = r(Dec(z_t - t v_cfg)): the gradient runs back through the pixel reward, the VAE
+              decoder and the whole transformer (both CFG branches)
+    stitchvm  V = StitchedValueModel(z_t, t, prompt), with v_cfg computed under no_grad: the gradient
+              runs back only through DiT blocks 1..i, the stitch and the reward tail; nothing is decoded
+
+Sampler: Euler-Maruyama on the marginal-preserving flow SDE (`flow.flow_sde`'s family) with the
+diffusion coefficient g(t) = a sqrt(t / (1 - t)) of Flow-GRPO (a = `noise_level`; the paper leaves g
+open and names RBF's "LinearSDE"). DPS adds `scale * dV/dz_t` after every step inside the window
+guide_until < t <= guide_from, never after the last (which lands on Tweedie's x0); with `normalise`
+the gradient is first rescaled to unit RMS per sample, so the scale reads in latent units per step
+whatever the value's magnitude.
+
+FK steering (Feynman-Kac particle resampling): `particles` SDE samples per prompt; every
+`resample_every` steps inside the window, particles are resampled within their prompt with weights
+exp(lambda (V_now - V_at_last_resampling)); optionally (the paper's "M-proposal" variant) during the
+first `proposal_fraction` of the steps each particle draws `proposals` SDE noises and keeps the one
+whose next latent has the highest V. The particle with the highest final value is returned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+import torch
+
+from stitchvm_rl import flow
+from stitchvm_rl.config import Range
+from stitchvm_rl.policy import PromptEmbeds, SD3Policy
+
+
+@dataclass
+class GuidanceConfig:
+    """The guided sampler (shared by every method, so comparisons are like for like)."""
+
+    num_steps: Annotated[int, Range(2)] = 20
+    """SDE steps."""
+    cfg_scale: Annotated[float, Range(1)] = 1.0
+    """Classifier-free guidance scale (1 = off)."""
+    noise_level: Annotated[float, Range(0)] = 0.7
+    """a in g(t) = a sqrt(t / (1 - t)) (0: the Euler ODE)."""
+    scale: Annotated[float, Range(0)] = 0.1
+    """DPS step along dV/dz_t (per step; in latent RMS units when normalise)."""
+    normalise: bool = True
+    """Rescale the value gradient to unit RMS per sample before the step."""
+    guide_from: Annotated[float, Range(0, 1)] = 1.0
+    """Guide at noise levels t <= guide_from ..."""
+    guide_until: Annotated[float, Range(0, 1)] = 0.0
+    """... and t > guide_until (defaults: every step but the last)."""
+    particles: Annotated[int, Range(1)] = 4
+    """FK steering: particles per prompt."""
+    resample_every: Annotated[int, Range(1)] = 4
+    """FK steering: resample every this many steps inside the window."""
+    resample_window: tuple[float, float] = (0.2, 0.8)
+    """FK steering: resample only at steps whose index lies in this fraction of the trajectory."""
+    potential_scale: Annotated[float, Range(0)] = 10.0
+    """FK steering: lambda in the weights exp(lambda * value increment)."""
+    proposals: Annotated[int, Range(1)] = 1
+    """FK steering: SDE proposals per particle and step (the paper's M; 1 = plain FK)."""
+    proposal_fraction: Annotated[float, Range(0, 1)] = 0.4
+    """FK steering: share of the first steps that use `proposals`."""
+
+
+class NoValue:
+    """The unguided baseline: velocity only."""
+
+    def velocity_and_gradient(self, policy: SD3Policy, z, t, cond, prompts, cfg_scale):
+        with torch.no_grad():
+            return policy.velocity(z, t, cond, cfg_scale), None, None
+
+    def value(self, z, t, prompts):
+        raise ValueError("method 'none' has no value; FK steering needs tweedie or stitchvm")
+
+
+class TweedieValue:
+    """V = r(Dec(z_t - t v)), differentiated through the transformer, the decoder and the reward."""
+
+    def __init__(self, policy: SD3Policy, reward, cfg_scale: float = 1.0):
+        self.policy, self.reward, self.cfg_scale = policy, reward, cfg_scale
+
+    def velocity_and_gradient(self, policy: SD3Policy, z, t, cond, prompts, cfg_scale):
+        z = z.detach().requires_grad_(True)
+        with torch.enable_grad():
+            v = policy.velocity(z, t, cond, cfg_scale)
+            value = self.reward(policy.decode(flow.tweedie_x0(z, t, v)), prompts, grad=True).float()
+            (grad,) = torch.autograd.grad(value.sum(), z)
+        return v.detach(), grad, value.detach()
+
+    @torch.no_grad()
+    def value(self, z, t, prompts):
+        cond = self.policy.encode_prompts(prompts)
+        v = self.policy.velocity(z, t, cond, self.cfg_scale)
+        return self.reward(self.policy.decode(flow.tweedie_x0(z, t, v)), prompts).float()
+
+
+class StitchValue:
+    """V = the stitched value model; the policy's velocity is computed without autograd."""
+
+    def __init__(self, value_model):
+        self.model = value_model
+
+    def velocity_and_gradient(self, policy: SD3Policy, z, t, cond, prompts, cfg_scale):
+        with torch.no_grad():
+            v = policy.velocity(z, t, cond, cfg_scale)
+        z = z.detach().requires_grad_(True)
+        with torch.enable_grad():
+            value = self.model(z, t, prompts).float()
+            (grad,) = torch.autograd.grad(value.sum(), z)
+        return v, grad, value.detach()
+
+    @torch.no_grad()
+    def value(self, z, t, prompts):
+        return self.model(z, t, prompts).float()
+
+
+def _rms_normalise(grad: torch.Tensor) -> torch.Tensor:
+    dims = tuple(range(1, grad.dim()))
+    return grad / grad.pow(2).mean(dims, keepdim=True).sqrt().clamp_min(1e-12)
+
+
+def _sde_step(z, v, t: float, t_next: float, g_of, noise: torch.Tensor | None):
+    """One Euler-Maruyama step of the flow SDE (the last step lands on Tweedie's x0)."""
+    if t_next == 0.0:
+        return flow.tweedie_x0(z, t, v)
+    dt = t - t_next
+    g = g_of(t, t_next)
+    return z - dt * (v + (g * g / (2 * t)) * flow.noise_from_velocity(z, t, v)) + g * math.sqrt(dt) * noise
+
+
+def _randn(z: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(z.shape, generator=generator, dtype=torch.float32).to(z.device, z.dtype)
+
+
+def dps_sample(policy: SD3Policy, prompts: list[str], value, cfg: GuidanceConfig, noise: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """DPS on the flow SDE: returns the final latents (B, C, H, W)."""
+    sigmas = flow.sd3_sigmas(cfg.num_steps, scheduler_config=policy.pipe.scheduler.config)
+    g_of = flow.flow_grpo_diffusion(cfg.noise_level)
+    cond = policy.encode_prompts(prompts)
+    z = noise.to(policy.device, policy.dtype)
+    for n in range(cfg.num_steps):
+        t, t_next = float(sigmas[n]), float(sigmas[n + 1])
+        t_vec = torch.full((len(z),), t, device=z.device)
+        guide = t_next > 0.0 and cfg.guide_until < t <= cfg.guide_from
+        if guide:
+            v, grad, _ = value.velocity_and_gradient(policy, z, t_vec, cond, prompts, cfg.cfg_scale)
+        else:
+            with torch.no_grad():
+                v, grad = policy.velocity(z, t_vec, cond, cfg.cfg_scale), None
+        with torch.no_grad():
+            z = _sde_step(z, v, t, t_next, g_of, _randn(z, generator))
+            if grad is not None:
+                z = z + cfg.scale * (_rms_normalise(grad) if cfg.normalise else grad).to(z.dtype)
+    return z.detach()
+
+
+@torch.no_grad()
+def fk_steer(policy: SD3Policy, prompts: list[str], value, cfg: GuidanceConfig, noise: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """FK steering with value potentials (and M proposals early on); `noise` holds `particles` latents
+    per prompt, prompt-major. Returns the best particle of each prompt (B, C, H, W)."""
+    sigmas = flow.sd3_sigmas(cfg.num_steps, scheduler_config=policy.pipe.scheduler.config)
+    g_of = flow.flow_grpo_diffusion(cfg.noise_level)
+    n_p = cfg.particles
+    expanded = [p for p in prompts for _ in range(n_p)]
+    cond = policy.encode_prompts(expanded)
+    z = noise.to(policy.device, policy.dtype)
+    last = value.value(z, torch.ones(len(z), device=z.device), expanded)
+    for n in range(cfg.num_steps):
+        t, t_next = float(sigmas[n]), float(sigmas[n + 1])
+        v = policy.velocity(z, torch.full((len(z),), t, device=z.device), cond, cfg.cfg_scale)
+        if t_next == 0.0:
+            break  # the final Tweedie step is taken after choosing the best particle
+        t_next_vec = torch.full((len(z),), t_next, device=z.device)
+        if cfg.proposals > 1 and n < cfg.proposal_fraction * cfg.num_steps:
+            candidates = torch.stack([_sde_step(z, v, t, t_next, g_of, _randn(z, generator)) for _ in range(cfg.proposals)])
+            scores = torch.stack([value.value(c, t_next_vec, expanded) for c in candidates])  # (M, B*N)
+            z = candidates[scores.argmax(0), torch.arange(len(z))]
+        else:
+            z = _sde_step(z, v, t, t_next, g_of, _randn(z, generator))
+        lo, hi = cfg.resample_window
+        if (n + 1) % cfg.resample_every == 0 and lo <= (n + 1) / cfg.num_steps <= hi:
+            now = value.value(z, t_next_vec, expanded)
+            logits = cfg.potential_scale * (now - last).view(-1, n_p)
+            weights = torch.softmax(logits, dim=1)  # exp(lambda dV), normalised within each prompt
+            picks = torch.multinomial(weights.cpu(), n_p, replacement=True, generator=generator).to(z.device)
+            index = (picks + n_p * torch.arange(len(prompts)).view(-1, 1)).view(-1)
+            z, last = z[index], now[index]
+    t_vec = torch.full((len(z),), t, device=z.device)
+    best = value.value(z, t_vec, expanded).view(-1, n_p).argmax(1) + n_p * torch.arange(len(prompts))
+    z, v = z[best], v[best]
+    return flow.tweedie_x0(z, t, v)
+
+
+def build_value(method: str, policy: SD3Policy, reward=None, value_model=None, cfg_scale: float = 1.0):
+    """The value object of a method name (none, tweedie, stitchvm, fk_tweedie, fk_stitchvm)."""
+    kind = method.removeprefix("fk_")
+    if kind == "none":
+        return NoValue()
+    if kind == "tweedie":
+        if reward is None:
+            raise ValueError(f"method '{method}' needs a pixel reward")
+        return TweedieValue(policy, reward, cfg_scale)
+    if kind == "stitchvm":
+        if value_model is None:
+            raise ValueError(f"method '{method}' needs a value model (build one with jobs/stitch.py)")
+        return StitchValue(value_model)
+    raise ValueError(f"unknown guidance method '{method}'; choose none, tweedie, stitchvm, fk_tweedie or fk_stitchvm")
+
+
+Method = Literal["none", "tweedie", "stitchvm", "fk_tweedie", "fk_stitchvm"]
+
+
+def run_guided(method: str, backbone: str, reward_weights: dict[str, float], value_model: str, prompts: list[str], cfg: GuidanceConfig, scale: float, batch_size: int, resolution: int, seed: int, device: str, dtype: str) -> dict:
+    """One method, meant for its own process (a Ray task with max_calls=1): load what it needs, then
+    sample `prompts` while measuring seconds and peak memory (after loading). Initial noise comes from
+    `seed` (FK steering: the first particle of each prompt), so methods share it image by image."""
+    import os
+    import time
+
+    from stitchvm_rl import rewards
+    from stitchvm_rl.runtime import PeakMemory
+    from stitchvm_rl.value.model import StitchedValueModel
+
+    kind = method.removeprefix("fk_")
+    torch.manual_seed(seed)
+    policy = SD3Policy.from_pretrained(backbone, dtype=dtype, device=device)
+    policy.transformer.requires_grad_(False)
+    policy.vae.requires_grad_(False)
+    reward = rewards.build_rewards(reward_weights, device=device) if kind == "tweedie" else None
+    model = StitchedValueModel.from_pretrained(value_model, device=device, dtype=dtype) if kind == "stitchvm" else None
+    value = build_value(method, policy, reward, model, cfg.cfg_scale)
+    cfg = dataclasses.replace(cfg, scale=scale)
+    noise = policy.initial_noise(len(prompts), torch.Generator().manual_seed(seed), resolution=resolution or None)
+    generator = torch.Generator().manual_seed(seed + 1)
+    images = []
+    with PeakMemory(device) as peak:
+        start = time.perf_counter()
+        for b in range(0, len(prompts), batch_size):
+            batch, first = prompts[b : b + batch_size], noise[b : b + batch_size]
+            if method.startswith("fk_"):
+                extra = policy.initial_noise(len(batch) * (cfg.particles - 1), generator, resolution=resolution or None)
+                particles = torch.cat([first.unsqueeze(1), extra.view(len(batch), cfg.particles - 1, *extra.shape[1:])], 1)
+                z0 = fk_steer(policy, batch, value, cfg, particles.flatten(0, 1), generator)
+            else:
+                z0 = dps_sample(policy, batch, value, cfg, first, generator)
+            with torch.no_grad():
+                images.append(policy.decode(z0).float().cpu())
+        seconds = time.perf_counter() - start
+    return {"method": method, "images": torch.cat(images), "seconds_per_sample": seconds / len(prompts), "peak_memory_mib": peak.mib, "process": os.getpid()}

@@ -1,0 +1,58 @@
+"""jobs/dps.py end to end on the toy world with tiny sizes: every method in its own process."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from stitchvm_rl import toyworld
+from stitchvm_rl.config import ConfigError
+from stitchvm_rl.value.search import build_value_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_job():
+    spec = importlib.util.spec_from_file_location("job_dps", ROOT / "jobs" / "dps.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def value_dir(tmp_path_factory):
+    gen = torch.Generator().manual_seed(0)
+    model, _ = build_value_model("toyworld", "toyworld-clip", toyworld.render(toyworld.random_captions(64, gen), gen))
+    return str(model.save(tmp_path_factory.mktemp("vm") / "value_model"))
+
+
+def test_dps_job_runs_every_method_in_its_own_process(tmp_path, value_dir):
+    methods = ["none", "tweedie", "stitchvm", "fk_tweedie", "fk_stitchvm"]
+    args = [f"output_dir={tmp_path}", f"value_model={value_dir}", f"methods=[{','.join(methods)}]", "prompts=[a red circle on the left, a green triangle on the right]",
+            "images_per_prompt=2", "guidance.num_steps=6", "guidance.particles=2", "guidance.resample_every=2"]
+    summary = load_job().main(args)
+    rows = summary["methods"]
+    assert list(rows) == methods and len({r["process"] for r in rows.values()}) == len(methods)
+    assert all(r["seconds_per_sample"] > 0 and r["peak_memory_mib"] > 0 and 0 <= r["caption_accuracy"] <= 1 for r in rows.values())
+    assert summary["speedup_stitchvm_over_tweedie"] == pytest.approx(rows["tweedie"]["seconds_per_sample"] / rows["stitchvm"]["seconds_per_sample"])
+    assert set(summary["reward_gain_over_none"]) == set(methods[1:])
+    # the same initial noise, so the unguided images differ from the guided ones only through guidance
+    assert rows["tweedie"]["reward_total"] != rows["none"]["reward_total"]
+    assert (tmp_path / "dps" / "grid.png").is_file() and json.loads((tmp_path / "dps" / "summary.json").read_text())["methods"].keys() == rows.keys()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["methods=[none,dsp]"], "unknown or empty"),
+        (["methods=[stitchvm]", "scales={tweedie: 0.1}"], "scales.stitchvm"),
+        (["value_model=/no/such/model"], "does not exist"),
+    ],
+)
+def test_bad_settings_stop_before_any_work(tmp_path, args, message):
+    with pytest.raises(ConfigError, match=message):
+        load_job().main([f"output_dir={tmp_path}", *args])

@@ -1,0 +1,110 @@
+"""Guidance with a value: where the gradient flows, that it points uphill, and FK steering."""
+
+import pytest
+import torch
+
+from stitchvm_rl import rewards, toyworld
+from stitchvm_rl.guidance import GuidanceConfig, StitchValue, TweedieValue, build_value, dps_sample, fk_steer
+from stitchvm_rl.value.search import build_value_model
+
+PROMPTS = ["a red circle on the left", "a blue square on the right"]
+
+
+@pytest.fixture(scope="module")
+def stitched():
+    """A stage-1 value model stitched after DiT block i <= 2 of the toy transformer's 4."""
+    gen = torch.Generator().manual_seed(0)
+    model, _ = build_value_model("toyworld", "toyworld-clip", toyworld.render(toyworld.random_captions(64, gen), gen), "clip", 2)
+    return model
+
+
+def _watch(policy, model):
+    """Hooks on the very modules the sampler runs: VAE decoder calls and blocks that get a gradient."""
+    seen = {"decode": 0, "grad": set()}
+    handles = [policy.vae.decoder.register_forward_hook(lambda *a: seen.__setitem__("decode", seen["decode"] + 1))]
+    for n, block in enumerate(policy.transformer.transformer_blocks):
+        handles.append(block.register_full_backward_hook(lambda *a, n=n: seen["grad"].add(("policy", n))))
+    for n, block in enumerate(model.head.blocks):
+        handles.append(block.register_full_backward_hook(lambda *a, n=n: seen["grad"].add(("value head", n))))
+    return seen, handles
+
+
+def test_stitchvm_guidance_never_decodes_and_no_block_after_i_gets_a_gradient(toy_policy, stitched):
+    i = stitched.config.dit_block
+    assert i <= 2 < len(toy_policy.transformer.transformer_blocks)
+    cfg = GuidanceConfig(num_steps=4, cfg_scale=3.0, scale=0.2)
+    noise = toy_policy.initial_noise(2, torch.Generator().manual_seed(0))
+    seen, handles = _watch(toy_policy, stitched)
+    try:
+        dps_sample(toy_policy, PROMPTS, StitchValue(stitched), cfg, noise, torch.Generator().manual_seed(1))
+        assert seen["decode"] == 0
+        assert seen["grad"] == {("value head", n) for n in range(i)}  # blocks 1..i of the head only
+        # the same hooks do see Tweedie's gradient run through every block and the decoder
+        seen["grad"].clear()
+        reward = rewards.build_rewards({"toy_clip": 1.0})
+        dps_sample(toy_policy, PROMPTS, TweedieValue(toy_policy, reward, 3.0), cfg, noise, torch.Generator().manual_seed(1))
+        assert seen["decode"] >= 3 and seen["grad"] == {("policy", n) for n in range(len(toy_policy.transformer.transformer_blocks))}
+    finally:
+        for h in handles:
+            h.remove()
+    assert all(p.grad is None for p in toy_policy.transformer.parameters()) and all(p.grad is None for p in stitched.parameters())
+
+
+@pytest.mark.parametrize("kind", ["stitchvm", "tweedie"])
+def test_the_guidance_gradient_points_uphill(toy_policy, stitched, kind):
+    value = build_value(kind, toy_policy, rewards.build_rewards({"toy_clip": 1.0}), stitched)
+    gen = torch.Generator().manual_seed(3)
+    z0 = toy_policy.sample(PROMPTS * 2, 10, 1.0, noise=toy_policy.initial_noise(4, gen)).final
+    t = torch.full((4,), 0.4)
+    z = (1 - 0.4) * z0 + 0.4 * torch.randn(z0.shape, generator=gen)
+    _, grad, v_here = value.velocity_and_gradient(toy_policy, z, t, toy_policy.encode_prompts(PROMPTS * 2), PROMPTS * 2, 1.0)
+    step = 1e-2 * grad / grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    assert (value.value(z + step, t, PROMPTS * 2) > v_here).all()
+    assert (value.value(z - step, t, PROMPTS * 2) < v_here).all()
+
+
+class DistanceValue:
+    """V(z) = -||z - target||^2 per sample: FK steering must move particles towards the target."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def value(self, z, t, prompts):
+        return -((z - self.target) ** 2).flatten(1).mean(1)
+
+
+@pytest.mark.parametrize("proposals", [1, 4])
+def test_fk_steering_selects_towards_higher_value(tiny_policy, proposals):
+    gen = torch.Generator().manual_seed(0)
+    target = torch.full(tiny_policy.latent_shape, 1.5)
+    value = DistanceValue(target)
+    cfg = GuidanceConfig(num_steps=8, particles=8, resample_every=2, resample_window=(0.0, 1.0), potential_scale=50.0, proposals=proposals)
+    noise = tiny_policy.initial_noise(2 * 8, gen)
+    steered = fk_steer(tiny_policy, PROMPTS, value, cfg, noise, torch.Generator().manual_seed(1))
+    plain = fk_steer(tiny_policy, PROMPTS, value, GuidanceConfig(num_steps=8, particles=1), noise[::8], torch.Generator().manual_seed(1))
+    assert steered.shape == plain.shape == (2, *tiny_policy.latent_shape)
+    assert (value.value(steered, None, PROMPTS) > value.value(plain, None, PROMPTS)).all()
+
+
+def test_guidance_outside_its_window_is_plain_sampling(tiny_policy):
+    noise = tiny_policy.initial_noise(2, torch.Generator().manual_seed(0))
+    plain = dps_sample(tiny_policy, PROMPTS, build_value("none", tiny_policy), GuidanceConfig(num_steps=4), noise, torch.Generator().manual_seed(1))
+    closed = GuidanceConfig(num_steps=4, scale=1.0, guide_from=0.05)  # no step starts at t <= 0.05
+    assert torch.equal(dps_sample(tiny_policy, PROMPTS, DistanceValueGrad(), closed, noise, torch.Generator().manual_seed(1)), plain)
+    opened = GuidanceConfig(num_steps=4, scale=1.0)
+    assert not torch.allclose(dps_sample(tiny_policy, PROMPTS, DistanceValueGrad(), opened, noise, torch.Generator().manual_seed(1)), plain)
+
+
+class DistanceValueGrad:
+    """V = -||z||^2: its gradient, without a model."""
+
+    def velocity_and_gradient(self, policy, z, t, cond, prompts, cfg_scale):
+        with torch.no_grad():
+            return policy.velocity(z, t, cond, cfg_scale), -2 * z, -(z**2).flatten(1).sum(1)
+
+
+def test_unknown_method_and_missing_value_model_are_clear_errors(tiny_policy):
+    with pytest.raises(ValueError, match="unknown guidance method"):
+        build_value("dsp", tiny_policy)
+    with pytest.raises(ValueError, match="needs a value model"):
+        build_value("fk_stitchvm", tiny_policy)
