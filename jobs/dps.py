@@ -103,12 +103,16 @@ def main(argv: list[str]) -> dict:
 
     # one fresh worker process per method (max_calls=1), one after another, so each peak is its own
     task = ray.remote(max_calls=1, num_cpus=1, num_gpus=1 if cfg.device == "cuda" else 0)(run_guided)
+    runtime.request_resources([{"CPU": 1, "GPU": 1 if cfg.device == "cuda" else 0}])  # the autoscaler may start a node now
     todo = [p for p in prompts for _ in range(cfg.images_per_prompt)]
     results = {}
-    for method in cfg.methods:
-        print(f"running {method} ...", flush=True)
-        scale = cfg.scales.get(method.removeprefix("fk_"), 0.0)
-        results[method] = ray.get(task.remote(method, cfg.backbone, cfg.rewards, value_model, todo, cfg.guidance, scale, cfg.batch_size, cfg.resolution, cfg.seed, cfg.device, cfg.dtype))
+    try:
+        for method in cfg.methods:
+            print(f"running {method} ...", flush=True)
+            scale = cfg.scales.get(method.removeprefix("fk_"), 0.0)
+            results[method] = ray.get(task.remote(method, cfg.backbone, cfg.rewards, value_model, todo, cfg.guidance, scale, cfg.batch_size, cfg.resolution, cfg.seed, cfg.device, cfg.dtype))
+    finally:
+        runtime.request_resources([])
 
     reward = rewards.build_rewards(cfg.rewards)
     summary = {"methods": {}}

@@ -71,7 +71,11 @@ class NFTConfig:
     rollout_cpus: Annotated[float, Range(0)] = 1.0
     """CPUs per rollout actor."""
     rollout_gpus: Annotated[float, Range(0)] = 0.0
-    """GPUs per rollout actor."""
+    """GPUs per rollout actor (a fraction shares a GPU, e.g. with learner ranks)."""
+    rollout_resources: dict[str, float] = field(default_factory=dict)
+    """Custom resources per rollout actor, e.g. {rollout: 1} on clusters from cluster/*.yaml."""
+    resource_wait_s: Annotated[float, Range(0)] = 1800.0
+    """Give up, naming what is missing, if actors or learner ranks cannot be placed in this time (0: never)."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """Sampling and advantage estimation."""
     train: NFTTrainConfig = field(default_factory=lambda: NFTTrainConfig(lr=1e-3))
@@ -126,9 +130,33 @@ def plot_rewards(metrics: list[dict], path: Path, estimator: str) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str]) -> dict:
+def start_rollout_actors(cfg: NFTConfig, names: list[str], value_models: list[str], bundle: dict[str, float]) -> list:
+    """Named actors owned by the driver (they outlive learner restarts; Ray restarts a dead one);
+    returns them once every one is placed and loaded (the learner finds them by name)."""
     import ray
 
+    actor_cls = ray.remote(RolloutWorker)
+    options = dict(num_cpus=cfg.rollout_cpus, num_gpus=cfg.rollout_gpus, resources=cfg.rollout_resources, max_restarts=-1, max_task_retries=-1)
+    device = "cuda" if cfg.rollout_gpus else "cpu"
+    actors = [actor_cls.options(name=name, **options).remote(cfg.backbone, cfg.rollout, cfg.rewards, value_models, device) for name in names]
+    try:
+        runtime.wait_for_placement([a.__ray_ready__.remote() for a in actors], "rollout actors", bundle, cfg.resource_wait_s)
+    except RuntimeError:
+        stop_actors(actors)
+        raise
+    return actors
+
+
+def stop_actors(actors: list) -> None:
+    """Free the actors' resources now (not whenever their handles are collected): a next job in the
+    same driver, e.g. a resumed run, needs them."""
+    import ray
+
+    for actor in actors:
+        ray.kill(actor, no_restart=True)
+
+
+def main(argv: list[str]) -> dict:
     cfg = load_config(NFTConfig, argv)
     check(cfg)
     prompts = prompt_lists.resolve_prompts(cfg.prompts, cfg.prompt_file)
@@ -138,37 +166,38 @@ def main(argv: list[str]) -> dict:
     value_models = cfg.value_models or ([default_value_model()] if cfg.rollout.estimator == "stitchvm" else [])
     start = time.perf_counter()
 
-    # Rollout actors belong to the driver (named): they outlive learner restarts; Ray restarts a dead one.
-    names = [f"{cfg.run_name}-rollout-{n}" for n in range(cfg.rollout_workers)]
-    actor_cls = ray.remote(RolloutWorker)
-    options = dict(num_cpus=cfg.rollout_cpus, num_gpus=cfg.rollout_gpus, max_restarts=-1, max_task_retries=-1)
-    actors = [
-        actor_cls.options(name=name, **options).remote(cfg.backbone, cfg.rollout, cfg.rewards, value_models, "cuda" if cfg.rollout_gpus else "cpu")
-        for name in names
-    ]
-    ray.get([a.__ray_ready__.remote() for a in actors])
-
-    loop = {
-        "backbone": cfg.backbone,
-        "rollout": to_dict(cfg.rollout),
-        "reward_weights": cfg.rewards,
-        "prompts": prompts,
-        "eval_prompts": [prompts[n % len(prompts)] for n in range(cfg.eval_prompts)],
-        "epochs": cfg.epochs,
-        "groups_per_epoch": cfg.groups_per_epoch,
-        "eval_every": cfg.eval_every,
-        "eval_steps": cfg.eval_steps,
-        "drift_every": cfg.drift_every,
-        "drift_groups": cfg.drift_groups,
-        "seed": cfg.seed,
-        "actor_names": names,
-        "devices": cfg.train.num_workers + cfg.rollout_workers,  # for device-hours: one device per process
-        "run_dir": str(run.path),
-        "run_name": cfg.run_name,
-        "wandb": to_dict(cfg.wandb),
-        "config": to_dict(cfg),
-    }
-    result = run_learner(loop, cfg.train, storage, cfg.run_name)
+    # Ask the autoscaler for everything at once, then place the actors and the learner ranks.
+    rollout_bundle = {"CPU": cfg.rollout_cpus, "GPU": cfg.rollout_gpus, **cfg.rollout_resources}
+    learner_bundles = [runtime.learner_bundle(cfg.train.use_gpu, cfg.train.gpus_per_worker, cfg.train.resources_per_worker)] * cfg.train.num_workers
+    runtime.request_resources([rollout_bundle] * cfg.rollout_workers + learner_bundles)
+    names, actors = [f"{cfg.run_name}-rollout-{n}" for n in range(cfg.rollout_workers)], []
+    try:
+        actors = start_rollout_actors(cfg, names, value_models, rollout_bundle)
+        runtime.wait_for_bundles(learner_bundles, f"group of {cfg.train.num_workers} learner ranks", cfg.resource_wait_s)
+        loop = {
+            "backbone": cfg.backbone,
+            "rollout": to_dict(cfg.rollout),
+            "reward_weights": cfg.rewards,
+            "prompts": prompts,
+            "eval_prompts": [prompts[n % len(prompts)] for n in range(cfg.eval_prompts)],
+            "epochs": cfg.epochs,
+            "groups_per_epoch": cfg.groups_per_epoch,
+            "eval_every": cfg.eval_every,
+            "eval_steps": cfg.eval_steps,
+            "drift_every": cfg.drift_every,
+            "drift_groups": cfg.drift_groups,
+            "seed": cfg.seed,
+            "actor_names": names,
+            "devices": cfg.train.num_workers + cfg.rollout_workers,  # for device-hours: one device per process
+            "run_dir": str(run.path),
+            "run_name": cfg.run_name,
+            "wandb": to_dict(cfg.wandb),
+            "config": to_dict(cfg),
+        }
+        result = run_learner(loop, cfg.train, storage, cfg.run_name)
+    finally:
+        stop_actors(actors)
+        runtime.request_resources([])  # withdraw the request: the autoscaler may scale down
     if result.error is not None:
         raise RuntimeError(f"NFT training failed: {result.error}")
     metrics = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]

@@ -108,9 +108,16 @@ def main(argv: list[str]) -> dict:
     init_dir = model.save(run.path / "init")
     del model
 
-    # Stage 2: Ray Data -> Ray Train (DeepSpeed).
-    dataset = build_dataset(cfg.backbone, cfg.reward_model, cfg.analytic_reward, cfg.data, prompts, cfg.seed, image_size(cfg))
-    result = run_training(init_dir, run.path, storage, cfg.run_name, cfg.train, dataset, cfg.seed)
+    # Stage 2: Ray Data -> Ray Train (DeepSpeed). The autoscaler is asked for both up front.
+    data_bundle = {"CPU": cfg.data.actor_cpus, "GPU": cfg.data.actor_gpus}
+    learner_bundles = [runtime.learner_bundle(cfg.train.use_gpu)] * cfg.train.num_workers
+    runtime.request_resources([data_bundle] * 2 * cfg.data.actors + learner_bundles)  # two actor pools
+    try:
+        dataset = build_dataset(cfg.backbone, cfg.reward_model, cfg.analytic_reward, cfg.data, prompts, cfg.seed, image_size(cfg))
+        runtime.wait_for_bundles(learner_bundles, f"group of {cfg.train.num_workers} learner ranks", 0)
+        result = run_training(init_dir, run.path, storage, cfg.run_name, cfg.train, dataset, cfg.seed)
+    finally:
+        runtime.request_resources([])
     if result.error is not None:
         raise RuntimeError(f"stage 2 failed: {result.error}")
     with result.checkpoint.as_directory() as d:

@@ -23,7 +23,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
@@ -58,7 +58,11 @@ class NFTTrainConfig:
     num_workers: Annotated[int, Range(1)] = 2
     """Ray Train learner ranks."""
     use_gpu: bool = False
-    """One GPU per learner rank."""
+    """Learner ranks on GPUs."""
+    gpus_per_worker: Annotated[float, Range(0)] = 1.0
+    """GPUs per learner rank with use_gpu (a fraction colocates ranks with rollout actors on one GPU)."""
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    """Custom resources per learner rank, e.g. {learner: 1} on clusters from cluster/*.yaml."""
     zero_stage: Annotated[int, Range(0, 3)] = 2
     """DeepSpeed ZeRO stage."""
     max_failures: Annotated[int, Range(-1)] = 2
@@ -383,4 +387,8 @@ def run_learner(loop: dict, train: NFTTrainConfig, storage_path: str, run_name: 
     from stitchvm_rl.runtime import torch_trainer
 
     loop_config = {**loop, "train": to_dict(train)}
-    return torch_trainer(train_loop, loop_config, train.num_workers, train.use_gpu, train.max_failures, storage_path, run_name).fit()
+    trainer = torch_trainer(
+        train_loop, loop_config, train.num_workers, train.use_gpu, train.max_failures, storage_path, run_name,
+        gpus_per_worker=train.gpus_per_worker, resources=train.resources_per_worker,
+    )
+    return trainer.fit()

@@ -1,13 +1,17 @@
-"""Process setup shared by every job: Ray (local or submitted) and DeepSpeed (GPU or CPU).
+"""Process setup shared by every job: Ray (local or submitted), cluster resources, DeepSpeed.
 
 A job started with `python jobs/x.py` starts a private local Ray cluster; under `ray job submit`
 (RAY_ADDRESS is set) it joins that cluster. Never a bare `ray.init()`, which may join a stray one.
+On an autoscaling cluster a job first asks the autoscaler for everything it will place
+(`request_resources`), then waits for its actors and learner ranks while saying what it waits for
+(`wait_for_placement`), and withdraws the request when it is done.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import time
 
 # Single-machine defaults that Ray 2.60 needs on a laptop or CI box (feasibility notes §5): no token
 # auth, and loopback as the node address. Set before `ray` is imported; users can override them.
@@ -36,6 +40,55 @@ def init_ray(num_cpus: int = 8) -> None:
         _temp_dir=tempfile.mkdtemp(prefix="ray-", dir=os.environ.get("STITCHVM_RAY_TMP", "/tmp")),
         runtime_env={"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "STITCHVM_CACHE", "WANDB_MODE", "WANDB_API_KEY") if k in os.environ}},
     )
+
+
+def request_resources(bundles: list[dict[str, float]]) -> None:
+    """Ask the autoscaler for these bundles at once (it starts nodes before anything is placed);
+    `request_resources([])` withdraws the request. Harmless on a fixed-size cluster."""
+    from ray.autoscaler.sdk import request_resources as sdk_request_resources
+
+    sdk_request_resources(bundles=[{k: v for k, v in b.items() if v} for b in bundles])
+
+
+def _fmt(resources: dict) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items()) if not k.startswith("node:") and "memory" not in k) + "}"
+
+
+def wait_for_placement(refs: list, what: str, bundle: dict[str, float], timeout_s: float, report_every_s: float = 30.0) -> None:
+    """Wait for `refs` (e.g. actors' `__ray_ready__`) and, every `report_every_s`, say what is still
+    missing: how many of `what`, the bundle each needs, what the cluster has free and in total.
+    After `timeout_s` (0: never) give up with that message as the error."""
+    import ray
+
+    start, pending = time.monotonic(), list(refs)
+    report_every_s = min(report_every_s, timeout_s) if timeout_s else report_every_s
+    while pending:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=report_every_s)
+        if not pending:
+            return
+        waited = time.monotonic() - start
+        status = (
+            f"waiting {waited:.0f} s for {len(pending)} of {len(refs)} {what}, each needing {_fmt(bundle)}; the cluster has "
+            f"{_fmt(ray.available_resources())} free of {_fmt(ray.cluster_resources())}"
+        )
+        print(status, flush=True)
+        if timeout_s and waited >= timeout_s:
+            raise RuntimeError(
+                f"gave up: {status}. No node offers this yet: start the cluster from cluster/*.yaml (its node types offer "
+                f"these resources), lower the request in the job config, or raise resource_wait_s"
+            )
+
+
+def wait_for_bundles(bundles: list[dict[str, float]], what: str, timeout_s: float) -> None:
+    """Block until `bundles` could be placed together (a placement group is reserved, then freed for
+    the real users, e.g. Ray Train's workers), reporting what is missing while waiting."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    group = placement_group([{k: v for k, v in b.items() if v} for b in bundles], strategy="PACK")
+    try:
+        wait_for_placement([group.ready()], what, bundles[0], timeout_s)
+    finally:
+        remove_placement_group(group)
 
 
 def setup_deepspeed() -> str:
@@ -88,17 +141,23 @@ def resume_epoch(engine) -> int:
     return resume_state(engine).get("epoch", -1) + 1
 
 
-def torch_trainer(train_fn, loop_config: dict, num_workers: int, use_gpu: bool, max_failures: int, storage_path: str, run_name: str, datasets: dict | None = None):
-    """A TorchTrainer as every job here uses it: `num_workers` ranks (1 CPU, and 1 GPU with use_gpu),
-    gloo on CPU / NCCL on GPU, restarts after worker failures, the last 2 checkpoints kept under
-    storage_path/run_name (re-running the same name resumes from them)."""
+def learner_bundle(use_gpu: bool, gpus_per_worker: float = 1.0, resources: dict[str, float] | None = None) -> dict[str, float]:
+    """What one learner rank asks for: 1 CPU, its GPU share, and custom resources (e.g. {learner: 1})."""
+    return {"CPU": 1.0, **({"GPU": gpus_per_worker} if use_gpu else {}), **(resources or {})}
+
+
+def torch_trainer(train_fn, loop_config: dict, num_workers: int, use_gpu: bool, max_failures: int, storage_path: str, run_name: str, datasets: dict | None = None, gpus_per_worker: float = 1.0, resources: dict[str, float] | None = None):
+    """A TorchTrainer as every job here uses it: `num_workers` ranks, each `learner_bundle(...)` (a
+    fractional GPU colocates ranks with rollout actors), gloo on CPU / NCCL on GPU, restarts after
+    worker failures, the last 2 checkpoints kept under storage_path/run_name (re-running the same
+    name resumes from them)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     return TorchTrainer(
         train_fn,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=learner_bundle(use_gpu, gpus_per_worker, resources)),
         run_config=RunConfig(
             name=run_name,
             storage_path=storage_path,

@@ -78,6 +78,10 @@ class WandbTracker:
     def __init__(self, cfg: WandbConfig, name: str, config: dict, run_dir: Path, run_id: str = ""):
         import wandb
 
+        # cluster/runtime_env.yaml passes ${WANDB_API_KEY} through; unset on a node it arrives literally
+        if os.environ.get("WANDB_API_KEY", "").startswith("${"):
+            del os.environ["WANDB_API_KEY"]
+
         self.run = wandb.init(
             project=cfg.project,
             entity=cfg.entity or None,

@@ -1,5 +1,7 @@
-"""Acceptance: `ray start --head` on loopback, then `ray job submit ... -- python jobs/nft.py`
-finishes SUCCEEDED and writes its run directory. The head runs in the foreground (`--block`) and is
+"""Acceptance: `ray start --head` on loopback, then `ray job submit --runtime-env
+cluster/runtime_env.yaml -- python jobs/nft.py` (the commands of README.md and cluster/README.md)
+finishes SUCCEEDED and writes its run directory; a job that asks for more than the cluster has says
+what it waits for and gives up with that message. The head runs in the foreground (`--block`) and is
 stopped by signalling that process, never by `ray stop` (which would kill every Ray on the machine)."""
 
 import os
@@ -14,7 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 GCS_PORT, DASHBOARD_PORT = 6391, 8276
 
 
-def test_ray_job_submit_runs_the_nft_job_to_success(tmp_path):
+TINY = ["epochs=1", "eval_every=1", "eval_prompts=2", "groups_per_epoch=2", "rollout.estimator=terminal", "rollout.group_size=2",
+        "rollout.num_steps=3", "rollout.stop_min=1", "rollout.stop_max=2", "rollout.lora_rank=4", "rollout.lora_alpha=8"]
+
+
+def test_ray_job_submit_runs_the_nft_job_and_reports_missing_resources(tmp_path):
     ray = str(Path(sys.executable).with_name("ray"))
     env = {
         **os.environ,
@@ -34,23 +40,29 @@ def test_ray_job_submit_runs_the_nft_job_to_success(tmp_path):
     )
     try:
         out = tmp_path / "out"
-        cmd = [ray, "job", "submit", f"--address=http://127.0.0.1:{DASHBOARD_PORT}", f"--working-dir={ROOT}", "--",
-               "python", "jobs/nft.py", f"output_dir={out}", "epochs=1", "eval_every=1", "eval_prompts=2", "groups_per_epoch=2",
-               "rollout.estimator=terminal", "rollout.group_size=2", "rollout.num_steps=3", "rollout.stop_min=1", "rollout.stop_max=2",
-               "rollout.lora_rank=4", "rollout.lora_alpha=8"]
+        submit = [ray, "job", "submit", f"--address=http://127.0.0.1:{DASHBOARD_PORT}", "--runtime-env", "cluster/runtime_env.yaml", "--", "python", "jobs/nft.py"]
         not_ready = ("Failed to connect", "Connection refused", "please try again later")  # head still starting its job agent
         for _ in range(60):
-            result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+            result = subprocess.run([*submit, f"output_dir={out}", *TINY], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
             if not any(text in result.stdout + result.stderr for text in not_ready):
                 break
             time.sleep(2)
         assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
         from ray.job_submission import JobStatus, JobSubmissionClient
 
-        jobs = JobSubmissionClient(f"http://127.0.0.1:{DASHBOARD_PORT}").list_jobs()
-        assert [job.status for job in jobs] == [JobStatus.SUCCEEDED]
+        client = JobSubmissionClient(f"http://127.0.0.1:{DASHBOARD_PORT}")
+        assert [job.status for job in client.list_jobs()] == [JobStatus.SUCCEEDED]
         for name in ("config.yaml", "metrics.jsonl", "summary.json"):
             assert (out / "nft" / name).is_file(), name
+
+        # a GPU per rollout actor on a CPU-only cluster: within resource_wait_s the job says what it
+        # is waiting for, then fails with that message instead of hanging
+        start = time.monotonic()
+        short = subprocess.run([*submit, f"output_dir={out}", "run_name=gpu", "rollout_gpus=1", "resource_wait_s=10", *TINY], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert short.returncode != 0 and time.monotonic() - start < 120
+        failed = [job for job in client.list_jobs() if job.status == JobStatus.FAILED]
+        logs = client.get_job_logs(failed[0].submission_id)
+        assert "waiting" in logs and "rollout actors, each needing {CPU: 1, GPU: 1}" in logs and "gave up" in logs, logs[-2000:]
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
