@@ -4,6 +4,7 @@ Ray Train runs the NFT updates, the `old` adapter is synced back to the actors a
     python jobs/nft.py                                     # toy world, toy CLIP reward, stitchvm, CPU, local Ray
     python jobs/nft.py rollout.estimator=terminal          # the Monte Carlo (full-rollout) baseline
     python jobs/nft.py rollout.async=true wandb.mode=offline
+    python jobs/nft.py "compare=[terminal,stitchvm]" "seeds=[0,1]"   # the comparison jobs/report.py reads
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/nft.py
     ray job submit --address http://<head>:8265 --working-dir . -- \
         python jobs/nft.py --config jobs/configs/nft_sd35m_stitchvm.yaml    # SD3.5-M on a GPU cluster
@@ -15,6 +16,7 @@ lora/ (the EMA adapter as a diffusers LoRA: `python jobs/sample.py lora=outputs/
 summary.json. Re-running the same run_name resumes from the last checkpoint under storage_path.
 """
 
+import dataclasses
 import importlib.util
 import json
 import time
@@ -26,7 +28,7 @@ from stitchvm_rl import prompts as prompt_lists
 from stitchvm_rl import runtime, toyworld, zoo
 from stitchvm_rl.config import ConfigError, Range, load_config, run_main, to_dict
 from stitchvm_rl.learner import NFTTrainConfig, run_learner
-from stitchvm_rl.rollout import RolloutConfig, RolloutWorker, check_rollout_config
+from stitchvm_rl.rollout import ESTIMATORS, RolloutConfig, RolloutWorker, check_rollout_config
 from stitchvm_rl.tracking import RunDir, WandbConfig
 
 
@@ -78,6 +80,10 @@ class NFTConfig:
     """Give up, naming what is missing, if actors or learner ranks cannot be placed in this time (0: never)."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """Sampling and advantage estimation."""
+    compare: list[str] = field(default_factory=list)
+    """Estimators to train one after another with everything else equal, e.g. [terminal, stitchvm] (runs <run_name>-<estimator>-seed<seed>, one wandb group)."""
+    seeds: list[int] = field(default_factory=list)
+    """Seeds to repeat the run or the comparison with (empty: just `seed`)."""
     train: NFTTrainConfig = field(default_factory=lambda: NFTTrainConfig(lr=1e-3))
     """NFT optimisation (Ray Train + DeepSpeed); lr 1e-3 for the toy world's short default run."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -86,6 +92,9 @@ class NFTConfig:
 
 def check(cfg: NFTConfig) -> None:
     """Refuse inconsistent settings before any model is loaded."""
+    unknown = [e for e in cfg.compare if e not in ESTIMATORS]
+    if unknown:
+        raise ConfigError(f"compare: unknown estimator(s) {unknown}; choose from {', '.join(ESTIMATORS)}")
     if cfg.groups_per_epoch % cfg.train.num_workers:
         raise ConfigError(f"groups_per_epoch={cfg.groups_per_epoch} must be a multiple of train.num_workers={cfg.train.num_workers} (every learner rank takes the same share)")
     try:
@@ -159,6 +168,27 @@ def stop_actors(actors: list) -> None:
 def main(argv: list[str]) -> dict:
     cfg = load_config(NFTConfig, argv)
     check(cfg)
+    if not cfg.compare and not cfg.seeds:
+        return train_one(cfg)
+    # a comparison: every (estimator, seed) with everything else equal, one wandb group
+    runs = {}
+    for estimator in cfg.compare or [cfg.rollout.estimator]:
+        for seed in cfg.seeds or [cfg.seed]:
+            name = f"{cfg.run_name}-{estimator}-seed{seed}"
+            one = dataclasses.replace(
+                cfg, run_name=name, seed=seed, compare=[], seeds=[],
+                rollout=dataclasses.replace(cfg.rollout, estimator=estimator),
+                wandb=dataclasses.replace(cfg.wandb, group=cfg.wandb.group or cfg.run_name),
+            )
+            check(one)
+            runs[name] = train_one(one)
+    dirs = [str((Path(cfg.output_dir) / name).resolve()) for name in runs]
+    print("compare them with:\n  python jobs/report.py " + " ".join(dirs))
+    return {"runs": runs, "run_dirs": dirs}
+
+
+def train_one(cfg: NFTConfig) -> dict:
+    """One run: place the actors and the learner, train, summarise."""
     prompts = prompt_lists.resolve_prompts(cfg.prompts, cfg.prompt_file)
     run = RunDir(cfg.output_dir, cfg.run_name, cfg)
     storage = cfg.storage_path or str((Path(cfg.output_dir) / "ray").resolve())

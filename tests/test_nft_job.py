@@ -113,6 +113,7 @@ def test_async_rollouts_lag_one_version_and_resume_exactly(tmp_path):
         (["groups_per_epoch=3"], "multiple of train.num_workers"),
         (["rollout.stop_max=10"], "stop_min <= stop_max < num_steps"),
         (["value_models=[/no/such/model]"], "does not exist"),
+        (["compare=[terminal,stichvm]"], "unknown estimator"),
     ],
 )
 def test_inconsistent_settings_stop_before_any_work(tmp_path, args, message):

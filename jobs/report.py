@@ -1,0 +1,179 @@
+"""StitchVM against the Monte Carlo baseline: one report from jobs/nft.py run directories.
+
+    python jobs/report.py outputs/nft-terminal outputs/nft-stitchvm            # any number of runs and seeds
+    python jobs/report.py outputs/nft-* stitch_run=outputs/stitch dps_run=outputs/dps out=outputs/report
+    python jobs/report.py outputs/cmp-* wandb_project=stitchvm-rl wandb_save=true      # + a wandb Report (online)
+
+Runs are grouped by estimator (several seeds of one estimator are averaged; the spread is shown).
+Writes <out>/: report.html (self-contained: plots embedded; open it in any browser), the plots as
+PNG files, and report.json with every number the page shows. Open report.html in a browser (it
+needs no server: `xdg-open outputs/report/report.html`, or copy the file anywhere).
+"""
+
+import base64
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stitchvm_rl.config import ConfigError, load_config, run_main
+from stitchvm_rl.report import PHASES, build_wandb_report, by_estimator, load_run, speedups
+from stitchvm_rl.tracking import RunDir
+
+
+@dataclass
+class ReportConfig:
+    runs: list[str] = field(default_factory=list)
+    """jobs/nft.py run directories (also given as bare arguments)."""
+    out: str = "outputs/report"
+    """Report directory."""
+    baseline: str = "terminal"
+    """Estimator of the baseline the others are compared with."""
+    stitch_run: str = ""
+    """A jobs/stitch.py run directory: its value accuracy against noise level is shown."""
+    dps_run: str = ""
+    """A jobs/dps.py run directory: its guidance results are shown."""
+    wandb_project: str = ""
+    """Also build a wandb Report of the runs' wandb group in this project (empty: none)."""
+    wandb_entity: str = ""
+    """Entity of that report (empty: the runs' wandb.entity)."""
+    wandb_save: bool = False
+    """Publish the wandb Report (needs a wandb login); otherwise it is built and checked only."""
+
+
+def _plot(curves, key: str, x_axis: str, ylabel: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, c in curves.items():
+        ys = getattr(c, key)
+        if any(y is None for y in ys):
+            continue
+        xs = getattr(c, x_axis)
+        ax.plot(xs, ys, marker="o", label=f"{name} ({len(c.seeds)} run{'s' if len(c.seeds) > 1 else ''})")
+        if key == "reward" and len(c.seeds) > 1:
+            ax.fill_between(xs, [y - s for y, s in zip(ys, c.reward_std)], [y + s for y, s in zip(ys, c.reward_std)], alpha=0.2)
+    ax.set(xlabel={"seconds": "wall-clock seconds", "device_hours": "device-hours", "steps": "optimizer step"}[x_axis], ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_phases(curves, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bottom = [0.0] * len(curves)
+    for phase in PHASES:
+        values = [c.phases[phase] for c in curves.values()]
+        ax.bar(list(curves), values, bottom=bottom, label=phase)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set(ylabel="seconds per epoch", title="where an epoch goes")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _img(path: Path) -> str:
+    return f'<img src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}" alt="{path.stem}">'
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    def cell(v):
+        return "&ndash;" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+
+    head = "".join(f"<th>{h}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def main(argv: list[str]) -> dict:
+    bare = [a for a in argv if "=" not in a and not a.startswith("-")]
+    cfg = load_config(ReportConfig, [a for a in argv if a not in bare])
+    cfg.runs = [*cfg.runs, *bare]
+    if not cfg.runs:
+        raise ConfigError("no run directories given: python jobs/report.py RUN_DIR [RUN_DIR ...]")
+    runs = [load_run(path) for path in cfg.runs]
+    curves = by_estimator(runs)
+    speed = speedups(curves, cfg.baseline)
+    run_dir = RunDir(str(Path(cfg.out).parent), Path(cfg.out).name, cfg)
+    out = run_dir.path
+
+    plots = {
+        "reward_vs_seconds.png": ("reward", "seconds", "evaluation reward"),
+        "reward_vs_device_hours.png": ("reward", "device_hours", "evaluation reward"),
+        "accuracy_vs_seconds.png": ("caption_accuracy", "seconds", "held-out caption accuracy"),
+    }
+    for name, (key, x_axis, ylabel) in plots.items():
+        _plot(curves, key, x_axis, ylabel, out / name)
+    _plot_phases(curves, out / "phases.png")
+    figures = [*plots, "phases.png"]
+
+    report = {
+        "runs": [{"dir": str(r.path), "estimator": r.estimator, "seed": r.seed} for r in runs],
+        "baseline": cfg.baseline,
+        "curves": {name: vars(c) for name, c in curves.items()},
+        "speedup": speed,
+    }
+    sections = [
+        "<h2>Evaluation reward and held-out accuracy</h2>" + "".join(_img(out / f) for f in figures[:3]),
+        "<h2>Time to reach the baseline's final reward</h2>"
+        + f"<p>Target: {speed['target_reward']:.4f} (final evaluation reward of '{cfg.baseline}').</p>"
+        + _table(
+            ["estimator", "seconds to target", "speed-up (seconds)", "device-hours to target", "speed-up (device-hours)"],
+            [[n, r["seconds_to_target"], r["speedup_seconds"], r["device_hours_to_target"], r["speedup_device_hours"]] for n, r in speed["estimators"].items()],
+        ),
+        "<h2>Seconds per phase</h2>" + _img(out / "phases.png") + _table(["estimator", *PHASES], [[n, *(c.phases[p] for p in PHASES)] for n, c in curves.items()]),
+    ]
+    if cfg.stitch_run:
+        summary = json.loads((Path(cfg.stitch_run) / "summary.json").read_text())
+        report["value_accuracy"] = summary["value_accuracy"]["table"]
+        shutil.copy(Path(cfg.stitch_run) / "accuracy.png", out / "value_accuracy.png")
+        sections.append("<h2>Value accuracy against noise level (jobs/stitch.py)</h2>" + _img(out / "value_accuracy.png"))
+    if cfg.dps_run:
+        dps = json.loads((Path(cfg.dps_run) / "summary.json").read_text())
+        report["dps"] = dps
+        rows = [[m, r["reward_total"], r.get("caption_accuracy"), r["seconds_per_sample"], r["peak_memory_mib"]] for m, r in dps["methods"].items()]
+        sections.append("<h2>Guidance (jobs/dps.py)</h2>" + _table(["method", "reward", "caption accuracy", "s / sample", "peak MiB"], rows))
+    # sample grids of each estimator's first run at the evaluation steps every curve shares
+    shared = sorted(set.intersection(*(set(c.steps) for c in curves.values())))
+    grids = []
+    for name in curves:
+        first = next(r for r in runs if r.estimator == name)
+        for step in (shared[0], shared[len(shared) // 2], shared[-1]) if shared else ():
+            grid = first.path / "samples" / f"step_{step:05d}.png"
+            if grid.is_file():
+                grids.append(f"<figure>{_img(grid)}<figcaption>{name}, step {step}</figcaption></figure>")
+    if grids:
+        sections.append("<h2>Samples at matched steps (fixed prompts and seeds)</h2><div class='grids'>" + "".join(grids) + "</div>")
+
+    style = "body{font-family:sans-serif;max-width:1300px;margin:2em auto} img{max-width:32%;margin:4px} table{border-collapse:collapse} td,th{border:1px solid #ccc;padding:4px 8px} .grids img{max-width:100%} figure{display:inline-block;width:30%}"
+    html = f"<!doctype html><html><head><meta charset='utf-8'><title>StitchVM vs the Monte Carlo baseline</title><style>{style}</style></head><body><h1>StitchVM vs the Monte Carlo baseline</h1>{''.join(sections)}</body></html>"
+    (out / "report.html").write_text(html)
+    if cfg.wandb_project:
+        import yaml
+
+        tracking = yaml.safe_load((runs[0].path / "config.yaml").read_text())["wandb"]
+        group = tracking["group"] or runs[0].name
+        wandb_report = build_wandb_report(list(curves), cfg.wandb_project, cfg.wandb_entity or tracking["entity"] or "offline", group, cfg.baseline)
+        grid = wandb_report.blocks[-1]
+        report["wandb_report"] = {"group": group, "runsets": [rs.name for rs in grid.runsets], "panels": [p.title for p in grid.panels], "url": None}
+        if cfg.wandb_save:
+            report["wandb_report"]["url"] = wandb_report.save().url
+    run_dir.write_json("report.json", report)
+    print(json.dumps(speed, indent=1))
+    print(f"wrote {out / 'report.html'}")
+    return report
+
+
+if __name__ == "__main__":
+    run_main(main)
