@@ -83,8 +83,9 @@ def _plot_phases(curves, path: Path) -> None:
     plt.close(fig)
 
 
-def _img(path: Path) -> str:
-    return f'<img src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}" alt="{path.stem}">'
+def _img(path: Path, wide: bool = False) -> str:
+    style = ' style="max-width:100%"' if wide else ""
+    return f'<img src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}" alt="{path.stem}"{style}>'
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -138,7 +139,7 @@ def main(argv: list[str]) -> dict:
         summary = json.loads((Path(cfg.stitch_run) / "summary.json").read_text())
         report["value_accuracy"] = summary["value_accuracy"]["table"]
         shutil.copy(Path(cfg.stitch_run) / "accuracy.png", out / "value_accuracy.png")
-        sections.append("<h2>Value accuracy against noise level (jobs/stitch.py)</h2>" + _img(out / "value_accuracy.png"))
+        sections.append("<h2>Value accuracy against noise level (jobs/stitch.py)</h2>" + _img(out / "value_accuracy.png", wide=True))
     if cfg.dps_run:
         dps = json.loads((Path(cfg.dps_run) / "summary.json").read_text())
         report["dps"] = dps

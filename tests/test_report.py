@@ -3,6 +3,8 @@ own, and the speed-up follows from them."""
 
 import importlib.util
 import json
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -105,3 +107,23 @@ def test_wandb_report_is_built_offline_with_a_run_set_per_estimator_and_its_pane
     assert {(p.x, p.y[0]) for p in lines} >= {("device_hours", "eval_reward_mean"), ("Step", "eval_reward_mean"), ("device_hours", "eval_caption_accuracy")}
     assert all(p.groupby == "rollout.estimator" and p.groupby_aggfunc == "mean" for p in lines)
     assert any(isinstance(p, wr.BarPlot) for p in grid.panels) and any(isinstance(p, wr.MediaBrowser) and p.media_keys == ["eval_samples"] for p in grid.panels)
+
+
+def test_the_report_page_renders_in_headless_chromium(two_runs, tmp_path):
+    """Debian's chromium, as the README's test command installs it: the page loads from disk with
+    no error and the screenshot shows the plots (many colours, not a blank or error page)."""
+    from PIL import Image
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "headless Chromium is missing: apt-get install chromium (the README's test command does)"
+    _load("report").main([str(two_runs / "terminal"), str(two_runs / "stitchvm"), f"out={tmp_path / 'report'}"])
+    page, shot = tmp_path / "report" / "report.html", tmp_path / "shot.png"
+    result = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1300,2400", f"--screenshot={shot}", "--enable-logging=stderr", "--v=0", page.as_uri()],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    problems = [line for line in result.stderr.splitlines() if "CONSOLE" in line or "net::ERR" in line or "Uncaught" in line]
+    assert not problems, problems
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1300, 2400) and len(image.getcolors(maxcolors=1 << 20) or []) > 500
