@@ -113,11 +113,11 @@ def main(argv: list[str]) -> dict:
         "reward_vs_seconds.png": ("reward", "seconds", "evaluation reward"),
         "reward_vs_device_hours.png": ("reward", "device_hours", "evaluation reward"),
         "accuracy_vs_seconds.png": ("caption_accuracy", "seconds", "held-out caption accuracy"),
+        "accuracy_vs_device_hours.png": ("caption_accuracy", "device_hours", "held-out caption accuracy"),
     }
     for name, (key, x_axis, ylabel) in plots.items():
         _plot(curves, key, x_axis, ylabel, out / name)
     _plot_phases(curves, out / "phases.png")
-    figures = [*plots, "phases.png"]
 
     report = {
         "runs": [{"dir": str(r.path), "estimator": r.estimator, "seed": r.seed} for r in runs],
@@ -126,7 +126,7 @@ def main(argv: list[str]) -> dict:
         "speedup": speed,
     }
     sections = [
-        "<h2>Evaluation reward and held-out accuracy</h2>" + "".join(_img(out / f) for f in figures[:3]),
+        "<h2>Evaluation reward and held-out accuracy</h2>" + "".join(_img(out / f) for f in plots),
         "<h2>Time to reach the baseline's final reward</h2>"
         + f"<p>Target: {speed['target_reward']:.4f} (final evaluation reward of '{cfg.baseline}').</p>"
         + _table(

@@ -45,7 +45,7 @@ def two_runs(tmp_path_factory):
 def test_report_numbers_are_the_runs_own_and_the_speedup_follows(two_runs, tmp_path):
     report = _load("report").main([str(two_runs / "terminal"), str(two_runs / "stitchvm"), f"out={tmp_path / 'report'}", "wandb_project=test"])
     out = tmp_path / "report"
-    assert {"report.html", "report.json", "reward_vs_seconds.png", "reward_vs_device_hours.png", "phases.png"} <= {p.name for p in out.iterdir()}
+    assert {"report.html", "report.json", "reward_vs_seconds.png", "reward_vs_device_hours.png", "accuracy_vs_device_hours.png", "phases.png"} <= {p.name for p in out.iterdir()}
     saved = json.loads((out / "report.json").read_text())
     for name in ("terminal", "stitchvm"):
         lines = [json.loads(line) for line in (two_runs / name / "metrics.jsonl").read_text().splitlines()]
