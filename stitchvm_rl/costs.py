@@ -65,15 +65,15 @@ def sd35m_value_model_costs(i: int = 4, j: int = 1, resolution: int = 1024, text
     }
 
 
-def count_flops_and_saved_bytes(fn, bytes_per_element: int = 2) -> tuple[int, int]:
+def count_flops_and_saved_bytes(fn) -> tuple[int, int]:
     """FLOPs of `fn` (forward + whatever backward it runs) and the bytes autograd saves for its
-    backward -- tensors on the gradient path only, i.e. activations, not frozen weights -- counted at
-    `bytes_per_element` (2: bf16). An estimate of the backward's activation memory."""
+    backward -- tensors on the gradient path only, i.e. activations, not frozen weights -- at their
+    dtype's size. An estimate of the backward's activation memory."""
     saved = [0]
 
     def pack(t):
         if t.requires_grad:
-            saved[0] += t.numel() * bytes_per_element
+            saved[0] += t.numel() * t.element_size()
         return t
 
     with FlopCounterMode(display=False) as counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -81,51 +81,66 @@ def count_flops_and_saved_bytes(fn, bytes_per_element: int = 2) -> tuple[int, in
     return counter.get_total_flops(), saved[0]
 
 
-def sd35m_guidance_step_costs(i: int = 4, j: int = 1, resolution: int = 1024, text_tokens: int = 333, cfg: bool = True) -> dict:
-    """One guided sampling step of SD3.5-M at real scale, on `meta` (FLOPs forward + backward, and the
-    activations the backward keeps):
+def sd35m_guidance_steps(i: int = 4, j: int = 1, resolution: int = 1024, text_tokens: int = 333, cfg: bool = True, device: str = "meta", dtype: str = "bfloat16") -> tuple[dict, dict]:
+    """One guided sampling step of SD3.5-M at real scale, as three callables over the same models:
         none      the transformer (x2 with CFG), no gradient
         tweedie   the same under autograd, + VAE decode + CLIP, then d r / d z_t through all of it
         stitchvm  the transformer without autograd + StitchVM(i, j) forward and backward
-    """
+    On `meta` they only propagate shapes (count FLOPs with them); on a GPU the weights are random
+    (time them). Returns (steps, parameters each method keeps resident)."""
     from stitchvm_rl.value.model import DiTHead, StitchedValueModel, ValueModelConfig
 
-    transformer = zoo.meta_model("sd35_medium_transformer").requires_grad_(False)
-    vae = zoo.meta_model("sd35_medium_vae").requires_grad_(False)
-    clip = zoo.meta_model("clip_vit_l14_336").requires_grad_(False)
-    side, batch = resolution // 8, 2 if cfg else 1
-    with torch.device("meta"):
-        embeds = torch.empty(batch, text_tokens, transformer.config.joint_attention_dim)
-        pooled = torch.empty(batch, transformer.config.pooled_projection_dim)
+    transformer = zoo.published_model("sd35_medium_transformer", device, dtype).requires_grad_(False)
+    vae = zoo.published_model("sd35_medium_vae", device, dtype).requires_grad_(False)
+    clip = zoo.published_model("clip_vit_l14_336", device, dtype).requires_grad_(False)
+    side, batch, dt = resolution // 8, 2 if cfg else 1, zoo.DTYPES[dtype]
+    with torch.device(device):
+        embeds = torch.randn(batch, text_tokens, transformer.config.joint_attention_dim, dtype=dt)
+        pooled = torch.randn(batch, transformer.config.pooled_projection_dim, dtype=dt)
         head = DiTHead(transformer, i, embeds[:1], pooled[:1])
-        value_model = StitchedValueModel(ValueModelConfig(i, j, "clip", zoo.SD35_MEDIUM, zoo.CLIP_VIT_L14_336, "meta"), head, clip).requires_grad_(False)
-        t = torch.empty(1)
+        value_model = StitchedValueModel(ValueModelConfig(i, j, "clip", zoo.SD35_MEDIUM, zoo.CLIP_VIT_L14_336, "meta"), head, clip).to(dt).requires_grad_(False)
+        t = torch.full((1,), 0.5)
 
     def velocity(z):
-        v = transformer(hidden_states=z.expand(batch, -1, -1, -1), timestep=t.expand(batch), encoder_hidden_states=embeds, pooled_projections=pooled).sample
+        v = transformer(hidden_states=z.expand(batch, -1, -1, -1), timestep=1000 * t.expand(batch), encoder_hidden_states=embeds, pooled_projections=pooled).sample
         return v.sum(0, keepdim=True)  # the CFG combination, as cheap as it is
 
     def latent(grad: bool):
-        return torch.empty(1, 16, side, side, device="meta", requires_grad=grad)
+        return torch.randn(1, 16, side, side, device=device, dtype=dt, requires_grad=grad)
 
     def none():
         with torch.no_grad():
-            velocity(latent(False))
+            return velocity(latent(False))
 
     def tweedie():
         z = latent(True)
         x0 = z - velocity(z)
         image = vae.decode(x0).sample
         pixels = torch.nn.functional.interpolate(image, size=(336, 336), mode="bicubic")
-        clip.visual_projection(clip.vision_model(pixel_values=pixels).pooler_output).sum().backward()
+        clip.visual_projection(clip.vision_model(pixel_values=pixels).pooler_output).float().sum().backward()
+        return z.grad
 
     def stitchvm():
         none()
         z = latent(True)
         value_model.embed(z, t)[0].sum().backward()
+        return z.grad
 
+    tail = zoo.count_params(value_model) - zoo.count_params(value_model.text_model) - zoo.count_params(value_model.text_projection)
+    resident = {
+        "none": zoo.count_params(transformer),
+        "tweedie": zoo.count_params(transformer) + zoo.count_params(vae) + zoo.count_params(clip.vision_model) + zoo.count_params(clip.visual_projection),
+        "stitchvm": zoo.count_params(transformer) + tail,
+    }
+    return {"none": none, "tweedie": tweedie, "stitchvm": stitchvm}, resident
+
+
+def sd35m_guidance_step_costs(i: int = 4, j: int = 1, resolution: int = 1024, text_tokens: int = 333, cfg: bool = True) -> dict:
+    """FLOPs (forward + backward) and the activations the backward keeps, of one guided step of
+    SD3.5-M at real scale per method (`sd35m_guidance_steps` on `meta`)."""
+    steps, _ = sd35m_guidance_steps(i, j, resolution, text_tokens, cfg)
     out = {}
-    for name, fn in (("none", none), ("tweedie", tweedie), ("stitchvm", stitchvm)):
+    for name, fn in steps.items():
         flops, saved = count_flops_and_saved_bytes(fn)
         out[name] = {"flops": flops, "backward_activation_gib": saved / 2**30}
     return {

@@ -431,15 +431,23 @@ def clip_config(name: str) -> CLIPConfig:
 
 def meta_model(name: str) -> torch.nn.Module:
     """Instantiate a published architecture on the `meta` device (no memory, no weights)."""
+    return published_model(name, "meta")
+
+
+def published_model(name: str, device: str = "meta", dtype: str = "float32") -> torch.nn.Module:
+    """A published architecture with random weights on `device` (`meta`: shapes only) -- for cost
+    models and benchmarks at real scale when the real weights are not at hand."""
     config = published_config(name)
-    with torch.device("meta"):
+    with torch.device(device):
         if name == "sd35_medium_transformer":
-            return SD3Transformer2DModel.from_config(config)
-        if name == "sd35_medium_vae":
-            return AutoencoderKL.from_config(config)
-        if name.startswith("clip_"):
-            return CLIPModel(clip_config(name))
-    raise ModelSourceError(f"no meta builder for '{name}'")
+            model = SD3Transformer2DModel.from_config(config)
+        elif name == "sd35_medium_vae":
+            model = AutoencoderKL.from_config(config)
+        elif name.startswith("clip_"):
+            model = CLIPModel(clip_config(name))
+        else:
+            raise ModelSourceError(f"no builder for published architecture '{name}'")
+    return model.to(DTYPES[dtype])
 
 
 def count_params(module: torch.nn.Module) -> int:

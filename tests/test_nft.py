@@ -86,3 +86,39 @@ def test_normalisation_clips_outliers_and_refuses_nan():
 
 def test_old_policy_decay_schedule():
     assert [nft.old_policy_decay(s) for s in (0, 100, 500, 5000)] == [0.0, pytest.approx(0.1), 0.5, 0.5]
+
+
+def test_gradient_checkpointing_gives_the_same_lora_gradients():
+    """train.gradient_checkpointing only trades memory for recomputation: the NFT gradient is unchanged."""
+    from stitchvm_rl.learner import NFTTrainConfig, nft_micro_step
+    from stitchvm_rl.policy import PromptEmbeds, SD3Policy
+    from stitchvm_rl.rollout import RolloutBatch
+
+    grads, block_calls = [], []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        policy = SD3Policy.from_pretrained("toyworld")
+        policy.add_lora(4, 8)
+        policy.soft_update("old", 0.0)
+        with torch.no_grad():  # a non-zero LoRA, so "default" differs from the base
+            for name, p in policy.transformer.named_parameters():
+                if "lora_B.default" in name:
+                    p.normal_(std=0.01)
+        if checkpointing:
+            policy.transformer.enable_gradient_checkpointing()
+        policy.transformer.train()
+        calls = []
+        policy.transformer.transformer_blocks[0].attn.register_forward_hook(lambda *_: calls.append(1))
+        embeds = policy.encode_prompts(["a red circle on the left"])
+        batch = RolloutBatch(
+            anchors=torch.randn(4, 16, 8, 8, generator=torch.Generator().manual_seed(1)), tau=torch.zeros(4), groups=torch.zeros(4, dtype=torch.long),
+            group_prompts=["a red circle on the left"], group_embeds=PromptEmbeds(embeds.embeds, embeds.pooled), scores=torch.arange(4.0), version=0, estimator="terminal",
+        )
+        loss, _ = nft_micro_step(policy, batch, 0, torch.tensor([0.2, 0.4, 0.6, 0.8]), 0.5, NFTTrainConfig(), torch.Generator().manual_seed(2))
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in policy.transformer.named_parameters() if p.grad is not None})
+        block_calls.append(len(calls))
+    assert block_calls == [3, 4]  # old, ref and current velocity; checkpointing recomputes the current one in the backward
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)

@@ -1,0 +1,493 @@
+"""Benchmarks as ratios: every comparison measured side by side in one process, interleaved
+(a, b, a, b, ...), repeated; the table shows median and [min, max].
+
+    python jobs/bench.py                               # CPU, toy world, every CPU section (< 15 min on 2 cores)
+    python jobs/bench.py quick=true                    # seconds per section: proves it still runs (CI)
+    python jobs/bench.py "sections=[dps,value]" repeats=10
+    python jobs/bench.py device=cuda dtype=bfloat16 "sections=[dps,value,real_scale,real_scale_timed]"   # one GPU
+
+Sections:
+    nft_epoch         one NFT epoch, terminal vs stitchvm, in process: seconds per phase (sample,
+                      score, train), samples/s, transformer evaluations per sample
+    nft_reach         jobs/nft.py compare=[terminal,stitchvm] on Ray: seconds/epoch, and the time
+                      until stitchvm's evaluation reward reaches terminal's final one
+    dps               guided sampling, none vs tweedie vs stitchvm: seconds per sample, peak memory
+    value             one value estimate, StitchVM vs Tweedie vs MC-K: seconds per estimate
+    rollout_scaling   samples/s of 1, 2, 4 RolloutWorker actors vs the same work in this process
+    weight_sync       seconds to push an SD3.5-Medium-size LoRA (r = lora_rank) to 1, 2, 4 actors
+    real_scale        SD3.5-M + CLIP ViT-L/14-336 on `meta`: FLOPs and activations of a DPS step,
+                      model evaluations of an NFT epoch (no GPU needed)
+    real_scale_timed  the same DPS step with random SD3.5-M weights on the GPU: seconds, peak memory
+
+Writes outputs/<run_name>/bench.json (every repeat) and bench.md (the table).
+"""
+
+import dataclasses
+import importlib.util
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+
+from stitchvm_rl import benchmark, costs, flow, nft, rewards, toyworld, zoo
+from stitchvm_rl.benchmark import interleaved, ratio, spread
+from stitchvm_rl.config import ConfigError, Range, load_config, run_main
+from stitchvm_rl.tracking import RunDir
+
+SECTIONS = ("nft_epoch", "nft_reach", "dps", "value", "rollout_scaling", "weight_sync", "real_scale", "real_scale_timed")
+CPU_SECTIONS = ["nft_epoch", "nft_reach", "dps", "value", "rollout_scaling", "weight_sync", "real_scale"]
+
+
+@dataclass
+class BenchConfig:
+    run_name: str = "bench"
+    """Name of the run folder under output_dir."""
+    output_dir: str = "outputs"
+    """Where run folders go."""
+    sections: list[str] = field(default_factory=lambda: list(CPU_SECTIONS))
+    """Sections to run (see the module docstring); real_scale_timed needs device=cuda."""
+    quick: bool = False
+    """Tiny sizes and one repeat: proves every section still runs (CI); the numbers mean little."""
+    repeats: Annotated[int, Range(1)] = 5
+    """Timed repeats per method (after one warm-up round)."""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Where the in-process sections run."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Model dtype of the in-process sections (bfloat16 on GPU)."""
+    backbone: str = "toyworld"
+    """SD3 policy: hub id, local dir, 'toyworld'."""
+    rewards: dict[str, float] = field(default_factory=lambda: {"toy_clip": 1.0})
+    """Pixel rewards {name: weight} (terminal, Tweedie, MC)."""
+    value_model: str = ""
+    """Value-model directory (empty: jobs/stitch.py's default, built once and cached; quick: a closed-form stitch)."""
+    groups: Annotated[int, Range(1)] = 4
+    """Prompt groups (of rollout.group_size = 8 images) per NFT epoch, rollout and DPS batch."""
+    reach_epochs: Annotated[int, Range(1)] = 20
+    """nft_reach: epochs of each jobs/nft.py run."""
+    actors: list[int] = field(default_factory=lambda: [1, 2, 4])
+    """rollout_scaling and weight_sync: actor counts."""
+    lora_rank: Annotated[int, Range(1)] = 32
+    """weight_sync: LoRA rank of the SD3.5-Medium-size adapter."""
+    resolutions: list[int] = field(default_factory=lambda: [512, 1024])
+    """real_scale / real_scale_timed: image sides."""
+    ray_cpus: Annotated[int, Range(1)] = 8
+    """Logical CPUs of a local Ray cluster."""
+
+
+def check(cfg: BenchConfig) -> None:
+    unknown = [s for s in cfg.sections if s not in SECTIONS]
+    if unknown or not cfg.sections:
+        raise ConfigError(f"sections {unknown or '[]'} unknown or empty; choose from {', '.join(SECTIONS)}")
+    if "real_scale_timed" in cfg.sections and cfg.device != "cuda":
+        raise ConfigError("section real_scale_timed times SD3.5-M-size models and needs device=cuda")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but torch sees no GPU; use device=cpu")
+    if cfg.value_model and not (Path(cfg.value_model) / "value_model.json").is_file():
+        raise ConfigError(f"value model '{cfg.value_model}' does not exist; build one with `python jobs/stitch.py` and pass its value_model/ directory")
+
+
+def load_job(name: str):
+    """A sibling job module (jobs/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_job", Path(__file__).with_name(f"{name}.py"))
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return job
+
+
+def value_model_dir(cfg: BenchConfig, scratch: Path) -> str:
+    """The value model every stitchvm section uses. Its accuracy matters only to nft_reach; quick runs
+    use stage 1 alone (a closed-form stitch, seconds), whose cost is that of the finished model."""
+    if cfg.value_model:
+        return cfg.value_model
+    if not cfg.quick:
+        return load_job("nft").default_value_model()
+    from stitchvm_rl.value.search import build_value_model
+
+    gen = torch.Generator().manual_seed(0)
+    model, _ = build_value_model(cfg.backbone, "toyworld-clip", toyworld.render(toyworld.random_captions(64, gen), gen))
+    return str(model.save(scratch / "value_model"))
+
+
+def summarise(seconds: dict[str, list[float]], per: float = 1.0) -> dict:
+    """Spread of each method's seconds, divided by `per` (e.g. samples)."""
+    return {name: spread([s / per for s in values]) for name, values in seconds.items()}
+
+
+# ---------------------------------------------------------------- sections
+def bench_nft_epoch(cfg: BenchConfig, value_dir: str) -> dict:
+    """One epoch as the system runs it, without Ray in the way: an actor's rollout + scoring, then the
+    learner's NFT micro-steps and one AdamW step (plain torch here; DeepSpeed in jobs/nft.py)."""
+    from stitchvm_rl.learner import NFTTrainConfig, nft_micro_step, timesteps_per_group, train_timesteps
+    from stitchvm_rl.policy import SD3Policy
+    from stitchvm_rl.rollout import RolloutConfig, RolloutWorker
+
+    rollout, train = RolloutConfig(dtype=cfg.dtype), NFTTrainConfig(lr=1e-3)
+    prompts = toyworld.CAPTIONS[: cfg.groups]
+    workers = {e: RolloutWorker(cfg.backbone, dataclasses.replace(rollout, estimator=e), cfg.rewards, [value_dir] if e == "stitchvm" else [], cfg.device) for e in ("terminal", "stitchvm")}
+    learner = SD3Policy.from_pretrained(cfg.backbone, dtype=cfg.dtype, device=cfg.device)
+    learner.add_lora(rollout.lora_rank, rollout.lora_alpha)
+    optimizer = torch.optim.AdamW([p for p in learner.transformer.parameters() if p.requires_grad], lr=train.lr)
+    schedule = flow.sd3_sigmas(rollout.num_steps, scheduler_config=learner.pipe.scheduler.config)
+    calls = {e: benchmark.TransformerCalls(w.policy.transformer) for e, w in workers.items()}
+    learner_calls = benchmark.TransformerCalls(learner.transformer)
+    phases: dict[str, list[dict]] = {e: [] for e in workers}
+
+    def epoch(estimator: str) -> None:
+        worker = workers[estimator]
+        batch = worker.rollout(prompts, seed=len(phases[estimator]))
+        sampling = calls[estimator].take()
+        benchmark.sync(cfg.device)
+        t0 = time.perf_counter()
+        r = nft.optimality_probability(batch.scores, batch.groups, train.adv_clip)
+        gen = torch.Generator().manual_seed(len(phases[estimator]))
+        per_group = timesteps_per_group(dataclasses.replace(rollout, estimator=estimator), train.timestep_fraction)
+        for group in range(len(prompts)):
+            tau = float(batch.tau[batch.groups == group][0])
+            for t in train_timesteps(schedule, tau, per_group, gen).tolist():
+                loss, _ = nft_micro_step(learner, batch, group, r, t, train, gen)
+                loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        benchmark.sync(cfg.device)
+        samples = len(batch.scores)
+        phases[estimator].append({
+            "sample": batch.seconds_sample, "score": batch.seconds_score, "train": time.perf_counter() - t0,
+            "rollout_evals_per_sample": sampling / samples, "train_forwards_per_sample": learner_calls.take() / samples,
+            "samples": samples,
+        })
+
+    seconds = interleaved({e: (lambda e=e: epoch(e)) for e in workers}, cfg.repeats, cfg.device)
+    out = {"seconds_per_epoch": summarise(seconds), "samples_per_epoch": phases["terminal"][-1]["samples"]}
+    out["speedup_stitchvm_over_terminal"] = ratio(seconds["terminal"], seconds["stitchvm"])
+    for e in workers:
+        runs = phases[e][1:]  # the warm-up round is dropped, as in `interleaved`
+        out[e] = {k: statistics.median(p[k] for p in runs) for k in runs[0] if k != "samples"}
+        out[e]["samples_per_second"] = out["samples_per_epoch"] / statistics.median(seconds[e])
+    # what a count of sampling steps alone would predict (mean stop k of U{stop_min..stop_max})
+    out["step_count_prediction"] = rollout.num_steps / ((rollout.stop_min + rollout.stop_max) / 2)
+    terminal, stitch = out["terminal"], out["stitchvm"]
+    out["transformer_evals_ratio"] = (terminal["rollout_evals_per_sample"] + terminal["train_forwards_per_sample"]) / (stitch["rollout_evals_per_sample"] + stitch["train_forwards_per_sample"])
+    return out
+
+
+def bench_nft_reach(cfg: BenchConfig, value_dir: str, scratch: Path) -> dict:
+    """Train both estimators with jobs/nft.py (Ray, DeepSpeed) and compare time to the baseline's reward."""
+    from stitchvm_rl import report
+
+    epochs = 2 if cfg.quick else cfg.reach_epochs
+    args = [f"output_dir={scratch}", "run_name=reach", "compare=[terminal,stitchvm]", f"epochs={epochs}", f"value_models=[{value_dir}]", f"ray_cpus={cfg.ray_cpus}"]
+    if cfg.quick:
+        args += ["eval_every=2", "eval_prompts=8", "groups_per_epoch=2", "drift_every=0"]
+    result = load_job("nft").main(args)
+    runs = [report.load_run(d) for d in result["run_dirs"]]
+    curves = report.by_estimator(runs)
+    out = {"epochs": epochs, "speedups": report.speedups(curves, "terminal")}
+    for run in runs:
+        out[run.estimator] = {"seconds_per_epoch": result["runs"][run.name]["seconds_per_epoch"], "phases": run.phases, "eval_reward": dict(zip(run.steps, run.reward))}
+    out["seconds_per_epoch_ratio"] = out["terminal"]["seconds_per_epoch"] / out["stitchvm"]["seconds_per_epoch"]
+    return out
+
+
+def _guided_models(cfg: BenchConfig, value_dir: str):
+    from stitchvm_rl.policy import SD3Policy
+    from stitchvm_rl.value.model import StitchedValueModel
+
+    policy = SD3Policy.from_pretrained(cfg.backbone, dtype=cfg.dtype, device=cfg.device)
+    policy.transformer.requires_grad_(False)
+    policy.vae.requires_grad_(False)
+    reward = rewards.build_rewards(cfg.rewards, device=cfg.device)
+    value_model = StitchedValueModel.from_pretrained(value_dir, device=cfg.device, dtype=cfg.dtype)
+    return policy, reward, value_model
+
+
+def bench_dps(cfg: BenchConfig, value_dir: str) -> dict:
+    """Guided sampling of one batch with each value (jobs/dps.py's sampler and scales)."""
+    from stitchvm_rl.guidance import GuidanceConfig, build_value, dps_sample
+
+    policy, reward, value_model = _guided_models(cfg, value_dir)
+    scales = load_job("dps").DPSConfig().scales
+    guidance = GuidanceConfig(num_steps=4 if cfg.quick else 20)
+    prompts = [toyworld.CAPTIONS[n % len(toyworld.CAPTIONS)] for n in range(cfg.groups * 8)]
+    noise = policy.initial_noise(len(prompts), torch.Generator().manual_seed(0))
+    peaks: dict[str, list[float]] = {m: [] for m in ("none", "tweedie", "stitchvm")}
+
+    def run(method: str) -> None:
+        value = build_value(method, policy, reward, value_model)
+        with benchmark.ExtraMemory(cfg.device) as extra:
+            dps_sample(policy, prompts, value, dataclasses.replace(guidance, scale=scales.get(method, 0.0)), noise, torch.Generator().manual_seed(1))
+        peaks[method].append(extra.mib)
+
+    seconds = interleaved({m: (lambda m=m: run(m)) for m in peaks}, cfg.repeats, cfg.device)
+    resident = {"none": [policy.transformer], "tweedie": [policy.transformer, policy.vae, reward], "stitchvm": [policy.transformer, value_model]}
+    out = {
+        "samples": len(prompts), "steps": guidance.num_steps,
+        "seconds_per_sample": summarise(seconds, per=len(prompts)),
+        "extra_peak_memory_mib": {m: spread(p[1:]) for m, p in peaks.items()},
+        "model_memory_mib": {m: benchmark.model_mib(*mods) for m, mods in resident.items()},
+        "speedup_stitchvm_over_tweedie": ratio(seconds["tweedie"], seconds["stitchvm"]),
+    }
+    peak = {m: out["model_memory_mib"][m] + out["extra_peak_memory_mib"][m]["median"] for m in peaks}
+    out["peak_memory_mib"] = peak
+    out["memory_ratio_stitchvm_over_tweedie"] = peak["stitchvm"] / peak["tweedie"]
+    return out
+
+
+def bench_value(cfg: BenchConfig, value_dir: str) -> dict:
+    """One estimate of E[r(z0) | z_t] at sigma = 0.5 for a batch of latents."""
+    from stitchvm_rl.value.evaluate import Estimators, ValueEvalConfig
+
+    policy, reward, value_model = _guided_models(cfg, value_dir)
+    k = 4
+    est = Estimators(policy, lambda z, t, p: value_model(z, t.to(z.device), p), reward, ValueEvalConfig(steps=10, batch_size=64))
+    prompts = [toyworld.CAPTIONS[n % len(toyworld.CAPTIONS)] for n in range(cfg.groups * 8)]
+    z = est.rollouts_to(0.5, prompts, seed=0)
+    fns = {"stitchvm": lambda: est.stitchvm(z, 0.5, prompts), "tweedie": lambda: est.tweedie(z, 0.5, prompts), f"mc{k}": lambda: est.completions(z, 0.5, prompts, k, seed=0)}
+    seconds = interleaved(fns, cfg.repeats, cfg.device)
+    return {
+        "sigma": 0.5, "latents": len(prompts),
+        "seconds_per_estimate": summarise(seconds, per=len(prompts)),
+        "speedup_stitchvm_over_tweedie": ratio(seconds["tweedie"], seconds["stitchvm"]),
+        f"speedup_stitchvm_over_mc{k}": ratio(seconds[f"mc{k}"], seconds["stitchvm"]),
+    }
+
+
+def bench_rollout_scaling(cfg: BenchConfig, value_dir: str) -> dict:
+    """The same prompt groups served by n actors (one CPU each, one group per request, as the learner
+    asks) against the same calls in this process with one thread: Ray's overhead and scaling."""
+    import ray
+
+    from stitchvm_rl import runtime
+    from stitchvm_rl.rollout import RolloutConfig, RolloutWorker
+
+    rollout = RolloutConfig(dtype=cfg.dtype)
+    groups = [[toyworld.CAPTIONS[n % len(toyworld.CAPTIONS)]] for n in range(max(cfg.actors) * (1 if cfg.quick else 2))]
+    runtime.init_ray(cfg.ray_cpus)
+    actor_cls = ray.remote(RolloutWorker).options(num_cpus=1, num_gpus=1 if cfg.device == "cuda" else 0)
+    actors = [actor_cls.remote(cfg.backbone, rollout, cfg.rewards, [value_dir], cfg.device) for _ in range(max(cfg.actors))]
+    ray.get([a.__ray_ready__.remote() for a in actors])
+    local = RolloutWorker(cfg.backbone, rollout, cfg.rewards, [value_dir], cfg.device)
+    threads = torch.get_num_threads()
+
+    def in_process() -> None:
+        torch.set_num_threads(1)  # what an actor with num_cpus=1 gets (OMP_NUM_THREADS=1)
+        try:
+            for n, g in enumerate(groups):
+                local.rollout(g, seed=n)
+        finally:
+            torch.set_num_threads(threads)
+
+    def on_actors(count: int) -> None:
+        ray.get([actors[n % count].rollout.remote(g, seed=n) for n, g in enumerate(groups)])
+
+    fns = {"in_process": in_process, **{f"{n}_actors": (lambda n=n: on_actors(n)) for n in cfg.actors}}
+    try:
+        seconds = interleaved(fns, cfg.repeats)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    samples = len(groups) * rollout.group_size
+    rate = {name: samples / statistics.median(s) for name, s in seconds.items()}
+    one = rate.get("1_actors")
+    return {
+        "samples": samples, "cores": _cores(),
+        "samples_per_second": rate,
+        "seconds": summarise(seconds),
+        "one_actor_over_in_process": one / rate["in_process"] if one else None,
+        "scaling_over_one_actor": {name: r / one for name, r in rate.items() if one and name.endswith("_actors")},
+    }
+
+
+def bench_weight_sync(cfg: BenchConfig) -> dict:
+    """jobs/nft.py's sync path (`learner._push_adapter`: one ray.put, every actor loads and answers
+    with a checksum) for an adapter the size of SD3.5-Medium's LoRA."""
+    import ray
+
+    from stitchvm_rl import runtime
+    from stitchvm_rl.learner import _push_adapter
+    from stitchvm_rl.policy import LORA_TARGETS
+
+    dtype = "bfloat16" if cfg.device == "cuda" else "float32"
+    shapes = benchmark.lora_shapes(zoo.meta_model("sd35_medium_transformer"), cfg.lora_rank, LORA_TARGETS)
+    if cfg.quick:
+        shapes = dict(list(shapes.items())[:8])
+    state = benchmark.random_adapter(shapes, dtype)
+    runtime.init_ray(cfg.ray_cpus)
+    sink = ray.remote(benchmark.AdapterSink).options(num_cpus=0)
+    sinks = [sink.remote(shapes, dtype) for _ in range(max(cfg.actors))]
+    ray.get([s.__ray_ready__.remote() for s in sinks])
+    try:
+        seconds = interleaved({f"{n}_actors": (lambda n=n: _push_adapter(state, sinks[:n])) for n in cfg.actors}, cfg.repeats)
+    finally:
+        for s in sinks:
+            ray.kill(s)
+    size = sum(t.numel() * t.element_size() for t in state.tensors.values())
+    return {"adapter_mib": size / 2**20, "params": sum(t.numel() for t in state.tensors.values()), "dtype": dtype, "lora_rank": cfg.lora_rank, "seconds": summarise(seconds)}
+
+
+def bench_real_scale(cfg: BenchConfig) -> dict:
+    """Cost model at SD3.5-M size: DPS step with and without CFG, and an NFT epoch's model evaluations."""
+    from stitchvm_rl.learner import NFTTrainConfig, timesteps_per_group
+    from stitchvm_rl.rollout import RolloutConfig
+
+    out = {"dps_step": {}}
+    for res in cfg.resolutions[:1] if cfg.quick else cfg.resolutions:
+        for use_cfg in (True, False):
+            out["dps_step"][f"{res}_cfg{int(use_cfg)}"] = costs.sd35m_guidance_step_costs(resolution=res, cfg=use_cfg)
+    # NFT at the SD3.5-M configs' settings (jobs/configs/nft_sd35m_*.yaml): 25 steps, stop U{12..17}
+    res = cfg.resolutions[0]
+    model = costs.sd35m_value_model_costs(resolution=res)["forward_flops"]
+    rollout = RolloutConfig(num_steps=25, stop_min=12, stop_max=17)
+    fraction = NFTTrainConfig().timestep_fraction
+    per_sample = {}
+    for estimator in ("terminal", "stitchvm"):
+        r = dataclasses.replace(rollout, estimator=estimator)
+        steps = r.num_steps if estimator == "terminal" else (r.stop_min + r.stop_max) / 2
+        score = model["vae_decode"] + model["clip_image"] if estimator == "terminal" else model["stitchvm"]
+        # training: per timestep the old, reference and current velocities + the current one's backward (~2 forwards)
+        train = timesteps_per_group(r, fraction) * 5
+        per_sample[estimator] = {"sampling_steps": steps, "train_forward_equivalents": train, "tflops": ((steps + train) * model["sd35m_transformer"] + score) / 1e12}
+    out["nft_epoch"] = {"resolution": res, "per_sample": per_sample, "step_count_prediction": per_sample["terminal"]["sampling_steps"] / per_sample["stitchvm"]["sampling_steps"],
+                        "flops_ratio_terminal_over_stitchvm": per_sample["terminal"]["tflops"] / per_sample["stitchvm"]["tflops"]}
+    return out
+
+
+def bench_real_scale_timed(cfg: BenchConfig) -> dict:
+    """The real-scale DPS step (`costs.sd35m_guidance_steps`) with random weights on the GPU."""
+    out = {}
+    for res in cfg.resolutions[:1] if cfg.quick else cfg.resolutions:
+        for use_cfg in (True, False):
+            steps, resident = costs.sd35m_guidance_steps(resolution=res, cfg=use_cfg, device=cfg.device, dtype=cfg.dtype)
+            peaks: dict[str, list[float]] = {m: [] for m in steps}
+
+            def run(method: str) -> None:
+                with benchmark.ExtraMemory(cfg.device) as extra:
+                    steps[method]()
+                peaks[method].append(extra.mib)
+
+            oom = []
+            for method in list(steps):  # a method that does not fit is reported, not timed
+                try:
+                    run(method)
+                except torch.cuda.OutOfMemoryError:
+                    oom.append(method)
+                    del steps[method], peaks[method]
+                    torch.cuda.empty_cache()
+            seconds = interleaved({m: (lambda m=m: run(m)) for m in steps}, cfg.repeats, cfg.device, warmup=0)
+            weights = {m: p * zoo.DTYPES[cfg.dtype].itemsize / 2**20 for m, p in resident.items()}
+            peak = {m: weights[m] + statistics.median(p) for m, p in peaks.items()}
+            row = {"out_of_memory": oom, "seconds_per_step": summarise(seconds), "extra_peak_memory_mib": {m: spread(p) for m, p in peaks.items()}, "model_memory_mib": weights, "peak_memory_mib": peak}
+            if not oom:
+                row["speedup_stitchvm_over_tweedie"] = ratio(seconds["tweedie"], seconds["stitchvm"])
+                row["memory_ratio_stitchvm_over_tweedie"] = peak["stitchvm"] / peak["tweedie"]
+            out[f"{res}_cfg{int(use_cfg)}"] = row
+            torch.cuda.empty_cache()
+    return out
+
+
+# ---------------------------------------------------------------- table
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
+def _cell(s: dict, unit: float = 1.0, fmt: str = "{:.3g}") -> str:
+    return f"{fmt.format(s['median'] * unit)} [{fmt.format(s['min'] * unit)}, {fmt.format(s['max'] * unit)}]"
+
+
+def table(results: dict) -> str:
+    """The results as markdown: one block per section, medians with [min, max]."""
+    lines = [f"machine: {results['machine']}", ""]
+    r = results.get("nft_epoch")
+    if r:
+        lines += ["| NFT epoch (in process) | s / epoch | sample s | score s | train s | samples/s | transformer evals / sample (rollout + train fwd) |", "|---|---|---|---|---|---|---|"]
+        for e in ("terminal", "stitchvm"):
+            p = r[e]
+            lines.append(f"| {e} | {_cell(r['seconds_per_epoch'][e])} | {p['sample']:.3g} | {p['score']:.3g} | {p['train']:.3g} | {p['samples_per_second']:.3g} | {p['rollout_evals_per_sample']:.3g} + {p['train_forwards_per_sample']:.3g} |")
+        lines += [f"\nterminal / stitchvm seconds per epoch: **{r['speedup_stitchvm_over_terminal']:.2f}x** (transformer evaluations: {r['transformer_evals_ratio']:.2f}x; sampling steps alone: {r['step_count_prediction']:.2f}x)", ""]
+    r = results.get("nft_reach")
+    if r:
+        s = r["speedups"]["estimators"].get("stitchvm", {})
+        reached = f"{s['speedup_seconds']:.2f}x" if s.get("speedup_seconds") else "not reached"
+        lines += [f"NFT on Ray, {r['epochs']} epochs: s / epoch terminal {r['terminal']['seconds_per_epoch']:.3g}, stitchvm {r['stitchvm']['seconds_per_epoch']:.3g} (**{r['seconds_per_epoch_ratio']:.2f}x**); "
+                  f"final eval reward terminal {list(r['terminal']['eval_reward'].values())[-1]:.4f}, stitchvm {list(r['stitchvm']['eval_reward'].values())[-1]:.4f}; time to terminal's final reward: stitchvm {reached}", ""]
+    r = results.get("dps")
+    if r:
+        lines += [f"| DPS ({r['samples']} samples, {r['steps']} steps) | ms / sample | peak memory MiB (models + extra) |", "|---|---|---|"]
+        for m in ("none", "tweedie", "stitchvm"):
+            lines.append(f"| {m} | {_cell(r['seconds_per_sample'][m], 1e3)} | {r['peak_memory_mib'][m]:.0f} ({r['model_memory_mib'][m]:.0f} + {r['extra_peak_memory_mib'][m]['median']:.0f}) |")
+        lines += [f"\nstitchvm vs tweedie: **{r['speedup_stitchvm_over_tweedie']:.2f}x** faster, **{r['memory_ratio_stitchvm_over_tweedie']:.2f}x** peak memory", ""]
+    r = results.get("value")
+    if r:
+        lines += [f"| value estimate (sigma {r['sigma']}) | ms / estimate |", "|---|---|"]
+        lines += [f"| {m} | {_cell(s, 1e3)} |" for m, s in r["seconds_per_estimate"].items()]
+        lines += [""]
+    r = results.get("rollout_scaling")
+    if r:
+        lines += [f"| rollout ({r['samples']} samples, {r['cores']} cores) | samples / s | vs one actor |", "|---|---|---|"]
+        for name, rate in r["samples_per_second"].items():
+            vs = r["scaling_over_one_actor"].get(name)
+            lines.append(f"| {name} | {rate:.3g} | {f'{vs:.2f}x' if vs else '--'} |")
+        lines += [f"\none actor / in process: {r['one_actor_over_in_process']:.2f}", ""]
+    r = results.get("weight_sync")
+    if r:
+        lines += [f"| weight sync (LoRA r={r['lora_rank']}, {r['adapter_mib']:.0f} MiB {r['dtype']}) | seconds |", "|---|---|"]
+        lines += [f"| {name} | {_cell(s)} |" for name, s in r["seconds"].items()] + [""]
+    r = results.get("real_scale")
+    if r:
+        lines += ["| SD3.5-M DPS step (cost model) | TFLOPs none / tweedie / stitchvm | tweedie / stitchvm FLOPs | activations tweedie / stitchvm |", "|---|---|---|---|"]
+        for key, c in r["dps_step"].items():
+            st = c["step"]
+            lines.append(f"| {key} | {st['none']['flops'] / 1e12:.1f} / {st['tweedie']['flops'] / 1e12:.1f} / {st['stitchvm']['flops'] / 1e12:.1f} | {c['flops_ratio_tweedie_over_stitchvm']:.2f}x | {c['activation_ratio_tweedie_over_stitchvm']:.2f}x |")
+        n = r["nft_epoch"]
+        lines += [f"\nSD3.5-M NFT per sample ({n['resolution']}^2): terminal / stitchvm FLOPs {n['flops_ratio_terminal_over_stitchvm']:.2f}x (sampling steps alone: {n['step_count_prediction']:.2f}x)", ""]
+    r = results.get("real_scale_timed")
+    if r:
+        lines += ["| SD3.5-M DPS step (random weights, timed) | ms none / tweedie / stitchvm | tweedie / stitchvm time | peak GiB tweedie / stitchvm |", "|---|---|---|---|"]
+        for key, c in r.items():
+            s, peak = c["seconds_per_step"], c["peak_memory_mib"]
+            ms = " / ".join(f"{s[m]['median'] * 1e3:.0f}" if m in s else "OOM" for m in ("none", "tweedie", "stitchvm"))
+            if c["out_of_memory"]:
+                lines.append(f"| {key} | {ms} | -- | {', '.join(c['out_of_memory'])} out of memory; stitchvm {peak.get('stitchvm', 0) / 1024:.1f} |")
+            else:
+                lines.append(f"| {key} | {ms} | {c['speedup_stitchvm_over_tweedie']:.2f}x | {peak['tweedie'] / 1024:.1f} / {peak['stitchvm'] / 1024:.1f} ({c['memory_ratio_stitchvm_over_tweedie']:.2f}x) |")
+        lines += [""]
+    return "\n".join(lines)
+
+
+def machine(device: str) -> str:
+    gpu = f", {torch.cuda.get_device_name()}" if device == "cuda" else ""
+    return f"{platform.processor() or platform.machine()}, {_cores()} cores{gpu}, torch {torch.__version__}"
+
+
+def main(argv: list[str]) -> dict:
+    cfg = load_config(BenchConfig, argv)
+    check(cfg)
+    if cfg.quick:
+        cfg = dataclasses.replace(cfg, repeats=1, groups=1, actors=[1, 2])
+    run = RunDir(cfg.output_dir, cfg.run_name, cfg)
+    results = {"machine": machine(cfg.device), "quick": cfg.quick, "repeats": cfg.repeats}
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        needs_value = {"nft_epoch", "nft_reach", "dps", "value", "rollout_scaling"} & set(cfg.sections)
+        value_dir = value_model_dir(cfg, scratch) if needs_value else ""
+        for section in cfg.sections:
+            print(f"-- {section}", flush=True)
+            fn = globals()[f"bench_{section}"]
+            args = {"nft_epoch": (cfg, value_dir), "nft_reach": (cfg, value_dir, scratch), "dps": (cfg, value_dir), "value": (cfg, value_dir), "rollout_scaling": (cfg, value_dir)}.get(section, (cfg,))
+            results[section] = fn(*args)
+            run.write_json("bench.json", results)  # after every section: a late failure keeps the rest
+    text = table(results)
+    (run.path / "bench.md").write_text(text + "\n")
+    print(text)
+    print(f"wrote {run.path}")
+    return results
+
+
+if __name__ == "__main__":
+    run_main(main)

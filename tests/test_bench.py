@@ -1,0 +1,65 @@
+"""jobs/bench.py: the quick mode runs every CPU section (numbers are not asserted as speeds: a
+benchmark is not a test), and the counts and shapes it reports are exactly what the code does."""
+
+import json
+
+import pytest
+import torch
+
+from stitchvm_rl import benchmark
+from stitchvm_rl.policy import LORA_TARGETS, SD3Policy
+from test_jobs import run_job
+
+
+def test_quick_bench_runs_every_cpu_section(tmp_path):
+    result = run_job("quick=true", f"output_dir={tmp_path}", cwd=tmp_path, job="bench.py", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert {"nft_epoch", "nft_reach", "dps", "value", "rollout_scaling", "weight_sync", "real_scale"} <= set(out)
+
+    # toy rollouts: 10 DPM-2 steps; stitchvm stops at k ~ U{4..7}; training takes 3 forwards (old, ref,
+    # current) at int(0.99 * 10) = 9 timesteps (terminal) or int(0.99 * 4) = 3 (stitchvm)
+    nft = out["nft_epoch"]
+    assert nft["terminal"]["rollout_evals_per_sample"] == 10
+    assert 4 <= nft["stitchvm"]["rollout_evals_per_sample"] <= 7
+    assert nft["terminal"]["train_forwards_per_sample"] == 27 and nft["stitchvm"]["train_forwards_per_sample"] == 9
+    assert nft["samples_per_epoch"] == 8 and nft["step_count_prediction"] == pytest.approx(10 / 5.5)
+
+    reach = out["nft_reach"]
+    assert reach["epochs"] == 2 and set(reach["terminal"]["eval_reward"]) == {"0", "2"}
+    assert out["dps"]["samples"] == 8 and set(out["dps"]["seconds_per_sample"]) == {"none", "tweedie", "stitchvm"}
+    assert set(out["value"]["seconds_per_estimate"]) == {"stitchvm", "tweedie", "mc4"}
+    assert set(out["rollout_scaling"]["samples_per_second"]) == {"in_process", "1_actors", "2_actors"}
+    assert out["rollout_scaling"]["samples"] == 16
+    assert set(out["weight_sync"]["seconds"]) == {"1_actors", "2_actors"}
+
+    # real scale (meta): the unguided step is a lower bound of both guided ones
+    for step in out["real_scale"]["dps_step"].values():
+        flops = {m: s["flops"] for m, s in step["step"].items()}
+        assert flops["none"] < flops["stitchvm"] < flops["tweedie"]
+    nft_real = out["real_scale"]["nft_epoch"]["per_sample"]
+    assert nft_real["terminal"]["train_forward_equivalents"] == 24 * 5 and nft_real["stitchvm"]["train_forward_equivalents"] == 11 * 5
+    assert "machine:" in (tmp_path / "bench" / "bench.md").read_text()
+
+
+def test_lora_shapes_match_what_peft_creates():
+    """weight_sync sizes its SD3.5-M adapter with lora_shapes: it must be peft's own layout."""
+    policy = SD3Policy.from_pretrained("toyworld")
+    expected = benchmark.lora_shapes(policy.transformer, 4, LORA_TARGETS)
+    policy.add_lora(rank=4, alpha=8)
+    got = {k: tuple(v.shape) for k, v in policy.export_adapter("default").tensors.items()}
+    assert got == expected
+
+
+def test_interleaved_runs_methods_round_robin_and_drops_the_warmup():
+    calls = []
+    seconds = benchmark.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=2, warmup=1)
+    assert calls == ["a", "b"] * 3
+    assert {k: len(v) for k, v in seconds.items()} == {"a": 2, "b": 2}
+
+
+def test_model_mib_counts_each_module_once():
+    linear = torch.nn.Linear(256, 256)  # 65,792 float32 values
+    holder = type("Holder", (), {})()
+    holder.parts = {"x": linear, "y": [linear]}
+    assert benchmark.model_mib(holder, linear) == pytest.approx(65_792 * 4 / 2**20)
