@@ -38,6 +38,7 @@ from stitchvm_rl import benchmark, costs, flow, nft, rewards, toyworld, zoo
 from stitchvm_rl.benchmark import interleaved, ratio, spread
 from stitchvm_rl.config import ConfigError, Range, load_config, run_main
 from stitchvm_rl.tracking import RunDir
+from stitchvm_rl.value.model import check_value_model_dir
 
 SECTIONS = ("nft_epoch", "nft_reach", "dps", "value", "rollout_scaling", "weight_sync", "real_scale", "real_scale_timed")
 CPU_SECTIONS = ["nft_epoch", "nft_reach", "dps", "value", "rollout_scaling", "weight_sync", "real_scale"]
@@ -87,8 +88,11 @@ def check(cfg: BenchConfig) -> None:
         raise ConfigError("section real_scale_timed times SD3.5-M-size models and needs device=cuda")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but torch sees no GPU; use device=cpu")
-    if cfg.value_model and not (Path(cfg.value_model) / "value_model.json").is_file():
-        raise ConfigError(f"value model '{cfg.value_model}' does not exist; build one with `python jobs/stitch.py` and pass its value_model/ directory")
+    if cfg.value_model:
+        try:
+            check_value_model_dir(cfg.value_model, cfg.backbone)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 def load_job(name: str):

@@ -24,10 +24,11 @@ from typing import Annotated, Literal
 import torch
 
 from stitchvm_rl import prompts as prompt_lists
-from stitchvm_rl import rewards, runtime, toyworld
+from stitchvm_rl import rewards, runtime, toyworld, zoo
 from stitchvm_rl.config import ConfigError, Range, load_config, run_main
 from stitchvm_rl.guidance import GuidanceConfig, run_guided
 from stitchvm_rl.tracking import RunDir
+from stitchvm_rl.value.model import check_value_model_dir
 
 METHODS = ("none", "tweedie", "stitchvm", "fk_tweedie", "fk_stitchvm")
 
@@ -72,14 +73,21 @@ class DPSConfig:
 
 def check(cfg: DPSConfig) -> None:
     """Refuse inconsistent settings before any model is loaded."""
+    try:
+        zoo.resolve(cfg.backbone)  # a missing directory or a file fails here, not in every actor
+    except zoo.ModelSourceError as err:
+        raise ConfigError(f"backbone: {err}") from None
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown or not cfg.methods:
         raise ConfigError(f"methods {unknown or '[]'} unknown or empty; choose from {', '.join(METHODS)}")
     for kind in {m.removeprefix("fk_") for m in cfg.methods if m.removeprefix("fk_") != "none"}:
         if kind not in cfg.scales:
             raise ConfigError(f"method '{kind}' has no DPS scale; set scales.{kind}=...")
-    if cfg.value_model and not (Path(cfg.value_model) / "value_model.json").is_file():
-        raise ConfigError(f"value model '{cfg.value_model}' does not exist; build one with `python jobs/stitch.py` and pass its value_model/ directory")
+    if cfg.value_model:
+        try:
+            check_value_model_dir(cfg.value_model, cfg.backbone)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 def default_value_model() -> str:

@@ -30,6 +30,7 @@ from stitchvm_rl.config import ConfigError, Range, load_config, run_main, to_dic
 from stitchvm_rl.learner import NFTTrainConfig, run_learner
 from stitchvm_rl.rollout import ESTIMATORS, RolloutConfig, RolloutWorker, check_rollout_config
 from stitchvm_rl.tracking import RunDir, WandbConfig
+from stitchvm_rl.value.model import check_value_model_dir
 
 
 @dataclass
@@ -92,6 +93,10 @@ class NFTConfig:
 
 def check(cfg: NFTConfig) -> None:
     """Refuse inconsistent settings before any model is loaded."""
+    try:
+        zoo.resolve(cfg.backbone)  # a missing directory or a file fails here, not in every actor
+    except zoo.ModelSourceError as err:
+        raise ConfigError(f"backbone: {err}") from None
     unknown = [e for e in cfg.compare if e not in ESTIMATORS]
     if unknown:
         raise ConfigError(f"compare: unknown estimator(s) {unknown}; choose from {', '.join(ESTIMATORS)}")
@@ -102,8 +107,10 @@ def check(cfg: NFTConfig) -> None:
     except ValueError as err:
         raise ConfigError(f"rollout: {err}") from None
     for d in cfg.value_models:
-        if not (Path(d) / "value_model.json").is_file():
-            raise ConfigError(f"value model '{d}' does not exist; build one with `python jobs/stitch.py` and pass its value_model/ directory")
+        try:
+            check_value_model_dir(d, cfg.backbone)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 def default_value_model() -> str:

@@ -25,7 +25,7 @@ from stitchvm_rl.config import ConfigError, Range, load_config, run_main
 from stitchvm_rl.tracking import RunDir
 from stitchvm_rl.value.evaluate import ValueEvalConfig, evaluate_value_accuracy, plot_accuracy
 from stitchvm_rl.value.search import build_value_model
-from stitchvm_rl.value.train import PolicyImages, StitchDataConfig, StitchTrainConfig, build_dataset, read_image_folder, run_training
+from stitchvm_rl.value.train import PolicyImages, StitchDataConfig, StitchTrainConfig, build_dataset, read_image_folder, run_training, scan_image_folder
 
 
 @dataclass
@@ -70,8 +70,11 @@ def check(cfg: StitchConfig) -> None:
         raise ConfigError("train.objective=regress needs head=scalar and an analytic_reward (e.g. colour_match)")
     if cfg.head == "scalar" and cfg.train.objective != "regress":
         raise ConfigError("head=scalar has no teacher to distil; use train.objective=regress with an analytic_reward")
-    if cfg.data.source == "folder" and not Path(cfg.data.folder).is_dir():
-        raise ConfigError(f"data.folder '{cfg.data.folder}' does not exist; point it at an image folder or use data.source=policy")
+    if cfg.data.source == "folder":
+        try:
+            scan_image_folder(cfg.data.folder, cfg.data.skip_broken_images)  # every image readable, before any model loads
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"data.folder: {err}") from None
     if cfg.data.source == "folder" and cfg.analytic_reward == "colour_match":
         raise ConfigError("colour_match reads toy captions, which folder images do not have; use data.source=policy")
 
@@ -99,7 +102,7 @@ def main(argv: list[str]) -> dict:
         probes, probe_latents = torch.as_tensor(rows["image"]), torch.as_tensor(rows["z0"])
         del sampler
     else:
-        probes = read_image_folder(cfg.data.folder, cfg.probe_images, image_size(cfg))
+        probes = read_image_folder(cfg.data.folder, cfg.probe_images, image_size(cfg), cfg.data.skip_broken_images)
     model, search = build_value_model(
         cfg.backbone, cfg.reward_model, probes, cfg.head, cfg.max_dit_block or None, score_scale=cfg.score_scale, seed=cfg.seed, latents=probe_latents
     )

@@ -32,7 +32,7 @@ import torch
 
 from stitchvm_rl import flow
 from stitchvm_rl.config import Range
-from stitchvm_rl.policy import PromptEmbeds, SD3Policy
+from stitchvm_rl.policy import SD3Policy
 
 
 @dataclass

@@ -117,10 +117,11 @@ class RolloutWorker:
         return sum(model(z, t.to(z.device), prompts).float() for model in self.value_models)
 
     def load_adapter(self, state: AdapterState) -> tuple[int, str]:
-        """Make `state` the data-collection adapter; answer with (version, checksum) for the learner to verify."""
+        """Make `state` the data-collection adapter; answer with (version, checksum of the adapter this
+        actor now holds, read back from its model) for the learner to compare with what it sent."""
         self.policy.load_adapter(state, name="old")
         self.version = state.version
-        return state.version, state.checksum
+        return state.version, self.policy.export_adapter("old").checksum
 
     @torch.no_grad()
     def rollout(self, prompts: list[str], seed: int) -> RolloutBatch:

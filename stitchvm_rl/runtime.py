@@ -38,7 +38,9 @@ def init_ray(num_cpus: int = 8) -> None:
         num_cpus=num_cpus,
         include_dashboard=False,
         _temp_dir=tempfile.mkdtemp(prefix="ray-", dir=os.environ.get("STITCHVM_RAY_TMP", "/tmp")),
-        runtime_env={"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "STITCHVM_CACHE", "WANDB_MODE", "WANDB_API_KEY") if k in os.environ}},
+        # secrets (WANDB_API_KEY, HF_TOKEN) are never put in a runtime env: Ray logs runtime envs
+        # (runtime_env_agent.log); the local raylet inherits this process's environment instead
+        runtime_env={"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "STITCHVM_CACHE", "WANDB_MODE") if k in os.environ}},
     )
 
 

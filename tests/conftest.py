@@ -49,3 +49,15 @@ def _shutdown_ray_at_exit():
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+def load_job(name: str):
+    """A job script as a module (jobs/ is not a package): `load_job("nft").main([...])`."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "jobs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_job", path)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return job

@@ -186,6 +186,11 @@ class StitchedValueModel(nn.Module):
     # ------------------------------------------------------------ forward
     def embed(self, z_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(L2-normalised image embedding (B, P), reward-tail hidden states) of noisy latents."""
+        channels, patch = self.head.pos_embed.proj.in_channels, self.head.patch_size
+        if z_t.dim() != 4 or z_t.shape[1] != channels or z_t.shape[2] % patch or z_t.shape[3] % patch:
+            raise ValueError(f"latents of shape {tuple(z_t.shape)} do not fit this value model: its backbone takes (B, {channels}, H, W) with H and W multiples of {patch}")
+        if t.dim() > 1 or t.numel() not in (1, len(z_t)):
+            raise ValueError(f"noise levels of shape {tuple(t.shape)} do not fit {len(z_t)} latents; pass one per latent, or one for all")
         emb, hidden = self.tail(self.stitch(self.head(z_t, t)))
         return F.normalize(emb.float(), dim=-1), hidden
 
@@ -278,3 +283,26 @@ def null_prompt_embeds(pipe) -> tuple[torch.Tensor, torch.Tensor]:
 def head_fingerprint(head: DiTHead) -> str:
     """Checksum of the frozen DiT head's weights in float32 (independent of the load dtype)."""
     return tensor_checksum({k: v.float() for k, v in head.state_dict().items() if not k.startswith("null_")})
+
+
+def check_value_model_dir(path: str | Path, backbone: str) -> None:
+    """Refuse, before anything is loaded, a value-model directory that is missing, malformed, or was
+    stitched from another backbone than the policy's (its values would not describe this policy's latents)."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        raise ValueError(f"value model '{path}' does not exist; build one with `python jobs/stitch.py` and pass its value_model/ directory")
+    try:
+        recorded = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))["backbone"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"value model '{path}' has a malformed {CONFIG_FILE} ({type(err).__name__}: {err}); rebuild it with `python jobs/stitch.py`") from None
+    if _source_key(recorded) != _source_key(backbone):
+        raise ValueError(
+            f"value model '{path}' was stitched from backbone '{recorded}' but the policy is '{backbone}'; "
+            f"build one for this policy with `python jobs/stitch.py backbone={backbone}`"
+        )
+
+
+def _source_key(source: str) -> str:
+    """A model source as comparable text: an existing directory by its real path, anything else as written."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.is_dir() else source

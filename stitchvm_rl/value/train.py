@@ -55,6 +55,8 @@ class StitchDataConfig:
     """CPUs reserved per Ray Data actor (fractional, so data and learners share a small machine)."""
     actor_gpus: Annotated[float, Range(0)] = 0.0
     """GPUs per Ray Data actor."""
+    skip_broken_images: bool = False
+    """source=folder: skip unreadable images with a counted warning (default: stop, naming the first)."""
 
 
 @dataclass
@@ -153,9 +155,8 @@ def build_dataset(backbone: str, reward_model: str, analytic: str, data: StitchD
 
     common = dict(batch_size=data.batch_size, num_cpus=data.actor_cpus, num_gpus=data.actor_gpus, compute=ray.data.ActorPoolStrategy(size=data.actors))
     if data.source == "folder":
-        if not Path(data.folder).is_dir():
-            raise FileNotFoundError(f"image folder '{data.folder}' does not exist; set data.folder or use data.source=policy")
-        images = ray.data.read_images(data.folder, size=(size, size), mode="RGB", ignore_missing_paths=False)
+        paths = [str(p) for p in scan_image_folder(data.folder, data.skip_broken_images)]
+        images = ray.data.read_images(paths, size=(size, size), mode="RGB", ignore_missing_paths=False)
     else:
         rows = [{"prompt": prompts[n % len(prompts)], "seed": seed * 1_000_003 + n} for n in range(data.num_images)]
         images = ray.data.from_items(rows).map_batches(
@@ -165,13 +166,41 @@ def build_dataset(backbone: str, reward_model: str, analytic: str, data: StitchD
     return targets.materialize()
 
 
-def read_image_folder(folder: str, n: int, size: int) -> torch.Tensor:
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+
+
+def scan_image_folder(folder: str, skip_broken: bool = False) -> list[Path]:
+    """The readable images of a folder, checked before any work starts (PIL's header check, no
+    decode). A broken one stops the job, naming it -- or, with `skip_broken`, is left out and counted."""
+    import warnings
+
+    from PIL import Image
+
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"image folder '{folder}' does not exist; set data.folder or use data.source=policy")
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    good, broken = [], []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+            good.append(path)
+        except Exception as err:  # PIL raises many types for damaged files
+            if not skip_broken:
+                raise ValueError(f"image '{path}' cannot be read ({type(err).__name__}); remove it, or set data.skip_broken_images=true to skip such files") from None
+            broken.append(path)
+    if broken:
+        warnings.warn(f"skipped {len(broken)} unreadable image(s) of {len(paths)} in '{folder}', e.g. '{broken[0].name}'", stacklevel=2)
+    if not good:
+        raise FileNotFoundError(f"image folder '{folder}' holds no readable .png/.jpg/.webp images")
+    return good
+
+
+def read_image_folder(folder: str, n: int, size: int, skip_broken: bool = False) -> torch.Tensor:
     """Up to `n` images of a folder as (n, 3, size, size) in [0, 1] (the stage-1 probes)."""
     from PIL import Image
 
-    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})[:n]
-    if not paths:
-        raise FileNotFoundError(f"image folder '{folder}' holds no .png/.jpg/.webp images")
+    paths = scan_image_folder(folder, skip_broken)[:n]
     arrays = [np.asarray(Image.open(p).convert("RGB").resize((size, size)), dtype=np.float32) / 255.0 for p in paths]
     return torch.as_tensor(np.stack(arrays)).permute(0, 3, 1, 2)
 
