@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +68,8 @@ class NFTTrainConfig:
     """Recompute the transformer's block activations in the backward: memory for ~1/3 more compute (large groups at 512^2+)."""
     max_failures: Annotated[int, Range(-1)] = 2
     """Learner-group restarts Ray Train may make (FailureConfig)."""
+    crash_in_checkpoint: int = -1
+    """Fault injection for tests: rank 1 dies once while writing this epoch's checkpoint (-1: never)."""
 
 
 def train_timesteps(schedule: torch.Tensor, tau: float, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -122,7 +123,7 @@ def evaluate_on_fixed_prompts(policy: SD3Policy, reward, prompts: list[str], ste
 
 def train_loop(loop: dict) -> None:
     """Ray Train worker (see the module docstring for the rank layout)."""
-    from stitchvm_rl.runtime import deepspeed_config, resume_state, setup_deepspeed
+    from stitchvm_rl.runtime import crash_once, deepspeed_config, report_checkpoint, resume_state, setup_deepspeed
 
     device = setup_deepspeed()  # before deepspeed is imported
     import deepspeed
@@ -272,9 +273,9 @@ def train_loop(loop: dict) -> None:
             "device_hours": device_hours,
             "wandb_run_id": tracker.run_id,
         }
-        with tempfile.TemporaryDirectory() as d:  # Ray Train registers it only once every rank has reported
-            engine.save_checkpoint(d, tag="engine", client_state=client, exclude_frozen_parameters=True)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        # fault injection: die after the engine state is written, before the manifest and the report
+        crash = (lambda d: crash_once(run_dir / ".crash-injected")) if epoch == train.crash_in_checkpoint and rank == min(1, world - 1) else None
+        report_checkpoint(metrics, engine, client, exclude_frozen=True, write_extra=crash)  # registered once every rank has reported
 
     # ---------------------------------------------------------------- save
     if rank == 0:
@@ -388,6 +389,8 @@ def _push_adapter(state: AdapterState, actors: list) -> None:
 
 def run_learner(loop: dict, train: NFTTrainConfig, storage_path: str, run_name: str):
     """One TorchTrainer.fit() for the whole run; returns the ray.train Result."""
+    import ray.train
+
     from stitchvm_rl.runtime import torch_trainer
 
     loop_config = {**loop, "train": to_dict(train)}
@@ -395,4 +398,7 @@ def run_learner(loop: dict, train: NFTTrainConfig, storage_path: str, run_name: 
         train_loop, loop_config, train.num_workers, train.use_gpu, train.max_failures, storage_path, run_name,
         gpus_per_worker=train.gpus_per_worker, resources=train.resources_per_worker,
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as err:  # the workers' own error, in one line (the snippet's last)
+        raise RuntimeError(f"NFT training failed: {str(err).strip().splitlines()[-1]}") from err

@@ -9,9 +9,12 @@ On an autoscaling cluster a job first asks the autoscaler for everything it will
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 import time
+from pathlib import Path
 
 # Single-machine defaults that Ray 2.60 needs on a laptop or CI box (feasibility notes §5): no token
 # auth, and loopback as the node address. Set before `ray` is imported; users can override them.
@@ -124,16 +127,70 @@ def deepspeed_config(zero_stage: int, micro_batch: int, grad_accum: int, device:
     }
 
 
+def report_checkpoint(metrics: dict, engine, client_state: dict, exclude_frozen: bool = False, write_extra=None) -> None:
+    """Inside a Ray Train loop: report `metrics` with this rank's part of a checkpoint -- the DeepSpeed
+    engine state (tag "engine"; `exclude_frozen` leaves frozen weights out), whatever `write_extra(dir)`
+    adds, and a sha256 manifest of every file this rank wrote (checksums-rank<r>.json). It is written to
+    a temporary directory and Ray Train registers the checkpoint only once every rank has reported, so
+    a crash mid-write leaves the previous checkpoint as the latest."""
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    with tempfile.TemporaryDirectory() as d:
+        engine.save_checkpoint(d, tag="engine", client_state=client_state, exclude_frozen_parameters=exclude_frozen)
+        if write_extra is not None:
+            write_extra(Path(d))
+        manifest = {str(p.relative_to(d)): _sha256(p) for p in sorted(Path(d).rglob("*")) if p.is_file()}
+        (Path(d) / f"checksums-rank{rank}.json").write_text(json.dumps(manifest, indent=1))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def verify_checkpoint(directory: str | Path, name: str = "") -> None:
+    """Refuse a checkpoint whose files do not match the manifests its ranks wrote (truncated by a
+    full disk, damaged in storage): it is never loaded silently."""
+    directory = Path(directory)
+    manifests = sorted(directory.glob("checksums-rank*.json"))
+    if not manifests:
+        raise ValueError(f"checkpoint {name or directory} has no checksum manifest (checksums-rank*.json); it was not written by this version, or not completely")
+    for manifest in manifests:
+        for rel, digest in json.loads(manifest.read_text()).items():
+            path = directory / rel
+            if not path.is_file() or _sha256(path) != digest:
+                raise ValueError(
+                    f"checkpoint {name or directory}: file '{rel}' is missing, truncated or corrupted (sha256 mismatch); "
+                    "delete that checkpoint directory to resume from the one before it"
+                )
+
+
+def crash_once(marker: Path) -> None:
+    """Fault injection for tests: a hard worker death (as a preempted node), once per run (`marker`
+    remembers it). The pause lets the controller commit the previous epoch's checkpoint first, as in
+    a real run where preemptions do not come right after a report."""
+    if not marker.exists():
+        marker.touch()
+        time.sleep(3)
+        os._exit(1)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def resume_state(engine, load_module_strict: bool = True) -> dict:
     """Inside a Ray Train loop: load the run's latest checkpoint (a DeepSpeed engine state saved with
-    tag "engine" and a client state holding at least {"epoch": n}) if there is one; returns that client
-    state, or {} for a fresh run."""
+    tag "engine" and a client state holding at least {"epoch": n}), after checking it against its
+    checksum manifests; returns that client state, or {} for a fresh run."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if not checkpoint:
         return {}
     with checkpoint.as_directory() as d:
+        verify_checkpoint(d, checkpoint.path)
         _, client = engine.load_checkpoint(d, tag="engine", load_module_strict=load_module_strict)
     return client
 

@@ -119,3 +119,26 @@ def test_async_rollouts_lag_one_version_and_resume_exactly(tmp_path):
 def test_inconsistent_settings_stop_before_any_work(tmp_path, args, message):
     with pytest.raises(ConfigError, match=message):
         load_job().main([f"output_dir={tmp_path}", *args])
+
+
+def test_a_learner_killed_mid_checkpoint_resumes_from_the_previous_one_and_damage_is_refused(tmp_path):
+    """Rank 1 dies hard while writing epoch 1's checkpoint: Ray Train restarts the learner group from
+    epoch 0's checkpoint (the half-written one was never registered) and the run ends as an
+    uninterrupted one. Then a truncated checkpoint file is found by its checksum, never loaded."""
+    job = load_job()
+    job.main([f"output_dir={tmp_path}", "run_name=straight", "epochs=3", *TINY])
+    job.main([f"output_dir={tmp_path}", "run_name=killed", "epochs=3", "train.crash_in_checkpoint=1", *TINY])
+    assert (tmp_path / "killed" / ".crash-injected").is_file()
+    straight = {m["epoch"]: m for m in _metrics(tmp_path / "straight") if m["epoch"] >= 0}
+    lines = [m for m in _metrics(tmp_path / "killed") if m["epoch"] >= 0]
+    assert [m["epoch"] for m in lines] == [0, 1, 1, 2]  # epoch 1 ran again after the restart
+    assert lines[-1]["resumed_from_epoch"] == 1
+    for m in lines:
+        for key in COMPARED:
+            assert m[key] == pytest.approx(straight[m["epoch"]][key], rel=1e-5, abs=1e-9), (m["epoch"], key)
+
+    checkpoints = sorted(p.parent for p in (tmp_path / "ray" / "killed").rglob("checksums-rank0.json"))
+    victim = max((p for p in checkpoints[-1].rglob("*") if p.is_file() and p.suffix == ".pt"), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # a torn write / a full disk
+    with pytest.raises(RuntimeError, match="sha256 mismatch"):
+        job.main([f"output_dir={tmp_path}", "run_name=killed", "epochs=4", "train.max_failures=0", *TINY])

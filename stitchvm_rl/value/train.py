@@ -13,9 +13,6 @@ so a restarted worker group (FailureConfig) or a re-run with the same name resum
 
 from __future__ import annotations
 
-import os
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
@@ -215,7 +212,7 @@ def distill_loss(student_embeds, student_tokens, batch, token_weight: float, smo
 
 def train_loop(loop_config: dict) -> None:
     """Ray Train worker: DeepSpeed engine over the value model's trainable parts."""
-    from stitchvm_rl.runtime import deepspeed_config, resume_epoch, setup_deepspeed
+    from stitchvm_rl.runtime import crash_once, deepspeed_config, report_checkpoint, resume_epoch, setup_deepspeed
 
     device = setup_deepspeed()  # before deepspeed is imported: it picks its accelerator on import
     import deepspeed
@@ -265,29 +262,16 @@ def train_loop(loop_config: dict) -> None:
             engine.step()
             steps += 1
             if epoch == train.crash_after_epoch + 1 and rank == min(1, world - 1):
-                _inject_crash(Path(loop_config["run_dir"]) / ".crash-injected")
+                crash_once(Path(loop_config["run_dir"]) / ".crash-injected")
             for k, v in {"loss": loss.item(), **parts}.items():
                 totals[k] = totals.get(k, 0.0) + v
         metrics = {"epoch": epoch, "steps": steps, "world_size": world, "resumed_from_epoch": start, **{k: v / max(steps, 1) for k, v in totals.items()}}
         last = epoch == train.epochs - 1
         if (epoch + 1) % train.checkpoint_every == 0 or last:
-            with tempfile.TemporaryDirectory() as d:
-                engine.save_checkpoint(d, tag="engine", client_state={"epoch": epoch})
-                if rank == 0:
-                    engine.module.save(Path(d) / "value_model")
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            export = (lambda d: engine.module.save(d / "value_model")) if rank == 0 else None
+            report_checkpoint(metrics, engine, {"epoch": epoch}, write_extra=export)
         else:
             ray.train.report(metrics)
-
-
-def _inject_crash(marker: Path) -> None:
-    """Fault injection for tests: a hard worker death in the middle of an epoch, once per run.
-    The pause lets the controller commit the previous epoch's checkpoint first, as in a real run
-    where preemptions do not come right after a report."""
-    if not marker.exists():
-        marker.touch()
-        time.sleep(3)
-        os._exit(1)
 
 
 def run_training(init_dir: Path, run_dir: Path, storage_path: str, run_name: str, train: StitchTrainConfig, dataset, seed: int):
