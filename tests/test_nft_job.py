@@ -142,3 +142,38 @@ def test_a_learner_killed_mid_checkpoint_resumes_from_the_previous_one_and_damag
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # a torn write / a full disk
     with pytest.raises(RuntimeError, match="sha256 mismatch"):
         job.main([f"output_dir={tmp_path}", "run_name=killed", "epochs=4", "train.max_failures=0", *TINY])
+
+
+def test_a_killed_driver_is_resumed_by_running_the_same_command_again(tmp_path):
+    """The whole driver (and the local Ray cluster it started) dies with SIGKILL after a checkpoint;
+    the same command again resumes the run: same wandb run id, the step axis continues, the run ends."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    args = [sys.executable, str(ROOT / "jobs" / "nft.py"), f"output_dir={tmp_path}", "run_name=driver", "epochs=4", "wandb.mode=offline", "wandb.project=test", *TINY]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    first = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    metrics, deadline = tmp_path / "driver" / "metrics.jsonl", time.time() + 600
+    try:
+        # wait until epoch 1 is logged and its checkpoint registered (two checkpoints on storage)
+        while time.time() < deadline and first.poll() is None:
+            done = [m["epoch"] for m in _metrics(tmp_path / "driver")] if metrics.is_file() else []
+            if 1 in done and len(list((tmp_path / "ray" / "driver").glob("checkpoint_*"))) >= 2:
+                break
+            time.sleep(0.5)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the driver and everything it started
+        first.wait()
+    assert first.returncode == -signal.SIGKILL
+    before = _metrics(tmp_path / "driver")
+    assert max(m["epoch"] for m in before) < 3  # killed mid-run
+
+    second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    lines = [m for m in _metrics(tmp_path / "driver") if m["epoch"] >= 0]
+    last = {m["epoch"]: m for m in lines}
+    assert sorted(last) == [0, 1, 2, 3] and lines[-1]["resumed_from_epoch"] >= 1
+    assert [last[e]["global_step"] for e in range(4)] == [1, 2, 3, 4]
+    assert len({m["wandb_run_id"] for m in lines}) == 1 and lines[0]["wandb_run_id"]
