@@ -99,11 +99,14 @@ def wait_for_bundles(bundles: list[dict[str, float]], what: str, timeout_s: floa
 def setup_deepspeed() -> str:
     """Pick DeepSpeed's accelerator before it is imported; returns "cuda" or "cpu".
 
-    On CPU: DeepSpeed's CPU accelerator with gloo, and its shared-memory all-reduce op marked
+    Checkpoints are unpickled tensors-only. On CPU: DeepSpeed's CPU accelerator with gloo, and its shared-memory all-reduce op marked
     unavailable -- it is only for inference, yet its first use JIT-compiles for ~2 minutes.
     """
     import torch
 
+    # DeepSpeed reads checkpoints with torch.load(weights_only=False): force torch's tensors-only
+    # unpickler, so a checkpoint on shared storage can hold tensors and plain data, never code
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -186,10 +189,16 @@ def resume_state(engine, load_module_strict: bool = True) -> dict:
     checksum manifests; returns that client state, or {} for a fresh run."""
     import ray.train
 
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
     checkpoint = ray.train.get_checkpoint()
     if not checkpoint:
         return {}
-    with checkpoint.as_directory() as d:
+    # the plain-data DeepSpeed classes its checkpoints hold, for the tensors-only unpickler (setup_deepspeed)
+    with checkpoint.as_directory() as d, torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
         verify_checkpoint(d, checkpoint.path)
         _, client = engine.load_checkpoint(d, tag="engine", load_module_strict=load_module_strict)
     return client

@@ -267,3 +267,26 @@ def test_a_sync_whose_answer_differs_from_what_was_sent_stops_the_run():
             _push_adapter(state, [good, lossy])
     finally:
         ray.kill(good), ray.kill(lossy)
+
+
+def test_learner_processes_unpickle_checkpoints_tensors_only(tmp_path):
+    """DeepSpeed calls torch.load(weights_only=False); in a learner process (after setup_deepspeed)
+    a checkpoint file that carries code is refused instead of run."""
+    script = (
+        "import os, pickle, sys, torch\n"
+        "from stitchvm_rl.runtime import setup_deepspeed\n"
+        "class Payload:\n"
+        "    def __reduce__(self):\n"
+        "        return (os.system, ('echo pwned > ' + sys.argv[1],))\n"
+        "path = sys.argv[1] + '.pt'\n"
+        "torch.save({'w': torch.zeros(2), 'x': Payload()}, path)\n"
+        "setup_deepspeed()\n"
+        "try:\n"
+        "    torch.load(path, weights_only=False)\n"
+        "except pickle.UnpicklingError as err:\n"
+        "    print('refused:', 'weights_only' in str(err) or 'Weights only' in str(err))\n"
+    )
+    marker = tmp_path / "pwned"
+    result = subprocess.run([sys.executable, "-c", script, str(marker)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "refused: True" in result.stdout and not marker.exists()
