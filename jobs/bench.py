@@ -81,6 +81,7 @@ class BenchConfig:
 
 
 def check(cfg: BenchConfig) -> None:
+    zoo.check_source(cfg.backbone, "backbone")
     unknown = [s for s in cfg.sections if s not in SECTIONS]
     if unknown or not cfg.sections:
         raise ConfigError(f"sections {unknown or '[]'} unknown or empty; choose from {', '.join(SECTIONS)}")
@@ -89,10 +90,7 @@ def check(cfg: BenchConfig) -> None:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but torch sees no GPU; use device=cpu")
     if cfg.value_model:
-        try:
-            check_value_model_dir(cfg.value_model, cfg.backbone)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+        check_value_model_dir(cfg.value_model, cfg.backbone)
 
 
 def load_job(name: str):

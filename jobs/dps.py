@@ -73,10 +73,7 @@ class DPSConfig:
 
 def check(cfg: DPSConfig) -> None:
     """Refuse inconsistent settings before any model is loaded."""
-    try:
-        zoo.resolve(cfg.backbone)  # a missing directory or a file fails here, not in every actor
-    except zoo.ModelSourceError as err:
-        raise ConfigError(f"backbone: {err}") from None
+    zoo.check_source(cfg.backbone, "backbone")
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown or not cfg.methods:
         raise ConfigError(f"methods {unknown or '[]'} unknown or empty; choose from {', '.join(METHODS)}")
@@ -84,10 +81,7 @@ def check(cfg: DPSConfig) -> None:
         if kind not in cfg.scales:
             raise ConfigError(f"method '{kind}' has no DPS scale; set scales.{kind}=...")
     if cfg.value_model:
-        try:
-            check_value_model_dir(cfg.value_model, cfg.backbone)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+        check_value_model_dir(cfg.value_model, cfg.backbone)
 
 
 def default_value_model() -> str:

@@ -93,10 +93,7 @@ class NFTConfig:
 
 def check(cfg: NFTConfig) -> None:
     """Refuse inconsistent settings before any model is loaded."""
-    try:
-        zoo.resolve(cfg.backbone)  # a missing directory or a file fails here, not in every actor
-    except zoo.ModelSourceError as err:
-        raise ConfigError(f"backbone: {err}") from None
+    zoo.check_source(cfg.backbone, "backbone")
     unknown = [e for e in cfg.compare if e not in ESTIMATORS]
     if unknown:
         raise ConfigError(f"compare: unknown estimator(s) {unknown}; choose from {', '.join(ESTIMATORS)}")
@@ -107,10 +104,7 @@ def check(cfg: NFTConfig) -> None:
     except ValueError as err:
         raise ConfigError(f"rollout: {err}") from None
     for d in cfg.value_models:
-        try:
-            check_value_model_dir(d, cfg.backbone)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+        check_value_model_dir(d, cfg.backbone)
 
 
 def default_value_model() -> str:

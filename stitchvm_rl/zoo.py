@@ -326,6 +326,17 @@ def resolve(source: str) -> str:
     )
 
 
+def check_source(source: str, key: str) -> None:
+    """A job's config check: refuse a model source that cannot resolve (a missing directory, a file),
+    naming the config key -- before any actor or worker tries to load it."""
+    from stitchvm_rl.config import ConfigError
+
+    try:
+        resolve(source)
+    except ModelSourceError as err:
+        raise ConfigError(f"{key}: {err}") from None
+
+
 def _load_error(source: str, kind: str, err: Exception) -> ModelSourceError:
     if Path(source).is_dir():
         return ModelSourceError(f"'{source}' is not a loadable {kind} directory ({type(err).__name__}: {err})")

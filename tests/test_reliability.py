@@ -2,6 +2,7 @@
 unpickled; the config parser and the prompt-file reader survive fuzzing (hypothesis)."""
 
 import ast
+import functools
 import json
 import os
 import shutil
@@ -225,13 +226,7 @@ def test_fuzz_prompt_file_reader(tmp_path, data):
         assert got and all(p and p == p.strip() and "\n" not in p for p in got)
 
 
-_NFT = {}
-
-
-def _nft_job():
-    if not _NFT:
-        _NFT["job"] = load_job("nft")
-    return _NFT["job"]
+_nft_job = functools.cache(lambda: load_job("nft"))
 
 
 

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from stitchvm_rl import zoo
+from stitchvm_rl.config import ConfigError
 from stitchvm_rl.policy import tensor_checksum
 from stitchvm_rl.rewards import AestheticMLP
 
@@ -286,17 +287,17 @@ def head_fingerprint(head: DiTHead) -> str:
 
 
 def check_value_model_dir(path: str | Path, backbone: str) -> None:
-    """Refuse, before anything is loaded, a value-model directory that is missing, malformed, or was
-    stitched from another backbone than the policy's (its values would not describe this policy's latents)."""
+    """Refuse (ConfigError), before anything is loaded, a value-model directory that is missing, malformed,
+    or was stitched from another backbone than the policy's (its values would not describe this policy's latents)."""
     path = Path(path)
     if not (path / CONFIG_FILE).is_file():
-        raise ValueError(f"value model '{path}' does not exist; build one with `python jobs/stitch.py` and pass its value_model/ directory")
+        raise ConfigError(f"value model '{path}' does not exist; build one with `python jobs/stitch.py` and pass its value_model/ directory")
     try:
         recorded = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))["backbone"]
     except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"value model '{path}' has a malformed {CONFIG_FILE} ({type(err).__name__}: {err}); rebuild it with `python jobs/stitch.py`") from None
+        raise ConfigError(f"value model '{path}' has a malformed {CONFIG_FILE} ({type(err).__name__}: {err}); rebuild it with `python jobs/stitch.py`") from None
     if _source_key(recorded) != _source_key(backbone):
-        raise ValueError(
+        raise ConfigError(
             f"value model '{path}' was stitched from backbone '{recorded}' but the policy is '{backbone}'; "
             f"build one for this policy with `python jobs/stitch.py backbone={backbone}`"
         )
