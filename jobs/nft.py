@@ -107,16 +107,19 @@ def check(cfg: NFTConfig) -> None:
         check_value_model_dir(d, cfg.backbone)
 
 
+DEFAULT_VALUE_MODEL = "stitch-default-2"  # renamed when jobs/stitch.py's defaults change, so a stale cached build is not reused
+
+
 def default_value_model() -> str:
     """jobs/stitch.py with its defaults, built once and cached (keyed by run name and zoo version)."""
     out = zoo.cache_dir() / "value_models"
-    path = out / "stitch-default" / "value_model"
+    path = out / DEFAULT_VALUE_MODEL / "value_model"
     if not (path / "value_model.json").is_file():
         spec = importlib.util.spec_from_file_location("stitch_job", Path(__file__).with_name("stitch.py"))
         job = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(job)
         print(f"building the default value model into {path} (once)")
-        job.main([f"output_dir={out}", "run_name=stitch-default"])
+        job.main([f"output_dir={out}", f"run_name={DEFAULT_VALUE_MODEL}"])
     return str(path)
 
 
@@ -225,12 +228,10 @@ def train_one(cfg: NFTConfig) -> dict:
             "wandb": to_dict(cfg.wandb),
             "config": to_dict(cfg),
         }
-        result = run_learner(loop, cfg.train, storage, cfg.run_name)
+        run_learner(loop, cfg.train, storage, cfg.run_name)
     finally:
         stop_actors(actors)
         runtime.request_resources([])  # withdraw the request: the autoscaler may scale down
-    if result.error is not None:
-        raise RuntimeError(f"NFT training failed: {result.error}")
     metrics = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     epochs = [m for m in metrics if m["epoch"] >= 0]
     evals = [m for m in metrics if "eval_reward_mean" in m]

@@ -40,6 +40,8 @@ class StitchConfig:
     """SD3 pipeline whose first blocks form the head: hub id, local dir, 'toyworld'."""
     reward_model: str = "toyworld-clip"
     """CLIP reward model whose later blocks form the tail: hub id, local dir, 'toyworld-clip'."""
+    head_conditioning: Literal["empty", "prompt"] = "prompt"
+    """What the DiT head reads: the policy's embedding of the sample's prompt, or the empty prompt (the paper's)."""
     head: Literal["clip", "aesthetic", "scalar"] = "clip"
     """Value head: CLIP cosine with the prompt, aesthetic MLP, or a scalar (for analytic rewards)."""
     analytic_reward: str = ""
@@ -75,6 +77,8 @@ def check(cfg: StitchConfig) -> None:
             scan_image_folder(cfg.data.folder, cfg.data.skip_broken_images)  # every image readable, before any model loads
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(f"data.folder: {err}") from None
+    if cfg.data.source == "folder" and cfg.head_conditioning == "prompt":
+        raise ConfigError("folder images have no captions, so a head that reads the prompt cannot learn from them; set head_conditioning=empty (or data.source=policy)")
     if cfg.data.source == "folder" and cfg.analytic_reward == "colour_match":
         raise ConfigError("colour_match reads toy captions, which folder images do not have; use data.source=policy")
 
@@ -104,7 +108,8 @@ def main(argv: list[str]) -> dict:
     else:
         probes = read_image_folder(cfg.data.folder, cfg.probe_images, image_size(cfg), cfg.data.skip_broken_images)
     model, search = build_value_model(
-        cfg.backbone, cfg.reward_model, probes, cfg.head, cfg.max_dit_block or None, score_scale=cfg.score_scale, seed=cfg.seed, latents=probe_latents
+        cfg.backbone, cfg.reward_model, probes, cfg.head, cfg.max_dit_block or None, score_scale=cfg.score_scale, seed=cfg.seed, latents=probe_latents,
+        head_conditioning=cfg.head_conditioning, prompts=probe_prompts if cfg.data.source == "policy" else None,
     )
     run.write_json("stitch_search.json", {"best": [search.best_i, search.best_j], "table": search.table})
     print(f"stage 1: stitching DiT block {search.best_i} to reward-model block {search.best_j} ({time.perf_counter() - start:.0f} s)")
@@ -118,11 +123,10 @@ def main(argv: list[str]) -> dict:
     try:
         dataset = build_dataset(cfg.backbone, cfg.reward_model, cfg.analytic_reward, cfg.data, prompts, cfg.seed, image_size(cfg))
         runtime.wait_for_bundles(learner_bundles, f"group of {cfg.train.num_workers} learner ranks", 0)
-        result = run_training(init_dir, run.path, storage, cfg.run_name, cfg.train, dataset, cfg.seed)
+        row_prompts = prompts if cfg.data.source == "policy" else [""]  # folder images have no captions
+        result = run_training(init_dir, run.path, storage, cfg.run_name, cfg.train, dataset, cfg.seed, cfg.backbone, row_prompts)
     finally:
         runtime.request_resources([])
-    if result.error is not None:
-        raise RuntimeError(f"stage 2 failed: {result.error}")
     with result.checkpoint.as_directory() as d:
         shutil.rmtree(run.path / "value_model", ignore_errors=True)
         shutil.copytree(Path(d) / "value_model", run.path / "value_model")

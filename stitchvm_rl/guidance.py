@@ -102,21 +102,21 @@ class TweedieValue:
 class StitchValue:
     """V = the stitched value model; the policy's velocity is computed without autograd."""
 
-    def __init__(self, value_model):
-        self.model = value_model
+    def __init__(self, policy: SD3Policy, value_model):
+        self.policy, self.model = policy, value_model
 
     def velocity_and_gradient(self, policy: SD3Policy, z, t, cond, prompts, cfg_scale):
         with torch.no_grad():
             v = policy.velocity(z, t, cond, cfg_scale)
         z = z.detach().requires_grad_(True)
         with torch.enable_grad():
-            value = self.model(z, t, prompts).float()
+            value = self.model(z, t, prompts, cond).float()
             (grad,) = torch.autograd.grad(value.sum(), z)
         return v, grad, value.detach()
 
     @torch.no_grad()
     def value(self, z, t, prompts):
-        return self.model(z, t, prompts).float()
+        return self.model(z, t, prompts, self.policy.encode_prompts(prompts)).float()
 
 
 def _rms_normalise(grad: torch.Tensor) -> torch.Tensor:
@@ -208,7 +208,7 @@ def build_value(method: str, policy: SD3Policy, reward=None, value_model=None, c
     if kind == "stitchvm":
         if value_model is None:
             raise ValueError(f"method '{method}' needs a value model (build one with jobs/stitch.py)")
-        return StitchValue(value_model)
+        return StitchValue(policy, value_model)
     raise ValueError(f"unknown guidance method '{method}'; choose none, tweedie, stitchvm, fk_tweedie or fk_stitchvm")
 
 

@@ -389,16 +389,11 @@ def _push_adapter(state: AdapterState, actors: list) -> None:
 
 def run_learner(loop: dict, train: NFTTrainConfig, storage_path: str, run_name: str):
     """One TorchTrainer.fit() for the whole run; returns the ray.train Result."""
-    import ray.train
-
-    from stitchvm_rl.runtime import torch_trainer
+    from stitchvm_rl.runtime import fit, torch_trainer
 
     loop_config = {**loop, "train": to_dict(train)}
     trainer = torch_trainer(
         train_loop, loop_config, train.num_workers, train.use_gpu, train.max_failures, storage_path, run_name,
         gpus_per_worker=train.gpus_per_worker, resources=train.resources_per_worker,
     )
-    try:
-        return trainer.fit()
-    except ray.train.TrainingFailedError as err:  # the workers' own error, in one line (the snippet's last)
-        raise RuntimeError(f"NFT training failed: {str(err).strip().splitlines()[-1]}") from err
+    return fit(trainer, "NFT training")

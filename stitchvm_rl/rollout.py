@@ -113,8 +113,8 @@ class RolloutWorker:
         scoring = ValueEvalConfig(steps=cfg.num_steps, cfg_scale=1.0, noise_level=cfg.noise_level, batch_size=cfg.batch_size)
         self.estimators = Estimators(self.policy, self._value, reward, scoring)
 
-    def _value(self, z: torch.Tensor, t: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return sum(model(z, t.to(z.device), prompts).float() for model in self.value_models)
+    def _value(self, z: torch.Tensor, t: torch.Tensor, prompts: list[str], cond=None) -> torch.Tensor:
+        return sum(model(z, t.to(z.device), prompts, cond).float() for model in self.value_models)
 
     def load_adapter(self, state: AdapterState) -> tuple[int, str]:
         """Make `state` the data-collection adapter; answer with (version, checksum of the adapter this

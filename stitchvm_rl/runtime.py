@@ -237,6 +237,17 @@ def torch_trainer(train_fn, loop_config: dict, num_workers: int, use_gpu: bool, 
     )
 
 
+def fit(trainer, what: str):
+    """`trainer.fit()`, with a failure of the workers raised as one line naming `what` (Ray Train's
+    TrainingFailedError carries the whole remote traceback; its last line is the workers' own error)."""
+    import ray.train
+
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        raise RuntimeError(f"{what} failed: {str(err).strip().splitlines()[-1]}") from err
+
+
 class PeakMemory:
     """Peak memory of the code inside `with PeakMemory(device) as peak:` in MiB (`peak.mib`).
 

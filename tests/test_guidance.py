@@ -36,7 +36,7 @@ def test_stitchvm_guidance_never_decodes_and_no_block_after_i_gets_a_gradient(to
     noise = toy_policy.initial_noise(2, torch.Generator().manual_seed(0))
     seen, handles = _watch(toy_policy, stitched)
     try:
-        dps_sample(toy_policy, PROMPTS, StitchValue(stitched), cfg, noise, torch.Generator().manual_seed(1))
+        dps_sample(toy_policy, PROMPTS, StitchValue(toy_policy, stitched), cfg, noise, torch.Generator().manual_seed(1))
         assert seen["decode"] == 0
         assert seen["grad"] == {("value head", n) for n in range(i)}  # blocks 1..i of the head only
         # the same hooks do see Tweedie's gradient run through every block and the decoder

@@ -71,6 +71,7 @@ BAD_JOB_INPUTS = [
     ("dps", ["value_model={d}/vm_other/value_model"], "was stitched from backbone 'tiny-sd3'"),
     ("stitch", ["data.source=folder", "data.folder={d}/images"], "broken.png' cannot be read"),
     ("stitch", ["data.source=folder", "data.folder={d}/nowhere"], "does not exist"),
+    ("stitch", ["data.source=folder", "data.folder={d}/images", "data.skip_broken_images=true"], "folder images have no captions"),
     ("cost", ["resolution=100"], "must be a multiple of 16"),
     ("bench", ["sections=[warp]"], "unknown or empty"),
 ]
@@ -262,6 +263,22 @@ def test_a_sync_whose_answer_differs_from_what_was_sent_stops_the_run():
             _push_adapter(state, [good, lossy])
     finally:
         ray.kill(good), ray.kill(lossy)
+
+
+def test_a_failing_learner_stops_the_job_with_its_own_error_in_one_line(tmp_path):
+    """Ray Train wraps a rank's exception in a TrainingFailedError carrying the remote traceback;
+    the jobs raise the rank's own error instead, in one line that names the stage."""
+    from stitchvm_rl import runtime
+
+    def train_loop(config):
+        raise ValueError("rank-side failure")
+
+    runtime.init_ray(4)
+    trainer = runtime.torch_trainer(train_loop, {}, 1, False, 0, str(tmp_path), "fails")
+    with pytest.raises(RuntimeError) as err:
+        runtime.fit(trainer, "stage 2 (stitch finetuning)")
+    assert str(err.value).startswith("stage 2 (stitch finetuning) failed: ")
+    assert "ValueError: rank-side failure" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_learner_processes_unpickle_checkpoints_tensors_only(tmp_path):

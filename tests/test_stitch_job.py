@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from stitchvm_rl.config import ConfigError
+from stitchvm_rl.policy import SD3Policy
 from stitchvm_rl.value.model import StitchedValueModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,8 +57,11 @@ def test_stitch_job_survives_a_killed_learner_and_exports_the_value_model(tmp_pa
     cost = summary["value_accuracy"]["cost"]
     assert cost["stitchvm"]["flops_per_estimate_at_mid_sigma"] < cost["tweedie"]["flops_per_estimate_at_mid_sigma"] < cost["mc"]["flops_per_estimate_at_mid_sigma"]
     model = StitchedValueModel.from_pretrained(run / "value_model")
+    assert model.config.head_conditioning == "prompt"  # the default: the head reads the policy's prompt embedding
+    prompts = ["a red circle on the left"] * 2
     with torch.no_grad():
-        assert torch.isfinite(model(torch.randn(2, 16, 8, 8), torch.tensor([0.3, 0.6]), ["a red circle on the left"] * 2)).all()
+        cond = SD3Policy.from_pretrained("toyworld").encode_prompts(prompts)
+        assert torch.isfinite(model(torch.randn(2, 16, 8, 8), torch.tensor([0.3, 0.6]), prompts, cond)).all()
 
 
 @pytest.mark.parametrize(

@@ -90,3 +90,58 @@ def test_save_load_reproduces_outputs_and_refuses_damage(toy_value, tmp_path):
         StitchedValueModel.from_pretrained(tmp_path / "vm2")
     with pytest.raises(FileNotFoundError, match="not a value model directory"):
         StitchedValueModel.from_pretrained(tmp_path)
+
+
+def test_head_blocks_are_trained_and_saved_only_when_asked(toy_value, tmp_path):
+    """train.train_head: the head's blocks join the trainable set and are saved with the model;
+    otherwise a load re-reads them from the backbone, so a change to them is never kept."""
+    import copy
+
+    base, _, captions = toy_value
+    model = copy.deepcopy(base)
+    n_trainable = len(model.trainable_parameters())
+    with torch.no_grad():
+        for p in model.head.blocks.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    z, t = torch.randn(4, 16, 8, 8), torch.rand(4)
+    with torch.no_grad():
+        changed, original = model(z, t, captions[:4]), base(z, t, captions[:4])
+        assert not torch.allclose(changed, original)
+        assert torch.allclose(StitchedValueModel.from_pretrained(model.save(tmp_path / "frozen"))(z, t, captions[:4]), original, atol=1e-6)
+        model.config.head_trained = True
+        assert len(model.trainable_parameters()) == n_trainable + len(list(model.head.blocks.parameters()))
+        assert torch.allclose(StitchedValueModel.from_pretrained(model.save(tmp_path / "trained"))(z, t, captions[:4]), changed, atol=1e-6)
+
+
+def test_a_prompt_conditioned_head_is_the_base_models_conditional_pass(tmp_path):
+    """head_conditioning=prompt: the head's tokens after block i equal those of the base transformer's
+    own forward with that prompt; the model refuses to run without the prompt embeddings, and a
+    saved model loads with its conditioning."""
+    from stitchvm_rl.policy import SD3Policy
+
+    policy = SD3Policy.from_pretrained("toyworld")
+    gen = torch.Generator().manual_seed(3)
+    captions = toyworld.random_captions(16, gen)
+    model, _ = build_value_model("toyworld", "toyworld-clip", toyworld.render(captions, gen), max_dit_block=2, rm_blocks=(1,), head_conditioning="prompt", prompts=captions)
+    z, t = torch.randn(4, *policy.latent_shape, generator=gen), torch.full((4,), 0.6)
+    cond = policy.encode_prompts(captions[:4])
+
+    i = model.config.dit_block
+    seen = {}
+    hook = policy.transformer.transformer_blocks[i - 1].register_forward_hook(lambda module, args, out: seen.update(tokens=out[1]))  # returns None: output kept
+    with torch.no_grad():
+        policy.transformer(hidden_states=z, timestep=1000 * t, encoder_hidden_states=cond.embeds, pooled_projections=cond.pooled)
+        head = model.head(z, t, cond)
+    hook.remove()
+    assert torch.allclose(head.flatten(2).transpose(1, 2), seen["tokens"], atol=1e-5)
+
+    with torch.no_grad():
+        values = model(z, t, captions[:4], cond)
+        with pytest.raises(ValueError, match="reads the prompt.*cond=policy.encode_prompts"):
+            model(z, t, captions[:4])
+        other = policy.encode_prompts(captions[4:8])
+        assert not torch.allclose(model(z, t, captions[:4], other), values)  # the head reads the prompt it is given
+        model.save(tmp_path / "vm")
+        loaded = StitchedValueModel.from_pretrained(tmp_path / "vm")
+        assert loaded.config.head_conditioning == "prompt"
+        assert torch.allclose(loaded(z, t, captions[:4], cond), values, atol=1e-6)

@@ -90,7 +90,10 @@ class Estimators:
 
     @torch.no_grad()
     def stitchvm(self, z: torch.Tensor, sigma: float, prompts: list[str]) -> torch.Tensor:
-        return self._batched(lambda zz, pp: self.value_model(zz, torch.full((len(zz),), sigma), pp).float().cpu(), z, prompts)
+        def one(zz, pp):
+            return self.value_model(zz, torch.full((len(zz),), sigma), pp, cond=self.policy.encode_prompts(pp)).float().cpu()
+
+        return self._batched(one, z, prompts)
 
     @torch.no_grad()
     def tweedie(self, z: torch.Tensor, sigma: float, prompts: list[str]) -> torch.Tensor:

@@ -1,9 +1,15 @@
 """`StitchedValueModel`: V(z_t, t, prompt) for noisy SD3 latents, stitched from two frozen networks.
 
-    z_t, t --[DiT head: SD3 blocks 1..i, empty-prompt conditioning]--> h (B, C_dit, h, w)
+    z_t, t --[DiT head: SD3 blocks 1..i, conditioned on the empty prompt or the prompt]--> h (B, C_dit, h, w)
            --[stitch s(h) = Up(F h) + G(Up(F h))]--> tokens on the reward model's patch grid
            --[reward-model tail: CLIP vision layers j..L, post-LN, projection]--> image embedding
            --[value head: cosine with the prompt's CLIP text embedding | aesthetic MLP | scalar]--> V
+
+The head reads the empty prompt (the paper's choice: then it is the first blocks of CFG's
+unconditional pass) or, with `head_conditioning="prompt"`, the prompt the latent is being sampled
+for, passed in as the policy's own SD3 embedding (`cond=policy.encode_prompts(prompts)`): an
+empty-prompt head sees only the posterior mixed over all prompts, which at high noise cannot tell
+which prompt-consistent image a latent is heading to (README, "What is known").
 
 Block indices count from 1 as in the paper. For j = 1 the stitched tokens replace CLIP's patch
 embedding (CLS token, position embeddings and pre-LayerNorm are then applied as in CLIP); for j > 1
@@ -30,17 +36,19 @@ from torch import nn
 
 from stitchvm_rl import zoo
 from stitchvm_rl.config import ConfigError
-from stitchvm_rl.policy import tensor_checksum
+from stitchvm_rl.policy import PromptEmbeds, tensor_checksum
 from stitchvm_rl.rewards import AestheticMLP
 
 CONFIG_FILE = "value_model.json"
 WEIGHTS_FILE = "value_model.safetensors"
-# Frozen parts re-read from the backbone / reward-model sources instead of being saved again.
+# Frozen parts re-read from the backbone / reward-model sources instead of being saved again
+# (head.blocks are saved when they were trained: `head_trained`).
 FROZEN = ("head.blocks", "head.pos_embed", "head.time_text_embed", "head.context_embedder", "text_model", "text_projection")
 
 
 class DiTHead(nn.Module):
-    """The first `i` joint blocks of a frozen SD3 transformer, conditioned on the empty prompt."""
+    """The first `i` joint blocks of a frozen SD3 transformer, conditioned on the empty prompt or on
+    the given prompt embeddings."""
 
     def __init__(self, transformer, i: int, null_embeds: torch.Tensor, null_pooled: torch.Tensor):
         super().__init__()
@@ -59,13 +67,15 @@ class DiTHead(nn.Module):
         self.register_buffer("null_pooled", null_pooled.detach().clone())
         self.requires_grad_(False)
 
-    def features(self, z: torch.Tensor, t: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
-        """Image tokens after each block 1..upto as (B, C, h, w) grids (h = H / patch)."""
+    def features(self, z: torch.Tensor, t: torch.Tensor, upto: int | None = None, cond: PromptEmbeds | None = None) -> list[torch.Tensor]:
+        """Image tokens after each block 1..upto as (B, C, h, w) grids (h = H / patch); `cond`: the
+        prompt embeddings to read (None: the empty prompt)."""
         b, _, height, width = z.shape
         t = t.to(z.device, z.dtype).expand(b)
+        embeds, pooled = (self.null_embeds.expand(b, -1, -1), self.null_pooled.expand(b, -1)) if cond is None else (cond.embeds, cond.pooled)
         hidden = self.pos_embed(z).contiguous()
-        temb = self.time_text_embed(1000 * t, self.null_pooled.expand(b, -1).to(z.dtype))
-        enc = self.context_embedder(self.null_embeds.expand(b, -1, -1).to(z.dtype))
+        temb = self.time_text_embed(1000 * t, pooled.to(z.device, z.dtype))
+        enc = self.context_embedder(embeds.to(z.device, z.dtype))
         grid = (height // self.patch_size, width // self.patch_size)
         out = []
         for block in self.blocks[: upto or len(self.blocks)]:
@@ -73,8 +83,8 @@ class DiTHead(nn.Module):
             out.append(hidden.transpose(1, 2).reshape(b, -1, *grid))
         return out
 
-    def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.features(z, t)[-1]
+    def forward(self, z: torch.Tensor, t: torch.Tensor, cond: PromptEmbeds | None = None) -> torch.Tensor:
+        return self.features(z, t, cond=cond)[-1]
 
 
 class Stitch(nn.Module):
@@ -157,6 +167,8 @@ class ValueModelConfig:
     reward_model: str
     backbone_fingerprint: str
     score_scale: float = 1.0
+    head_conditioning: str = "empty"  # "empty" | "prompt"
+    head_trained: bool = False  # stage 2 trained the head's blocks too (saved with the model)
     rm_grid: int = 0
     stitch_mse: dict = field(default_factory=dict)
 
@@ -168,6 +180,8 @@ class StitchedValueModel(nn.Module):
         super().__init__()
         if config.head not in ("clip", "aesthetic", "scalar"):
             raise ValueError(f"unknown value head '{config.head}'; choose clip, aesthetic or scalar")
+        if config.head_conditioning not in ("empty", "prompt"):
+            raise ValueError(f"unknown head_conditioning '{config.head_conditioning}'; choose empty or prompt")
         self.config = config
         self.head = head
         c_rm = clip_model.config.vision_config.hidden_size
@@ -185,15 +199,25 @@ class StitchedValueModel(nn.Module):
         self._text_cache: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------ forward
-    def embed(self, z_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L2-normalised image embedding (B, P), reward-tail hidden states) of noisy latents."""
+    def embed(self, z_t: torch.Tensor, t: torch.Tensor, cond: PromptEmbeds | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L2-normalised image embedding (B, P), reward-tail hidden states) of noisy latents; `cond`:
+        the policy's embeddings of the latents' prompts (needed when the head reads the prompt)."""
         channels, patch = self.head.pos_embed.proj.in_channels, self.head.patch_size
         if z_t.dim() != 4 or z_t.shape[1] != channels or z_t.shape[2] % patch or z_t.shape[3] % patch:
             raise ValueError(f"latents of shape {tuple(z_t.shape)} do not fit this value model: its backbone takes (B, {channels}, H, W) with H and W multiples of {patch}")
         if t.dim() > 1 or t.numel() not in (1, len(z_t)):
             raise ValueError(f"noise levels of shape {tuple(t.shape)} do not fit {len(z_t)} latents; pass one per latent, or one for all")
-        emb, hidden = self.tail(self.stitch(self.head(z_t, t)))
+        emb, hidden = self.tail(self.stitch(self.head(z_t, t, self._head_cond(cond, len(z_t)))))
         return F.normalize(emb.float(), dim=-1), hidden
+
+    def _head_cond(self, cond: PromptEmbeds | None, n: int) -> PromptEmbeds | None:
+        if self.config.head_conditioning == "empty":
+            return None
+        if cond is None:
+            raise ValueError("this value model's DiT head reads the prompt (head_conditioning=prompt); pass the policy's prompt embeddings: cond=policy.encode_prompts(prompts)")
+        if len(cond) != n:
+            raise ValueError(f"{len(cond)} prompt embeddings do not fit {n} latents; pass one per latent")
+        return cond
 
     @torch.no_grad()
     def text_embeds(self, prompts: list[str]) -> torch.Tensor:
@@ -212,30 +236,34 @@ class StitchedValueModel(nn.Module):
             return self.aesthetic(image_embeds)
         return self.scalar(image_embeds).squeeze(-1)
 
-    def forward(self, z_t: torch.Tensor, t: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor:
-        """V(z_t, t, prompt) -> (B,). Differentiable in z_t; wrap in no_grad when scoring."""
-        return self.score(self.embed(z_t, t)[0], prompts)
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, prompts: list[str] | None = None, cond: PromptEmbeds | None = None) -> torch.Tensor:
+        """V(z_t, t, prompt) -> (B,). Differentiable in z_t; wrap in no_grad when scoring. `cond`: the
+        policy's embeddings of `prompts` (`policy.encode_prompts(prompts)`), read by a prompt-conditioned head."""
+        return self.score(self.embed(z_t, t, cond)[0], prompts)
 
     @property
     def device(self) -> torch.device:
         return self.stitch.proj.weight.device
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Stage 2 trains the stitch, the reward tail and a scalar head; the DiT head stays frozen."""
+        """Stage 2 trains the stitch, the reward tail and a scalar head; the DiT head's blocks only
+        when `config.head_trained` (otherwise they stay the base model's)."""
         params = list(self.stitch.parameters()) + list(self.tail.parameters())
+        params += list(self.head.blocks.parameters()) if self.config.head_trained else []
         return params + (list(self.scalar.parameters()) if self.scalar is not None else [])
 
     # ------------------------------------------------------------ build / save / load
     @classmethod
-    def from_parts(cls, pipe, clip: zoo.CLIPBundle, i: int, j: int, head: str, backbone: str, reward_model: str, score_scale: float = 1.0) -> StitchedValueModel:
+    def from_parts(cls, pipe, clip: zoo.CLIPBundle, i: int, j: int, head: str, backbone: str, reward_model: str, score_scale: float = 1.0, head_conditioning: str = "empty") -> StitchedValueModel:
         """A fresh value model at (i, j) from a loaded SD3 pipeline and CLIP (F at default init)."""
         dit = DiTHead(pipe.transformer, i, *null_prompt_embeds(pipe))
-        config = ValueModelConfig(i, j, head, backbone, reward_model, head_fingerprint(dit), score_scale)
+        config = ValueModelConfig(i, j, head, backbone, reward_model, head_fingerprint(dit), score_scale, head_conditioning)
         return cls(config, dit, clip.model, clip.tokenizer).to(pipe.transformer.device)
 
     def save(self, path: str | Path) -> Path:
         """Write value_model.json + value_model.safetensors (trained parts only) atomically."""
-        keep = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if not k.startswith(FROZEN)}
+        frozen = tuple(f for f in FROZEN if not (self.config.head_trained and f == "head.blocks"))
+        keep = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if not k.startswith(frozen)}
 
         def write(tmp: Path) -> None:
             save_file(keep, str(tmp / WEIGHTS_FILE), metadata={"checksum": tensor_checksum(keep)})

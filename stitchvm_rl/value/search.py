@@ -65,8 +65,8 @@ def _tokens(grid: torch.Tensor) -> torch.Tensor:
 def stitch_search(head, clip_model, clip_pixels, batches, rm_blocks=(1, 2, 3, 4), seed: int = 0) -> StitchSearchResult:
     """Fit every (i, j): i over all blocks of `head` (a `DiTHead`), j over `rm_blocks`.
 
-    `batches` yields (images in [0, 1], their normalised latents); `clip_pixels` maps images to the
-    reward model's pixel values.
+    `batches` yields (images in [0, 1], their normalised latents, the head's prompt embeddings or None
+    for the empty prompt); `clip_pixels` maps images to the reward model's pixel values.
     """
     gen = torch.Generator().manual_seed(seed)
     n_dit = len(head.blocks)
@@ -75,7 +75,7 @@ def stitch_search(head, clip_model, clip_pixels, batches, rm_blocks=(1, 2, 3, 4)
     fits = [AffineLeastSquares(head.width, c_rm * len(rm_blocks)) for _ in range(n_dit)]
     cls_sum = torch.zeros(len(rm_blocks), c_rm, dtype=torch.float64)
     count = 0
-    for x, z0 in batches:
+    for x, z0, cond in batches:
         count += len(x)
         t = torch.rand(len(x), generator=gen).to(z0.device, z0.dtype)
         eps = torch.randn(z0.shape, generator=gen).to(z0.device, z0.dtype)
@@ -88,7 +88,7 @@ def stitch_search(head, clip_model, clip_pixels, batches, rm_blocks=(1, 2, 3, 4)
             cls_sum[n] += cls.double().sum(0).cpu()
             grid = patch.shape[-1]
         y = torch.cat(targets, 1)
-        for i, feats in enumerate(head.features(z_t, t)):
+        for i, feats in enumerate(head.features(z_t, t, cond=cond)):
             up = F.interpolate(feats.float(), size=(grid, grid), mode="bilinear", align_corners=False)
             fits[i].add(_tokens(up), y)
 
@@ -127,10 +127,11 @@ def init_stitch(model, result: StitchSearchResult) -> None:
     cfg.stitch_mse = {f"{row['i']},{row['j']}": row["mse"] for row in result.table}
 
 
-def build_value_model(backbone: str, reward_model: str, images: torch.Tensor, head: str = "clip", max_dit_block: int | None = None, rm_blocks=(1, 2, 3, 4), score_scale: float = 1.0, device: str = "cpu", seed: int = 0, latents: torch.Tensor | None = None, batch_size: int = 16):
+def build_value_model(backbone: str, reward_model: str, images: torch.Tensor, head: str = "clip", max_dit_block: int | None = None, rm_blocks=(1, 2, 3, 4), score_scale: float = 1.0, device: str = "cpu", seed: int = 0, latents: torch.Tensor | None = None, batch_size: int = 16, head_conditioning: str = "empty", prompts: list[str] | None = None):
     """Stage 1 end to end: load both sources, search (i, j) on `images`, build the value model there
     with F from least squares. `latents`: the images' own latents when they are policy samples (else
-    the VAE encodes them, batch by batch). Returns (model, search result)."""
+    the VAE encodes them, batch by batch); `prompts`: the images' prompts, which a prompt-conditioned
+    head reads (None: empty prompts). Returns (model, search result)."""
     from stitchvm_rl import rewards, zoo
     from stitchvm_rl.policy import SD3Policy
     from stitchvm_rl.value.model import DiTHead, StitchedValueModel, null_prompt_embeds
@@ -143,9 +144,11 @@ def build_value_model(backbone: str, reward_model: str, images: torch.Tensor, he
     def batches():
         for s in range(0, len(images), batch_size):
             x = images[s : s + batch_size].to(device)
-            yield x, (latents[s : s + batch_size].to(device) if latents is not None else policy.encode_images(x))
+            z0 = latents[s : s + batch_size].to(device) if latents is not None else policy.encode_images(x)
+            cond = policy.encode_prompts((prompts or [""] * len(images))[s : s + batch_size]) if head_conditioning == "prompt" else None
+            yield x, z0, cond
 
     result = stitch_search(candidates, clip.model, lambda x: rewards.clip_pixels(x, clip), batches(), rm_blocks, seed=seed)
-    model = StitchedValueModel.from_parts(policy.pipe, clip, result.best_i, result.best_j, head, backbone, reward_model, score_scale)
+    model = StitchedValueModel.from_parts(policy.pipe, clip, result.best_i, result.best_j, head, backbone, reward_model, score_scale, head_conditioning)
     init_stitch(model, result)
     return model, result

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from stitchvm_rl import rewards, zoo
 from stitchvm_rl.config import Range, from_dict, to_dict
-from stitchvm_rl.policy import SD3Policy, vae_encode
+from stitchvm_rl.policy import PromptEmbeds, SD3Policy, vae_encode
 
 
 @dataclass
@@ -74,6 +74,8 @@ class StitchTrainConfig:
     """Linear warm-up steps."""
     weight_decay: Annotated[float, Range(0)] = 0.0
     """AdamW weight decay."""
+    train_head: bool = False
+    """Also train the DiT head's blocks (a closer fit sooner; the head then no longer equals the base model's first blocks)."""
     token_weight: Annotated[float, Range(0)] = 1.0
     """Weight of the per-token distillation term."""
     t_logit_mean: float = 0.0
@@ -210,6 +212,15 @@ def distill_loss(student_embeds, student_tokens, batch, token_weight: float, smo
     return emb + token_weight * tok, {"loss_embed": emb.item(), "loss_tokens": tok.item()}
 
 
+def prompt_table(backbone: str, prompts: list[str], device: str) -> dict[str, PromptEmbeds]:
+    """The backbone's SD3 embedding of every training prompt, on the CPU, computed once (a learner of a
+    prompt-conditioned head needs only these; the pipeline is freed on return)."""
+    policy = SD3Policy.from_pretrained(backbone, device=device)
+    unique = sorted(set(prompts))
+    cond = policy.encode_prompts(unique)
+    return {p: PromptEmbeds(cond.embeds[n : n + 1].cpu(), cond.pooled[n : n + 1].cpu()) for n, p in enumerate(unique)}
+
+
 def train_loop(loop_config: dict) -> None:
     """Ray Train worker: DeepSpeed engine over the value model's trainable parts."""
     from stitchvm_rl.runtime import crash_once, deepspeed_config, report_checkpoint, resume_epoch, setup_deepspeed
@@ -226,6 +237,7 @@ def train_loop(loop_config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(seed)
     model = StitchedValueModel.from_pretrained(loop_config["init_dir"], device=device)
+    model.config.head_trained = train.train_head
     model.train()
     stitch = list(model.stitch.parameters())
     rest = [p for p in model.trainable_parameters() if all(p is not q for q in stitch)]
@@ -239,6 +251,7 @@ def train_loop(loop_config: dict) -> None:
         model=model, optimizer=optimizer, lr_scheduler=warmup, config=deepspeed_config(train.zero_stage, train.batch_size, 1, device)
     )
     dtype = next(p.dtype for p in engine.module.stitch.parameters())
+    table = prompt_table(loop_config["backbone"], loop_config["prompts"], device) if model.config.head_conditioning == "prompt" else None
 
     start = resume_epoch(engine)
     shard = ray.train.get_dataset_shard("train")
@@ -247,12 +260,13 @@ def train_loop(loop_config: dict) -> None:
         totals: dict[str, float] = {}
         steps = 0
         for batch in shard.iter_batches(batch_size=train.batch_size, batch_format="numpy", drop_last=True):
+            cond = PromptEmbeds.cat([table[str(p)] for p in batch["prompt"]]) if table is not None else None
             batch = {k: torch.as_tensor(v).to(engine.device) for k, v in batch.items() if k != "prompt"}
             z0 = batch["z0"]
             t = torch.sigmoid(train.t_logit_mean + train.t_logit_std * torch.randn(len(z0), generator=gen)).to(engine.device)
             eps = torch.randn(z0.shape, generator=gen).to(engine.device)
             z_t = ((1 - t.view(-1, 1, 1, 1)) * z0 + t.view(-1, 1, 1, 1) * eps).to(dtype)
-            embeds, tokens = engine.module.embed(z_t, t.to(dtype))
+            embeds, tokens = engine.module.embed(z_t, t.to(dtype), cond)
             if train.objective == "regress":
                 loss = F.mse_loss(engine.module.score(embeds).float(), batch["reward"])
                 parts = {"loss_value": loss.item()}
@@ -274,10 +288,11 @@ def train_loop(loop_config: dict) -> None:
             ray.train.report(metrics)
 
 
-def run_training(init_dir: Path, run_dir: Path, storage_path: str, run_name: str, train: StitchTrainConfig, dataset, seed: int):
-    """One TorchTrainer.fit(); returns the ray.train Result (its checkpoint holds the value model)."""
-    from stitchvm_rl.runtime import torch_trainer
+def run_training(init_dir: Path, run_dir: Path, storage_path: str, run_name: str, train: StitchTrainConfig, dataset, seed: int, backbone: str, prompts: list[str]):
+    """One TorchTrainer.fit(); returns the ray.train Result (its checkpoint holds the value model).
+    `prompts`: every prompt the dataset's rows carry (a prompt-conditioned head reads their embeddings)."""
+    from stitchvm_rl.runtime import fit, torch_trainer
 
-    loop_config = {"train": to_dict(train), "seed": seed, "init_dir": str(init_dir), "run_dir": str(run_dir)}
+    loop_config = {"train": to_dict(train), "seed": seed, "init_dir": str(init_dir), "run_dir": str(run_dir), "backbone": backbone, "prompts": prompts}
     trainer = torch_trainer(train_loop, loop_config, train.num_workers, train.use_gpu, train.max_failures, storage_path, run_name, datasets={"train": dataset})
-    return trainer.fit()
+    return fit(trainer, "stage 2 (stitch finetuning)")
