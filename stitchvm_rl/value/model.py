@@ -1,4 +1,4 @@
-"""`StitchedValueModel`: V(z_t, t, prompt) for noisy SD3 latents, stitched from two frozen networks.
+"""`StitchedValueModel`: V(z_t, t, prompt) for noisy SD3 latents, stitched from two pretrained networks.
 
     z_t, t --[DiT head: SD3 blocks 1..i, conditioned on the empty prompt or the prompt]--> h (B, C_dit, h, w)
            --[stitch s(h) = Up(F h) + G(Up(F h))]--> tokens on the reward model's patch grid
@@ -174,7 +174,7 @@ class ValueModelConfig:
 
 
 class StitchedValueModel(nn.Module):
-    """V(z_t, t, prompt): DiT head (frozen) -> stitch -> reward tail -> value head."""
+    """V(z_t, t, prompt): DiT head (frozen unless `head_trained`) -> stitch -> reward tail -> value head."""
 
     def __init__(self, config: ValueModelConfig, head: DiTHead, clip_model, tokenizer=None):
         super().__init__()

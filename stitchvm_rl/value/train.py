@@ -4,7 +4,8 @@
                images  --[TeacherTargets actors: frozen reward model (+ VAE encode of folder images)]--> z0, targets
     Ray Train: every worker takes its shard, noises z0 to z_t (t ~ logit-normal, fresh each epoch,
                seeded by (seed, epoch, rank) so a resumed run draws the same noise), and trains the
-               stitch + reward tail with DeepSpeed (ZeRO-2; CPU: gloo + fp32).
+               stitch + reward tail (+ the DiT head's blocks: train_head) with DeepSpeed (ZeRO-2;
+               CPU: gloo + fp32); a head that reads the prompt gets each row's SD3 prompt embedding.
 
 Rank layout: `num_workers` identical learner ranks (data parallel); rank 0 also writes the value
 model into each checkpoint. Checkpoints are DeepSpeed engine states reported with `ray.train.report`,
@@ -74,8 +75,8 @@ class StitchTrainConfig:
     """Linear warm-up steps."""
     weight_decay: Annotated[float, Range(0)] = 0.0
     """AdamW weight decay."""
-    train_head: bool = False
-    """Also train the DiT head's blocks (a closer fit sooner; the head then no longer equals the base model's first blocks)."""
+    train_head: bool = True
+    """Train the DiT head's blocks too (the paper freezes them; on the toy world this ranks far better at the same budget)."""
     token_weight: Annotated[float, Range(0)] = 1.0
     """Weight of the per-token distillation term."""
     t_logit_mean: float = 0.0
