@@ -245,7 +245,7 @@ def bench_value(cfg: BenchConfig, value_dir: str) -> dict:
 
     policy, reward, value_model = _guided_models(cfg, value_dir)
     k = 4
-    est = Estimators(policy, lambda z, t, p: value_model(z, t.to(z.device), p), reward, ValueEvalConfig(steps=10, batch_size=64))
+    est = Estimators(policy, value_model, reward, ValueEvalConfig(steps=10, batch_size=64))
     prompts = [toyworld.CAPTIONS[n % len(toyworld.CAPTIONS)] for n in range(cfg.groups * 8)]
     z = est.rollouts_to(0.5, prompts, seed=0)
     fns = {"stitchvm": lambda: est.stitchvm(z, 0.5, prompts), "tweedie": lambda: est.tweedie(z, 0.5, prompts), f"mc{k}": lambda: est.completions(z, 0.5, prompts, k, seed=0)}
