@@ -111,7 +111,7 @@ DEFAULT_VALUE_MODEL = "stitch-default-2"  # renamed when jobs/stitch.py's defaul
 
 
 def default_value_model() -> str:
-    """jobs/stitch.py with its defaults, built once and cached (keyed by run name and zoo version)."""
+    """jobs/stitch.py with its defaults, built once and cached under $STITCHVM_CACHE/value_models/DEFAULT_VALUE_MODEL."""
     out = zoo.cache_dir() / "value_models"
     path = out / DEFAULT_VALUE_MODEL / "value_model"
     if not (path / "value_model.json").is_file():

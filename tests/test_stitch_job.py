@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from stitchvm_rl import zoo
 from stitchvm_rl.config import ConfigError
 from stitchvm_rl.policy import SD3Policy
 from stitchvm_rl.value.model import StitchedValueModel
@@ -58,6 +59,8 @@ def test_stitch_job_survives_a_killed_learner_and_exports_the_value_model(tmp_pa
     assert cost["stitchvm"]["flops_per_estimate_at_mid_sigma"] < cost["tweedie"]["flops_per_estimate_at_mid_sigma"] < cost["mc"]["flops_per_estimate_at_mid_sigma"]
     model = StitchedValueModel.from_pretrained(run / "value_model")
     assert model.config.head_conditioning == "prompt"  # the default: the head reads the policy's prompt embedding
+    base = zoo.load_sd3_transformer("toyworld").transformer_blocks[0]
+    assert model.config.head_trained and not torch.equal(model.head.blocks[0].attn.to_q.weight, base.attn.to_q.weight)  # train.train_head
     prompts = ["a red circle on the left"] * 2
     with torch.no_grad():
         cond = SD3Policy.from_pretrained("toyworld").encode_prompts(prompts)

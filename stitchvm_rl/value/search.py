@@ -141,11 +141,13 @@ def build_value_model(backbone: str, reward_model: str, images: torch.Tensor, he
     blocks = len(policy.transformer.transformer_blocks)
     candidates = DiTHead(policy.transformer, min(max_dit_block or blocks, blocks), *null_prompt_embeds(policy.pipe))
 
+    head_prompts = prompts or [""] * len(images)
+
     def batches():
         for s in range(0, len(images), batch_size):
             x = images[s : s + batch_size].to(device)
             z0 = latents[s : s + batch_size].to(device) if latents is not None else policy.encode_images(x)
-            cond = policy.encode_prompts((prompts or [""] * len(images))[s : s + batch_size]) if head_conditioning == "prompt" else None
+            cond = policy.encode_prompts(head_prompts[s : s + batch_size]) if head_conditioning == "prompt" else None
             yield x, z0, cond
 
     result = stitch_search(candidates, clip.model, lambda x: rewards.clip_pixels(x, clip), batches(), rm_blocks, seed=seed)
