@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import load_job
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -19,7 +21,7 @@ def test_main_job_default_builds_its_value_model_and_trains(tmp_path):
     result = run_job(cwd=tmp_path, job="nft.py", env={"STITCHVM_CACHE": str(tmp_path / "cache")}, timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "outputs" / "nft"
-    assert (tmp_path / "cache" / "value_models" / "stitch-default-2" / "value_model" / "value_model.json").is_file()
+    assert (tmp_path / "cache" / "value_models" / load_job("nft").DEFAULT_VALUE_MODEL / "value_model" / "value_model.json").is_file()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["estimator"] == "stitchvm" and summary["epochs"] == 20 and summary["is_toy"]
     assert [e["global_step"] for e in summary["eval"]] == [0, 5, 10, 15, 20]

@@ -145,3 +145,15 @@ def test_a_prompt_conditioned_head_is_the_base_models_conditional_pass(tmp_path)
         loaded = StitchedValueModel.from_pretrained(tmp_path / "vm")
         assert loaded.config.head_conditioning == "prompt"
         assert torch.allclose(loaded(z, t, captions[:4], cond), values, atol=1e-6)
+
+
+def test_stage_two_learning_rate_warms_up_then_holds_or_decays_to_zero():
+    from stitchvm_rl.value.train import StitchTrainConfig, lr_factor
+
+    cosine = StitchTrainConfig(warmup_steps=10, lr_schedule="cosine")
+    constant = StitchTrainConfig(warmup_steps=10, lr_schedule="constant")
+    assert [lr_factor(s, constant, 100) for s in (0, 4, 9, 50, 99)] == [0.1, 0.5, 1.0, 1.0, 1.0]
+    assert lr_factor(0, cosine, 100) == pytest.approx(0.1)  # warm-up applies to both
+    assert lr_factor(50, cosine, 100) == pytest.approx(0.5)  # half-way down the half-cosine
+    assert lr_factor(100, cosine, 100) == pytest.approx(0.0, abs=1e-12) and lr_factor(150, cosine, 100) == pytest.approx(0.0, abs=1e-12)
+    assert all(lr_factor(s, cosine, 100) >= lr_factor(s + 1, cosine, 100) for s in range(10, 100))
