@@ -72,15 +72,21 @@ def check(cfg: StitchConfig) -> None:
         raise ConfigError("train.objective=regress needs head=scalar and an analytic_reward (e.g. colour_match)")
     if cfg.head == "scalar" and cfg.train.objective != "regress":
         raise ConfigError("head=scalar has no teacher to distil; use train.objective=regress with an analytic_reward")
+    num_images = cfg.data.num_images
     if cfg.data.source == "folder":
         try:
-            scan_image_folder(cfg.data.folder, cfg.data.skip_broken_images)  # every image readable, before any model loads
+            num_images = len(scan_image_folder(cfg.data.folder, cfg.data.skip_broken_images))  # every image readable, before any model loads
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(f"data.folder: {err}") from None
     if cfg.data.source == "folder" and cfg.head_conditioning == "prompt":
         raise ConfigError("folder images have no captions, so a head that reads the prompt cannot learn from them; set head_conditioning=empty (or data.source=policy)")
     if cfg.data.source == "folder" and cfg.analytic_reward == "colour_match":
         raise ConfigError("colour_match reads toy captions, which folder images do not have; use data.source=policy")
+    if num_images < cfg.train.num_workers * cfg.train.batch_size:  # every rank drops its last partial batch
+        raise ConfigError(
+            f"{num_images} training images give each of the {cfg.train.num_workers} learner workers less than one batch of {cfg.train.batch_size}, "
+            "so stage 2 would train nothing; raise data.num_images (or add images), or lower train.batch_size or train.num_workers"
+        )
 
 
 def image_size(cfg: StitchConfig) -> int:

@@ -72,6 +72,8 @@ BAD_JOB_INPUTS = [
     ("stitch", ["data.source=folder", "data.folder={d}/images"], "broken.png' cannot be read"),
     ("stitch", ["data.source=folder", "data.folder={d}/nowhere"], "does not exist"),
     ("stitch", ["data.source=folder", "data.folder={d}/images", "data.skip_broken_images=true"], "folder images have no captions"),
+    ("stitch", ["data.num_images=40"], "less than one batch of 32, so stage 2 would train nothing"),
+    ("stitch", ["data.source=folder", "data.folder={d}/images", "data.skip_broken_images=true", "head_conditioning=empty"], "1 training images give"),
     ("cost", ["resolution=100"], "must be a multiple of 16"),
     ("bench", ["sections=[warp]"], "unknown or empty"),
 ]
