@@ -5,6 +5,7 @@
     python jobs/bench.py quick=true                    # seconds per section: proves it still runs (CI)
     python jobs/bench.py "sections=[dps,value]" repeats=10
     python jobs/bench.py device=cuda dtype=bfloat16 "sections=[dps,value,real_scale,real_scale_timed]"   # one GPU
+    python jobs/bench.py device=cuda dtype=bfloat16 "sections=[real_scale_timed]" compile=true   # + torch.compile
 
 Sections:
     nft_epoch         one NFT epoch, terminal vs stitchvm, in process: seconds per phase (sample,
@@ -18,6 +19,7 @@ Sections:
     real_scale        SD3.5-M + CLIP ViT-L/14-336 on `meta`: FLOPs and activations of a DPS step,
                       model evaluations of an NFT epoch (no GPU needed)
     real_scale_timed  the same DPS step with random SD3.5-M weights on the GPU: seconds, peak memory
+                      (compile=true: each method also with its SD3 / CLIP blocks torch.compile'd)
 
 Writes outputs/<run_name>/bench.json (every repeat) and bench.md (the table).
 """
@@ -76,6 +78,8 @@ class BenchConfig:
     """weight_sync: LoRA rank of the SD3.5-Medium-size adapter."""
     resolutions: list[int] = field(default_factory=lambda: [512, 1024])
     """real_scale / real_scale_timed: image sides."""
+    compile: bool = False
+    """real_scale_timed: also time every method with its SD3 and CLIP blocks torch.compile'd, beside eager."""
     ray_cpus: Annotated[int, Range(1)] = 8
     """Logical CPUs of a local Ray cluster."""
 
@@ -364,6 +368,10 @@ def bench_real_scale_timed(cfg: BenchConfig) -> dict:
     for res in cfg.resolutions[:1] if cfg.quick else cfg.resolutions:
         for use_cfg in (True, False):
             steps, resident = costs.sd35m_guidance_steps(resolution=res, cfg=use_cfg, device=cfg.device, dtype=cfg.dtype)
+            if cfg.compile:  # the same step on fresh random models whose blocks are compiled (on first call)
+                compiled, _ = costs.sd35m_guidance_steps(resolution=res, cfg=use_cfg, device=cfg.device, dtype=cfg.dtype, compile=True)
+                steps |= {f"{m}_compiled": fn for m, fn in compiled.items()}
+                resident |= {f"{m}_compiled": p for m, p in resident.items()}
             peaks: dict[str, list[float]] = {m: [] for m in steps}
 
             def run(method: str) -> None:
@@ -386,6 +394,9 @@ def bench_real_scale_timed(cfg: BenchConfig) -> dict:
             if not oom:
                 row["speedup_stitchvm_over_tweedie"] = ratio(seconds["tweedie"], seconds["stitchvm"])
                 row["memory_ratio_stitchvm_over_tweedie"] = peak["stitchvm"] / peak["tweedie"]
+                if cfg.compile:
+                    row["speedup_stitchvm_over_tweedie_compiled"] = ratio(seconds["tweedie_compiled"], seconds["stitchvm_compiled"])
+                    row["compile_speedup"] = {m: ratio(seconds[m], seconds[f"{m}_compiled"]) for m in ("none", "tweedie", "stitchvm")}
             out[f"{res}_cfg{int(use_cfg)}"] = row
             torch.cuda.empty_cache()
     return out
@@ -458,6 +469,11 @@ def table(results: dict) -> str:
                 lines.append(f"| {key} | {ms} | -- | {', '.join(c['out_of_memory'])} out of memory; stitchvm {peak.get('stitchvm', 0) / 1024:.1f} |")
             else:
                 lines.append(f"| {key} | {ms} | {c['speedup_stitchvm_over_tweedie']:.2f}x | {peak['tweedie'] / 1024:.1f} / {peak['stitchvm'] / 1024:.1f} ({c['memory_ratio_stitchvm_over_tweedie']:.2f}x) |")
+                if "compile_speedup" in c:
+                    ms = " / ".join(f"{s[m + '_compiled']['median'] * 1e3:.0f}" for m in ("none", "tweedie", "stitchvm"))
+                    gain = " / ".join(f"{c['compile_speedup'][m]:.2f}x" for m in ("none", "tweedie", "stitchvm"))
+                    pt, ps = peak["tweedie_compiled"], peak["stitchvm_compiled"]
+                    lines.append(f"| {key}, compiled (eager / compiled: {gain}) | {ms} | {c['speedup_stitchvm_over_tweedie_compiled']:.2f}x | {pt / 1024:.1f} / {ps / 1024:.1f} ({ps / pt:.2f}x) |")
         lines += [""]
     return "\n".join(lines)
 

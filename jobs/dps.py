@@ -2,6 +2,7 @@
 
     python jobs/dps.py                                     # toy world, toy CLIP reward, CPU, local Ray (minutes)
     python jobs/dps.py "methods=[none,stitchvm]" scales.stitchvm=0.01 guidance.cfg_scale=3
+    python jobs/dps.py device=cuda dtype=bfloat16 compile=true             # one GPU, compiled blocks
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/dps.py
 
 Every method samples the same prompts from the same initial noise (FK steering: the first of its
@@ -65,6 +66,8 @@ class DPSConfig:
     """Where each method runs (one GPU per task on cuda)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Model dtype (bfloat16 on GPU)."""
+    compile: bool = False
+    """torch.compile each SD3 / CLIP block (GPU; one untimed batch per method compiles them)."""
     ray_cpus: Annotated[int, Range(1)] = 4
     """Logical CPUs of a local Ray cluster (ignored when joining a cluster)."""
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
@@ -112,7 +115,7 @@ def main(argv: list[str]) -> dict:
         for method in cfg.methods:
             print(f"running {method} ...", flush=True)
             scale = cfg.scales.get(method.removeprefix("fk_"), 0.0)
-            results[method] = ray.get(task.remote(method, cfg.backbone, cfg.rewards, value_model, todo, cfg.guidance, scale, cfg.batch_size, cfg.resolution, cfg.seed, cfg.device, cfg.dtype))
+            results[method] = ray.get(task.remote(method, cfg.backbone, cfg.rewards, value_model, todo, cfg.guidance, scale, cfg.batch_size, cfg.resolution, cfg.seed, cfg.device, cfg.dtype, cfg.compile))
     finally:
         runtime.request_resources([])
 

@@ -63,8 +63,9 @@ def main(argv: list[str]) -> dict:
     cfg = load_config(SampleConfig, argv)
     prompts = prompt_lists.resolve_prompts(cfg.prompts, cfg.prompt_file)
     toy_captions = all(toyworld.is_caption(p) for p in prompts)
-    if "colour_match" in cfg.rewards and not toy_captions:
-        raise ValueError("reward 'colour_match' reads toy-world captions only; drop it from 'rewards' for other prompts")
+    caption_rewards = [n for n in rewards.TOY_CAPTION_REWARDS if n in cfg.rewards]
+    if caption_rewards and not toy_captions:
+        raise ValueError(f"reward '{caption_rewards[0]}' reads toy-world captions only; drop it from 'rewards' for other prompts")
     run = RunDir(cfg.output_dir, cfg.run_name, cfg)
     torch.manual_seed(cfg.seed)
     policy = SD3Policy.from_pretrained(cfg.model, dtype=cfg.dtype, device=cfg.device)

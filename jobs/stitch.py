@@ -1,7 +1,7 @@
 """Build a stitched value model: stage 1 (closed-form stitch search) + stage 2 (Ray Train finetuning).
 
     python jobs/stitch.py                                  # toy world + toy CLIP, CPU, local Ray (minutes)
-    python jobs/stitch.py head=scalar train.objective=regress analytic_reward=colour_match run_name=stitch_colour
+    python jobs/stitch.py head=scalar train.objective=regress analytic_reward=exact_colour run_name=stitch_exact_colour
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/stitch.py
     python jobs/stitch.py --config jobs/configs/stitch_sd35m_clip.yaml   # SD3.5-M + CLIP ViT-L/14-336, GPUs
 
@@ -80,8 +80,8 @@ def check(cfg: StitchConfig) -> None:
             raise ConfigError(f"data.folder: {err}") from None
     if cfg.data.source == "folder" and cfg.head_conditioning == "prompt":
         raise ConfigError("folder images have no captions, so a head that reads the prompt cannot learn from them; set head_conditioning=empty (or data.source=policy)")
-    if cfg.data.source == "folder" and cfg.analytic_reward == "colour_match":
-        raise ConfigError("colour_match reads toy captions, which folder images do not have; use data.source=policy")
+    if cfg.data.source == "folder" and cfg.analytic_reward in rewards.TOY_CAPTION_REWARDS:
+        raise ConfigError(f"{cfg.analytic_reward} reads toy captions, which folder images do not have; use data.source=policy")
     if num_images < cfg.train.num_workers * cfg.train.batch_size:  # every rank drops its last partial batch
         raise ConfigError(
             f"{num_images} training images give each of the {cfg.train.num_workers} learner workers less than one batch of {cfg.train.batch_size}, "

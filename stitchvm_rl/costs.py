@@ -81,13 +81,14 @@ def count_flops_and_saved_bytes(fn) -> tuple[int, int]:
     return counter.get_total_flops(), saved[0]
 
 
-def sd35m_guidance_steps(i: int = 4, j: int = 1, resolution: int = 1024, text_tokens: int = 333, cfg: bool = True, device: str = "meta", dtype: str = "bfloat16") -> tuple[dict, dict]:
+def sd35m_guidance_steps(i: int = 4, j: int = 1, resolution: int = 1024, text_tokens: int = 333, cfg: bool = True, device: str = "meta", dtype: str = "bfloat16", compile: bool = False) -> tuple[dict, dict]:
     """One guided sampling step of SD3.5-M at real scale, as three callables over the same models:
         none      the transformer (x2 with CFG), no gradient
         tweedie   the same under autograd, + VAE decode + CLIP, then d r / d z_t through all of it
         stitchvm  the transformer without autograd + StitchVM(i, j) forward and backward
     On `meta` they only propagate shapes (count FLOPs with them); on a GPU the weights are random
-    (time them). Returns (steps, parameters each method keeps resident)."""
+    (time them); `compile`: their SD3 and CLIP blocks run torch.compile'd (`zoo.compile_repeated_blocks`).
+    Returns (steps, parameters each method keeps resident)."""
     from stitchvm_rl.value.model import DiTHead, StitchedValueModel, ValueModelConfig
 
     transformer = zoo.published_model("sd35_medium_transformer", device, dtype).requires_grad_(False)
@@ -100,6 +101,8 @@ def sd35m_guidance_steps(i: int = 4, j: int = 1, resolution: int = 1024, text_to
         head = DiTHead(transformer, i, embeds[:1], pooled[:1])
         value_model = StitchedValueModel(ValueModelConfig(i, j, "clip", zoo.SD35_MEDIUM, zoo.CLIP_VIT_L14_336, "meta"), head, clip).to(dt).requires_grad_(False)
         t = torch.full((1,), 0.5)
+    if compile:
+        zoo.compile_repeated_blocks(transformer, clip, value_model)
 
     def velocity(z):
         v = transformer(hidden_states=z.expand(batch, -1, -1, -1), timestep=1000 * t.expand(batch), encoder_hidden_states=embeds, pooled_projections=pooled).sample

@@ -30,7 +30,7 @@ from typing import Annotated, Literal
 
 import torch
 
-from stitchvm_rl import flow
+from stitchvm_rl import flow, zoo
 from stitchvm_rl.config import Range
 from stitchvm_rl.policy import SD3Policy
 
@@ -215,10 +215,11 @@ def build_value(method: str, policy: SD3Policy, reward=None, value_model=None, c
 Method = Literal["none", "tweedie", "stitchvm", "fk_tweedie", "fk_stitchvm"]
 
 
-def run_guided(method: str, backbone: str, reward_weights: dict[str, float], value_model: str, prompts: list[str], cfg: GuidanceConfig, scale: float, batch_size: int, resolution: int, seed: int, device: str, dtype: str) -> dict:
+def run_guided(method: str, backbone: str, reward_weights: dict[str, float], value_model: str, prompts: list[str], cfg: GuidanceConfig, scale: float, batch_size: int, resolution: int, seed: int, device: str, dtype: str, compile: bool = False) -> dict:
     """One method, meant for its own process (a Ray task with max_calls=1): load what it needs, then
     sample `prompts` while measuring seconds and peak memory (after loading). Initial noise comes from
-    `seed` (FK steering: the first particle of each prompt), so methods share it image by image."""
+    `seed` (FK steering: the first particle of each prompt), so methods share it image by image.
+    `compile`: torch.compile the SD3 and CLIP blocks; one untimed batch compiles them first."""
     import os
     import time
 
@@ -236,18 +237,23 @@ def run_guided(method: str, backbone: str, reward_weights: dict[str, float], val
     value = build_value(method, policy, reward, model, cfg.cfg_scale)
     cfg = dataclasses.replace(cfg, scale=scale)
     noise = policy.initial_noise(len(prompts), torch.Generator().manual_seed(seed), resolution=resolution or None)
+
+    def guided(batch: list[str], first: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if method.startswith("fk_"):
+            extra = policy.initial_noise(len(batch) * (cfg.particles - 1), generator, resolution=resolution or None)
+            particles = torch.cat([first.unsqueeze(1), extra.view(len(batch), cfg.particles - 1, *extra.shape[1:])], 1)
+            return fk_steer(policy, batch, value, cfg, particles.flatten(0, 1), generator)
+        return dps_sample(policy, batch, value, cfg, first, generator)
+
+    if compile:
+        zoo.compile_repeated_blocks(policy.transformer, *(reward.models() if reward else []), *([model] if model else []))
+        guided(prompts[:batch_size], noise[:batch_size], torch.Generator().manual_seed(seed + 1))  # compiles, untimed
     generator = torch.Generator().manual_seed(seed + 1)
     images = []
     with PeakMemory(device) as peak:
         start = time.perf_counter()
         for b in range(0, len(prompts), batch_size):
-            batch, first = prompts[b : b + batch_size], noise[b : b + batch_size]
-            if method.startswith("fk_"):
-                extra = policy.initial_noise(len(batch) * (cfg.particles - 1), generator, resolution=resolution or None)
-                particles = torch.cat([first.unsqueeze(1), extra.view(len(batch), cfg.particles - 1, *extra.shape[1:])], 1)
-                z0 = fk_steer(policy, batch, value, cfg, particles.flatten(0, 1), generator)
-            else:
-                z0 = dps_sample(policy, batch, value, cfg, first, generator)
+            z0 = guided(prompts[b : b + batch_size], noise[b : b + batch_size], generator)
             with torch.no_grad():
                 images.append(policy.decode(z0).float().cpu())
         seconds = time.perf_counter() - start

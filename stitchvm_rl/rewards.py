@@ -145,7 +145,15 @@ def colour_match(images: torch.Tensor, prompts: list[str], grad: bool = False, w
         return torch.exp(-dist2 / (2 * width**2)).mean((1, 2)) * 10
 
 
-ANALYTIC = {"redness": redness, "brightness": brightness, "colour_match": colour_match}
+def exact_colour(images: torch.Tensor, prompts: list[str], grad: bool = False) -> torch.Tensor:
+    """Toy world: share of the image painted in the caption's *exact* colour (kernel width 0.05, a fifth
+    of colour_match's). Strongly non-linear: an image whose colours are a little off scores near zero,
+    so Tweedie, which scores the posterior-mean image, is biased wherever the outcome is still open."""
+    return colour_match(images, prompts, grad=grad, width=0.05)
+
+
+ANALYTIC = {"redness": redness, "brightness": brightness, "colour_match": colour_match, "exact_colour": exact_colour}
+TOY_CAPTION_REWARDS = ("colour_match", "exact_colour")  # read the colour from a toy-world caption
 
 
 @dataclass
@@ -156,6 +164,11 @@ class WeightedReward:
 
     def __call__(self, images: torch.Tensor, prompts: list[str], grad: bool = False) -> torch.Tensor:
         return sum(w * fn(images, prompts, grad=grad) for fn, w in self.parts.values())
+
+    def models(self) -> list[torch.nn.Module]:
+        """The networks behind the parts (analytic parts have none), e.g. to compile them."""
+        scorers = [getattr(fn, "clip", fn) for fn, _ in self.parts.values()]  # an aesthetic score holds its CLIP
+        return [scorer.bundle.model for scorer in scorers if isinstance(scorer, CLIPScore)]
 
     def components(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Each part's raw score (for logging)."""

@@ -463,3 +463,23 @@ def published_model(name: str, device: str = "meta", dtype: str = "float32") -> 
 
 def count_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+# The blocks SD3 and CLIP repeat. Compiling each one (regional compilation) fuses the same kernels a
+# whole-model torch.compile would, in a fraction of its compile time: identical blocks share one graph.
+REPEATED_BLOCKS = ("JointTransformerBlock", "CLIPEncoderLayer")
+
+
+def compile_repeated_blocks(*models: torch.nn.Module, **compile_kwargs) -> int:
+    """`torch.compile` every SD3 joint block and CLIP encoder layer inside `models`, in place (the
+    modules keep their parameters and state dict keys); returns how many were compiled."""
+    # SD3.5 mixes block variants (dual attention, the context-only last block), each run with and
+    # without autograd and at one or two batch sizes: more graphs than dynamo's default limit of 8.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    compiled = 0
+    for model in models:
+        for module in model.modules():
+            if type(module).__name__ in REPEATED_BLOCKS:
+                module.compile(**compile_kwargs)
+                compiled += 1
+    return compiled

@@ -1,4 +1,6 @@
 
+import math
+
 import pytest
 import torch
 
@@ -52,6 +54,20 @@ def test_analytic_rewards():
     # non-linear in the pixels: the score of a mean image is not the mean of the scores
     mixed = rewards.colour_match((red + blue) / 2, caption)
     assert not torch.allclose(mixed, (rewards.colour_match(red, caption) + rewards.colour_match(blue, caption)) / 2, atol=1e-3)
+
+
+def test_exact_colour_scores_only_the_exact_colour():
+    caption = ["a red square on the left"]
+    exact = torch.tensor(toyworld.COLOURS["red"]).view(1, 3, 1, 1).expand(1, 3, 32, 32)
+    off = exact + 0.1  # 0.17 away in RGB: colour_match keeps exp(-0.03 / 0.125), exact_colour exp(-0.03 / 0.005)
+    assert rewards.exact_colour(exact, caption).item() == pytest.approx(10.0)
+    assert rewards.exact_colour(off, caption).item() == pytest.approx(10 * math.exp(-6), rel=1e-4)
+    assert rewards.colour_match(off, caption).item() == pytest.approx(10 * math.exp(-0.24), rel=1e-4)
+
+
+def test_the_networks_behind_a_weighted_reward(tiny_clip):
+    total = rewards.WeightedReward({"clip": (tiny_clip, 1.0), "red": (rewards.redness, 1.0)})
+    assert total.models() == [tiny_clip.bundle.model]  # analytic parts hold none
 
 
 def test_weighted_sum(tiny_clip):

@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -157,3 +158,25 @@ def test_stage_two_learning_rate_warms_up_then_holds_or_decays_to_zero():
     assert lr_factor(50, cosine, 100) == pytest.approx(0.5)  # half-way down the half-cosine
     assert lr_factor(100, cosine, 100) == pytest.approx(0.0, abs=1e-12) and lr_factor(150, cosine, 100) == pytest.approx(0.0, abs=1e-12)
     assert all(lr_factor(s, cosine, 100) >= lr_factor(s + 1, cosine, 100) for s in range(10, 100))
+
+
+def test_compiling_the_repeated_blocks_keeps_values_gradients_and_state_dict_keys(toy_value):
+    from stitchvm_rl import zoo
+
+    model, _, captions = toy_value
+    compiled = copy.deepcopy(model)
+    blocks = len(model.head.blocks) + len(model.tail.layers) + len(model.text_model.encoder.layers)
+    # aot_eager: dynamo's capture and AOT autograd's forward / backward split without C++ codegen (fast
+    # on CPU); on a GPU the default inductor backend runs the same graphs as fused kernels
+    assert zoo.compile_repeated_blocks(compiled, backend="aot_eager") == blocks
+    assert compiled.state_dict().keys() == model.state_dict().keys()  # saves and loads as before
+    z, t = torch.randn(2, 16, 8, 8), torch.tensor([0.5, 0.8])
+    values, grads = [], []
+    for m in (model, compiled):
+        zz = z.clone().requires_grad_(True)
+        value = m(zz, t, captions[:2])
+        (grad,) = torch.autograd.grad(value.sum(), zz)
+        values.append(value.detach())
+        grads.append(grad)
+    assert torch.allclose(values[0], values[1], atol=1e-5)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
