@@ -24,7 +24,7 @@ from typing import Annotated, Literal
 
 import torch
 
-from stitchvm_rl import flow, rewards
+from stitchvm_rl import flow, rewards, zoo
 from stitchvm_rl.config import Range
 from stitchvm_rl.policy import AdapterState, PromptEmbeds, SD3Policy
 
@@ -59,6 +59,8 @@ class RolloutConfig:
     """LoRA rank (must match the learner's)."""
     lora_alpha: Annotated[float, Range(0)] = 64.0
     """LoRA alpha (must match the learner's)."""
+    compile: bool = False
+    """torch.compile each SD3 / CLIP block of the actor's models (GPU; its first rollout compiles them)."""
     async_: bool = False
     """`rollout.async`: sample epoch n + 1 while the learner trains on epoch n (staleness one version)."""
     crash_on_call: int = -1
@@ -112,6 +114,8 @@ class RolloutWorker:
         reward = rewards.build_rewards(reward_weights, device=device)  # stitchvm too: the drift watch needs it
         scoring = ValueEvalConfig(steps=cfg.num_steps, cfg_scale=1.0, noise_level=cfg.noise_level, batch_size=cfg.batch_size)
         self.estimators = Estimators(self.policy, self._value, reward, scoring)
+        if cfg.compile:  # after the LoRA layers are in: the compiled blocks include them
+            zoo.compile_repeated_blocks(self.policy.transformer, *self.value_models, *reward.models())
 
     def _value(self, z: torch.Tensor, t: torch.Tensor, prompts: list[str], cond=None) -> torch.Tensor:
         return sum(model(z, t.to(z.device), prompts, cond).float() for model in self.value_models)

@@ -92,3 +92,27 @@ def test_adapter_sync_answers_version_and_checksum_and_changes_the_samples():
 def test_bad_rollout_settings_stop_early(overrides, values, message):
     with pytest.raises(ValueError, match=message):
         check_rollout_config(RolloutConfig(**{**CFG, **overrides}), values)
+
+
+def test_a_compiled_rollout_worker_samples_scores_and_syncs_as_an_eager_one(value_dir, monkeypatch):
+    import functools
+
+    from stitchvm_rl import zoo
+
+    # aot_eager: the same dynamo capture as inductor without C++ codegen (fast on CPU); GPUs use inductor
+    monkeypatch.setattr(zoo, "compile_repeated_blocks", functools.partial(zoo.compile_repeated_blocks, backend="aot_eager"))
+    eager, compiled = (RolloutWorker("toyworld", RolloutConfig(estimator="stitchvm", compile=c, **CFG), {"toy_clip": 1.0}, [value_dir]) for c in (False, True))
+    assert all(b._compiled_call_impl is not None for b in compiled.policy.transformer.transformer_blocks)
+    assert all(b._compiled_call_impl is not None for b in compiled.value_models[0].head.blocks)
+    assert eager.policy.transformer.transformer_blocks[0]._compiled_call_impl is None
+    before = compiled.rollout(PROMPTS, 5)
+    with torch.no_grad():  # a trained-looking adapter, pushed to both: the compiled blocks must read the new weights
+        for name, p in eager.policy.transformer.named_parameters():
+            if ".lora_B.default." in name:
+                p.add_(0.05)
+    state = eager.policy.export_adapter("default", version=1)
+    for worker in (eager, compiled):
+        assert worker.load_adapter(state) == (1, state.checksum)
+    a, b = eager.rollout(PROMPTS, 5), compiled.rollout(PROMPTS, 5)
+    assert torch.allclose(a.anchors, b.anchors, atol=1e-4) and torch.allclose(a.scores, b.scores, atol=1e-4)
+    assert torch.equal(a.tau, b.tau) and not torch.allclose(b.anchors, before.anchors, atol=1e-2)
