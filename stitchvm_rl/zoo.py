@@ -471,15 +471,18 @@ REPEATED_BLOCKS = ("JointTransformerBlock", "CLIPEncoderLayer")
 
 
 def compile_repeated_blocks(*models: torch.nn.Module, **compile_kwargs) -> int:
-    """`torch.compile` every SD3 joint block and CLIP encoder layer inside `models`, in place (the
-    modules keep their parameters and state dict keys); returns how many were compiled."""
+    """`torch.compile` every SD3 joint block and CLIP image-side encoder layer inside `models`, in
+    place (the modules keep their parameters and state dict keys); returns how many were compiled.
+    CLIP's text tower stays eager: prompts are encoded once and cached, in batches of whatever size
+    is new, so compiling it would only buy recompiles."""
     # SD3.5 mixes block variants (dual attention, the context-only last block), each run with and
     # without autograd and at one or two batch sizes: more graphs than dynamo's default limit of 8.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     compiled = 0
     for model in models:
-        for module in model.modules():
-            if type(module).__name__ in REPEATED_BLOCKS:
+        text = [name for name, m in model.named_modules() if type(m).__name__.startswith("CLIPText")]  # CLIPTextModel, ...Transformer
+        for name, module in model.named_modules():
+            if type(module).__name__ in REPEATED_BLOCKS and not any(name.startswith(t + ".") for t in text):
                 module.compile(**compile_kwargs)
                 compiled += 1
     return compiled

@@ -165,11 +165,12 @@ def test_compiling_the_repeated_blocks_keeps_values_gradients_and_state_dict_key
 
     model, _, captions = toy_value
     compiled = copy.deepcopy(model)
-    blocks = len(model.head.blocks) + len(model.tail.layers) + len(model.text_model.encoder.layers)
+    blocks = len(model.head.blocks) + len(model.tail.layers)  # the text tower (cached prompts) stays eager
     # aot_eager: dynamo's capture and AOT autograd's forward / backward split without C++ codegen (fast
     # on CPU); on a GPU the default inductor backend runs the same graphs as fused kernels
     assert zoo.compile_repeated_blocks(compiled, backend="aot_eager") == blocks
     assert compiled.state_dict().keys() == model.state_dict().keys()  # saves and loads as before
+    assert all(layer._compiled_call_impl is None for layer in compiled.text_model.encoder.layers)
     z, t = torch.randn(2, 16, 8, 8), torch.tensor([0.5, 0.8])
     values, grads = [], []
     for m in (model, compiled):
