@@ -85,6 +85,11 @@ def check(cfg: DPSConfig) -> None:
             raise ConfigError(f"method '{kind}' has no DPS scale; set scales.{kind}=...")
     if cfg.value_model:
         check_value_model_dir(cfg.value_model, cfg.backbone)
+    if cfg.compile:
+        try:
+            zoo.check_compile_toolchain(cfg.device)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 def default_value_model() -> str:

@@ -470,6 +470,13 @@ def count_params(module: torch.nn.Module) -> int:
 REPEATED_BLOCKS = ("JointTransformerBlock", "CLIPEncoderLayer")
 
 
+def check_compile_toolchain(device: str) -> None:
+    """Refuse `compile=true` on the CPU where there is no C++ compiler: inductor writes C++ there and
+    would otherwise fail only at the first compiled call, after the models are loaded."""
+    if device == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c):
+        raise ValueError("compile=true on the CPU needs a C++ compiler (torch.compile's inductor generates C++); install g++, or set compile=false")
+
+
 def compile_repeated_blocks(*models: torch.nn.Module, **compile_kwargs) -> int:
     """`torch.compile` every SD3 joint block and CLIP image-side encoder layer inside `models`, in
     place (the modules keep their parameters and state dict keys); returns how many were compiled.

@@ -56,3 +56,11 @@ def test_dps_job_runs_every_method_in_its_own_process(tmp_path, value_dir):
 def test_bad_settings_stop_before_any_work(tmp_path, args, message):
     with pytest.raises(ConfigError, match=message):
         load_job().main([f"output_dir={tmp_path}", *args])
+
+
+def test_compile_without_a_cpp_compiler_stops_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler"):
+        load_job().main([f"output_dir={tmp_path}", "compile=true"])
+    assert not (tmp_path / "dps").exists()

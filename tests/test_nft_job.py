@@ -177,3 +177,10 @@ def test_a_killed_driver_is_resumed_by_running_the_same_command_again(tmp_path):
     assert sorted(last) == [0, 1, 2, 3] and lines[-1]["resumed_from_epoch"] >= 1
     assert [last[e]["global_step"] for e in range(4)] == [1, 2, 3, 4]
     assert len({m["wandb_run_id"] for m in lines}) == 1 and lines[0]["wandb_run_id"]
+
+
+def test_rollout_compile_without_a_cpp_compiler_stops_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(ConfigError, match="rollout: compile=true on the CPU needs a C\\+\\+ compiler"):
+        load_job().main([f"output_dir={tmp_path}", "rollout.compile=true"])
