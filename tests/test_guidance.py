@@ -108,3 +108,26 @@ def test_unknown_method_and_missing_value_model_are_clear_errors(tiny_policy):
         build_value("dsp", tiny_policy)
     with pytest.raises(ValueError, match="needs a value model"):
         build_value("fk_stitchvm", tiny_policy)
+
+
+@pytest.mark.parametrize("method", ["stitchvm", "tweedie"])
+def test_compiled_guidance_samples_the_same_images_as_eager(tmp_path, monkeypatch, stitched, method):
+    import functools
+
+    from stitchvm_rl import zoo
+    from stitchvm_rl.guidance import run_guided
+
+    compiled_blocks, aot_eager = [], functools.partial(zoo.compile_repeated_blocks, backend="aot_eager")
+
+    def compile_aot_eager(*models):  # aot_eager: dynamo's capture without C++ codegen (fast on CPU)
+        compiled_blocks.append(aot_eager(*models))
+        return compiled_blocks[-1]
+
+    monkeypatch.setattr(zoo, "compile_repeated_blocks", compile_aot_eager)
+    value_dir = str(stitched.save(tmp_path / "value_model"))
+    cfg = GuidanceConfig(num_steps=4, cfg_scale=3.0)
+    runs = [run_guided(method, "toyworld", {"toy_clip": 1.0}, value_dir, PROMPTS * 2, cfg, 0.2, 2, 0, 0, "cpu", "float32", compile=c) for c in (False, True)]
+    # the policy's 4 joint blocks, and the value model's 2 head blocks + 6 CLIP layers or the reward CLIP's 6
+    assert compiled_blocks == [4 + (2 + 6 if method == "stitchvm" else 6)]
+    torch.testing.assert_close(runs[1]["images"], runs[0]["images"], atol=1e-4, rtol=0)  # the warm-up batch draws no noise of the timed run
+    assert not torch.equal(runs[0]["images"][:2], runs[0]["images"][2:])  # other noise per batch
