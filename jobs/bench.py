@@ -6,6 +6,7 @@
     python jobs/bench.py "sections=[dps,value]" repeats=10
     python jobs/bench.py device=cuda dtype=bfloat16 "sections=[dps,value,real_scale,real_scale_timed]"   # one GPU
     python jobs/bench.py device=cuda dtype=bfloat16 "sections=[real_scale_timed]" compile=true   # + torch.compile
+    python jobs/bench.py device=cuda dtype=bfloat16 "sections=[real_scale_nft]" "resolutions=[512]"   # SD3.5-M NFT group
 
 Sections:
     nft_epoch         one NFT epoch, terminal vs stitchvm, in process: seconds per phase (sample,
@@ -20,6 +21,8 @@ Sections:
                       model evaluations of an NFT epoch (no GPU needed)
     real_scale_timed  the same DPS step with random SD3.5-M weights on the GPU: seconds, peak memory
                       (compile=true: each method also with its SD3 / CLIP blocks torch.compile'd)
+    real_scale_nft    one prompt group of an NFT epoch with random SD3.5-M weights on the GPU, terminal
+                      vs stitchvm at the SD3.5-M configs' settings: seconds per phase (rollout + training)
 
 Writes outputs/<run_name>/bench.json (every repeat) and bench.md (the table).
 """
@@ -42,7 +45,7 @@ from stitchvm_rl.config import ConfigError, Range, load_config, run_main
 from stitchvm_rl.tracking import RunDir
 from stitchvm_rl.value.model import check_value_model_dir
 
-SECTIONS = ("nft_epoch", "nft_reach", "dps", "value", "rollout_scaling", "weight_sync", "real_scale", "real_scale_timed")
+SECTIONS = ("nft_epoch", "nft_reach", "dps", "value", "rollout_scaling", "weight_sync", "real_scale", "real_scale_timed", "real_scale_nft")
 CPU_SECTIONS = ["nft_epoch", "nft_reach", "dps", "value", "rollout_scaling", "weight_sync", "real_scale"]
 
 
@@ -89,8 +92,9 @@ def check(cfg: BenchConfig) -> None:
     unknown = [s for s in cfg.sections if s not in SECTIONS]
     if unknown or not cfg.sections:
         raise ConfigError(f"sections {unknown or '[]'} unknown or empty; choose from {', '.join(SECTIONS)}")
-    if "real_scale_timed" in cfg.sections and cfg.device != "cuda":
-        raise ConfigError("section real_scale_timed times SD3.5-M-size models and needs device=cuda")
+    for section in {"real_scale_timed", "real_scale_nft"} & set(cfg.sections):
+        if cfg.device != "cuda":
+            raise ConfigError(f"section {section} times SD3.5-M-size models and needs device=cuda")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but torch sees no GPU; use device=cpu")
     if cfg.value_model:
@@ -402,6 +406,23 @@ def bench_real_scale_timed(cfg: BenchConfig) -> dict:
     return out
 
 
+def bench_real_scale_nft(cfg: BenchConfig) -> dict:
+    """One prompt group (rollout.group_size images) of an NFT epoch at SD3.5-M size with random weights
+    (`costs.sd35m_nft_groups`: 25 steps, stop at 14 -- the middle of U{12..17} -- 512^2, LoRA r 32, micro-batch 4)."""
+    from stitchvm_rl.learner import NFTTrainConfig, timesteps_per_group
+    from stitchvm_rl.rollout import RolloutConfig
+
+    rollout, fraction = RolloutConfig(num_steps=25, stop_min=12, stop_max=17), NFTTrainConfig().timestep_fraction
+    timesteps = {e: timesteps_per_group(dataclasses.replace(rollout, estimator=e), fraction) for e in ("terminal", "stitchvm")}
+    group = 2 if cfg.quick else rollout.group_size
+    groups = costs.sd35m_nft_groups(group=group, resolution=cfg.resolutions[0], train_timesteps=timesteps, device=cfg.device, dtype=cfg.dtype, lora_rank=cfg.lora_rank)
+    phases: dict[str, list[dict]] = {m: [] for m in groups}
+    seconds = interleaved({m: (lambda m=m: phases[m].append(groups[m]())) for m in groups}, cfg.repeats, cfg.device)
+    phases = {m: {k: statistics.median(p[k] for p in runs[-cfg.repeats :]) for k in ("sample", "score", "train")} for m, runs in phases.items()}
+    return {"group": group, "resolution": cfg.resolutions[0], "train_timesteps": timesteps, "seconds_per_group": summarise(seconds), "phases": phases,
+            "speedup_stitchvm_over_terminal": ratio(seconds["terminal"], seconds["stitchvm"])}
+
+
 # ---------------------------------------------------------------- table
 def _cores() -> int:
     import os
@@ -475,6 +496,13 @@ def table(results: dict) -> str:
                     pt, ps = peak["tweedie_compiled"], peak["stitchvm_compiled"]
                     lines.append(f"| {key}, compiled (eager / compiled: {gain}) | {ms} | {c['speedup_stitchvm_over_tweedie_compiled']:.2f}x | {pt / 1024:.1f} / {ps / 1024:.1f} ({ps / pt:.2f}x) |")
         lines += [""]
+    r = results.get("real_scale_nft")
+    if r:
+        lines += [f"| SD3.5-M NFT, one group of {r['group']} at {r['resolution']}^2 (random weights, timed) | s / group | sample / score / train s |", "|---|---|---|"]
+        for e in ("terminal", "stitchvm"):
+            p = r["phases"][e]
+            lines.append(f"| {e} ({r['train_timesteps'][e]} training timesteps) | {_cell(r['seconds_per_group'][e])} | {p['sample']:.3g} / {p['score']:.3g} / {p['train']:.3g} |")
+        lines += [f"\nterminal / stitchvm seconds per group: **{r['speedup_stitchvm_over_terminal']:.2f}x**", ""]
     return "\n".join(lines)
 
 

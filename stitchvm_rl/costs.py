@@ -154,3 +154,95 @@ def sd35m_guidance_step_costs(i: int = 4, j: int = 1, resolution: int = 1024, te
         "flops_ratio_tweedie_over_stitchvm": out["tweedie"]["flops"] / out["stitchvm"]["flops"],
         "activation_ratio_tweedie_over_stitchvm": out["tweedie"]["backward_activation_gib"] / out["stitchvm"]["backward_activation_gib"],
     }
+
+
+def sd35m_nft_groups(group: int = 8, resolution: int = 512, num_steps: int = 25, stop: int = 14, train_timesteps: dict[str, int] | None = None, micro_batch: int = 4, lora_rank: int = 32, i: int = 4, j: int = 1, text_tokens: int = 333, device: str = "meta", dtype: str = "bfloat16", compile: bool = False) -> dict:
+    """One prompt group's share of an NFT epoch at SD3.5-M scale, per estimator, as callables over the
+    same models (the rollout actor's and the learner's work, in one process):
+        terminal  `num_steps` sampling steps, VAE decode + CLIP image tower, then training on
+                  `train_timesteps["terminal"]` timesteps
+        stitchvm  `stop` steps, StitchVM(i, j) on z_tau (its head: the base blocks, adapter off),
+                  then training on `train_timesteps["stitchvm"]` timesteps
+    Training per timestep and micro-batch is `learner.nft_micro_step`'s work: the old and reference
+    velocities without autograd, the current one with it and its backward into the LoRA (rank
+    `lora_rank`); one AdamW step per group. Each callable returns its seconds per phase (meaningless
+    on `meta`, where only FLOPs can be counted)."""
+    import time
+
+    from peft import LoraConfig
+
+    from stitchvm_rl.policy import LORA_TARGETS
+    from stitchvm_rl.value.model import DiTHead, StitchedValueModel, ValueModelConfig
+
+    train_timesteps = train_timesteps or {"terminal": 24, "stitchvm": 11}  # timesteps_per_group at the SD3.5-M configs' settings
+    transformer = zoo.published_model("sd35_medium_transformer", device, dtype).requires_grad_(False)
+    vae = zoo.published_model("sd35_medium_vae", device, dtype).requires_grad_(False)
+    clip = zoo.published_model("clip_vit_l14_336", device, dtype).requires_grad_(False)
+    side, dt = resolution // 8, zoo.DTYPES[dtype]
+    with torch.device(device):
+        embeds = torch.randn(1, text_tokens, transformer.config.joint_attention_dim, dtype=dt)
+        pooled = torch.randn(1, transformer.config.pooled_projection_dim, dtype=dt)
+        value_model = StitchedValueModel(ValueModelConfig(i, j, "clip", zoo.SD35_MEDIUM, zoo.CLIP_VIT_L14_336, "meta"), DiTHead(transformer, i, embeds, pooled), clip).to(dt).requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    lora = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(lora, lr=1e-4) if device != "meta" else None
+    if compile:
+        zoo.compile_repeated_blocks(transformer, clip, value_model)
+
+    def velocity(z, t):
+        n = len(z)
+        return transformer(hidden_states=z, timestep=1000 * t.expand(n), encoder_hidden_states=embeds.expand(n, -1, -1), pooled_projections=pooled.expand(n, -1)).sample
+
+    def clock() -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def sample(steps: int) -> torch.Tensor:
+        sigmas = torch.linspace(1, 0, num_steps + 1, device=device)
+        z = torch.randn(group, 16, side, side, device=device, dtype=dt)
+        with torch.no_grad():
+            for k in range(steps):
+                z = z + (sigmas[k + 1] - sigmas[k]) * velocity(z, sigmas[k])
+        return z, sigmas[steps]
+
+    def score(estimator: str, z: torch.Tensor, tau: torch.Tensor) -> None:
+        with torch.no_grad():
+            if estimator == "stitchvm":
+                transformer.disable_adapters()
+                value_model.embed(z, tau.expand(len(z)))
+                transformer.enable_adapters()
+                return
+            for chunk in z.split(micro_batch):
+                pixels = torch.nn.functional.interpolate(vae.decode(chunk).sample, size=(336, 336), mode="bicubic")
+                clip.visual_projection(clip.vision_model(pixel_values=pixels).pooler_output)
+
+    def train(estimator: str, anchors: torch.Tensor, tau: torch.Tensor) -> None:
+        for n in range(train_timesteps[estimator]):
+            t = tau + (1 - tau) * (n + 1) / (train_timesteps[estimator] + 1)
+            for anchor in anchors.split(micro_batch):
+                z_t = (1 - t) * anchor + t * torch.randn_like(anchor)  # the bridge's cost is the same
+                with torch.no_grad():
+                    v_old = velocity(z_t, t)  # the official loss's old velocity ...
+                    transformer.disable_adapters()
+                    v_ref = velocity(z_t, t)  # ... and the reference's, for the KL term
+                    transformer.enable_adapters()
+                v = velocity(z_t, t)
+                ((v.float() - v_old.float()) ** 2 + (v.float() - v_ref.float()) ** 2).mean().backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    def group_of(estimator: str):
+        def run() -> dict:
+            start = clock()
+            z, tau = sample(num_steps if estimator == "terminal" else stop)
+            sampled = clock()
+            score(estimator, z, tau)
+            scored = clock()
+            train(estimator, z, tau)
+            return {"sample": sampled - start, "score": scored - sampled, "train": clock() - scored}
+
+        return run
+
+    return {"terminal": group_of("terminal"), "stitchvm": group_of("stitchvm")}

@@ -31,3 +31,33 @@ def test_a_stitchvm_dps_step_costs_less_than_a_tweedie_one_at_real_scale():
     # stitchvm = the unguided step + one value-model forward and backward; tweedie differentiates it all
     assert step["none"]["flops"] < step["stitchvm"]["flops"] < step["tweedie"]["flops"]
     assert costs["flops_ratio_tweedie_over_stitchvm"] > 2 and costs["activation_ratio_tweedie_over_stitchvm"] > 4
+
+
+def test_a_real_scale_nft_group_does_the_learner_and_rollout_work_of_its_estimator(monkeypatch):
+    """`sd35m_nft_groups` (timed on a GPU by jobs/bench.py) on `meta`: count what each estimator runs."""
+    from stitchvm_rl import costs, zoo
+
+    built = {}
+
+    def published_model(name, *args):
+        built[name] = model = published(name, *args)
+        return model
+
+    published = zoo.published_model
+    monkeypatch.setattr(zoo, "published_model", published_model)
+    groups = costs.sd35m_nft_groups(group=4, resolution=128, num_steps=3, stop=1, train_timesteps={"terminal": 2, "stitchvm": 1}, micro_batch=2)
+    transformer, decoder = built["sd35_medium_transformer"], built["sd35_medium_vae"].decoder
+    calls = {"velocity": [], "decode": 0}
+    transformer.register_forward_pre_hook(lambda m, args, kwargs: calls["velocity"].append(len(kwargs["hidden_states"])), with_kwargs=True)
+    decoder.register_forward_pre_hook(lambda *a: calls.__setitem__("decode", calls["decode"] + 1))
+    flops = {}
+    for estimator, run in groups.items():
+        calls["velocity"], calls["decode"] = [], 0
+        flops[estimator] = count_flops(run)
+        steps, timesteps = (3, 2) if estimator == "terminal" else (1, 1)
+        # sampling: the whole group per step; training: old + reference + current velocity per micro-batch of 2
+        assert calls["velocity"] == [4] * steps + [2] * (timesteps * 2 * 3)
+        assert calls["decode"] == (2 if estimator == "terminal" else 0)  # stitchvm scores z_tau without decoding
+    lora = [p for n, p in transformer.named_parameters() if "lora" in n]
+    assert lora and all(p.grad is not None for p in lora) and all(p.grad is None for n, p in transformer.named_parameters() if "lora" not in n)
+    assert flops["terminal"] > 1.5 * flops["stitchvm"]
