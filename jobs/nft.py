@@ -105,6 +105,11 @@ def check(cfg: NFTConfig) -> None:
             zoo.check_compile_toolchain("cuda" if cfg.rollout_gpus else "cpu")
     except ValueError as err:
         raise ConfigError(f"rollout: {err}") from None
+    if cfg.train.compile:
+        try:
+            zoo.check_compile_toolchain("cuda" if cfg.train.use_gpu else "cpu")
+        except ValueError as err:
+            raise ConfigError(f"train: {err}") from None
     for d in cfg.value_models:
         check_value_model_dir(d, cfg.backbone)
 

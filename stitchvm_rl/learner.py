@@ -28,7 +28,7 @@ from typing import Annotated
 
 import torch
 
-from stitchvm_rl import flow, nft, toyworld
+from stitchvm_rl import flow, nft, toyworld, zoo
 from stitchvm_rl.config import Range, from_dict, to_dict
 from stitchvm_rl.policy import AdapterState, PromptEmbeds, SD3Policy, tensor_checksum
 from stitchvm_rl.rollout import RolloutBatch, RolloutConfig
@@ -66,6 +66,8 @@ class NFTTrainConfig:
     """DeepSpeed ZeRO stage."""
     gradient_checkpointing: bool = False
     """Recompute the transformer's block activations in the backward: memory for ~1/3 more compute (large groups at 512^2+)."""
+    compile: bool = False
+    """torch.compile each SD3 block of the learner's transformer, LoRA layers included (GPU; the first epoch compiles them)."""
     max_failures: Annotated[int, Range(-1)] = 2
     """Learner-group restarts Ray Train may make (FailureConfig)."""
     crash_in_checkpoint: int = -1
@@ -144,6 +146,8 @@ def train_loop(loop: dict) -> None:
     policy.add_lora(rollout.lora_rank, rollout.lora_alpha)
     if train.gradient_checkpointing:
         policy.transformer.enable_gradient_checkpointing()
+    if train.compile:  # after the LoRA layers are in; the evaluation's no-grad ODE sampling runs compiled too
+        zoo.compile_repeated_blocks(policy.transformer)
     trainable = [p for p in policy.transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
     groups_per_rank = loop["groups_per_epoch"] // world

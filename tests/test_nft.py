@@ -122,3 +122,46 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients():
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
+
+
+def test_a_compiled_learner_gives_the_same_loss_and_lora_gradients(monkeypatch):
+    """train.compile: the compiled blocks must follow every adapter switch of the NFT step (old,
+    none = reference, default), or the loss would silently use the wrong velocities."""
+    import functools
+
+    from stitchvm_rl import zoo
+    from stitchvm_rl.learner import NFTTrainConfig, nft_micro_step
+    from stitchvm_rl.policy import SD3Policy
+    from stitchvm_rl.rollout import RolloutBatch
+
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        policy = SD3Policy.from_pretrained("toyworld")
+        policy.add_lora(4, 8)
+        with torch.no_grad():  # default, old and the base all differ
+            for name, p in policy.transformer.named_parameters():
+                if "lora_B.default" in name:
+                    p.normal_(std=0.01)
+        policy.soft_update("old", 0.5)
+        if compiled:  # aot_eager: dynamo's capture and AOT autograd without C++ codegen (fast on CPU)
+            assert functools.partial(zoo.compile_repeated_blocks, backend="aot_eager")(policy.transformer) == len(policy.transformer.transformer_blocks)
+        policy.transformer.train()
+        embeds = policy.encode_prompts(["a red circle on the left"])
+        batch = RolloutBatch(
+            anchors=torch.randn(4, 16, 8, 8, generator=torch.Generator().manual_seed(1)), tau=torch.full((4,), 0.3), groups=torch.zeros(4, dtype=torch.long),
+            group_prompts=["a red circle on the left"], group_embeds=embeds, scores=torch.arange(4.0), version=0, estimator="stitchvm",
+        )
+        losses = []
+        for t in (0.5, 0.8):  # two micro-steps: the second reuses the graphs across the switches
+            loss, parts = nft_micro_step(policy, batch, 0, torch.tensor([0.2, 0.4, 0.6, 0.8]), t, NFTTrainConfig(), torch.Generator().manual_seed(2))
+            loss.backward()
+            losses.append((loss.item(), parts))
+        results.append((losses, {n: p.grad.clone() for n, p in policy.transformer.named_parameters() if p.grad is not None}))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    for (a, parts_a), (b, parts_b) in zip(eager, compiled):
+        assert b == pytest.approx(a, rel=1e-5)
+        assert parts_b == pytest.approx(parts_a, rel=1e-4, abs=1e-8)
+    assert eager_grads.keys() == compiled_grads.keys() and len(eager_grads) > 0
+    for name in eager_grads:
+        torch.testing.assert_close(compiled_grads[name], eager_grads[name], rtol=1e-4, atol=1e-7)

@@ -179,8 +179,9 @@ def test_a_killed_driver_is_resumed_by_running_the_same_command_again(tmp_path):
     assert len({m["wandb_run_id"] for m in lines}) == 1 and lines[0]["wandb_run_id"]
 
 
-def test_rollout_compile_without_a_cpp_compiler_stops_before_any_work(tmp_path, monkeypatch):
+@pytest.mark.parametrize("part", ["rollout", "train"])
+def test_compile_without_a_cpp_compiler_stops_before_any_work(tmp_path, monkeypatch, part):
     monkeypatch.setattr("shutil.which", lambda name: None)
     monkeypatch.delenv("CXX", raising=False)
-    with pytest.raises(ConfigError, match="rollout: compile=true on the CPU needs a C\\+\\+ compiler"):
-        load_job().main([f"output_dir={tmp_path}", "rollout.compile=true"])
+    with pytest.raises(ConfigError, match=f"{part}: compile=true on the CPU needs a C\\+\\+ compiler"):
+        load_job().main([f"output_dir={tmp_path}", f"{part}.compile=true"])
