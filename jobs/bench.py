@@ -80,7 +80,7 @@ class BenchConfig:
     lora_rank: Annotated[int, Range(1)] = 32
     """weight_sync: LoRA rank of the SD3.5-Medium-size adapter."""
     resolutions: list[int] = field(default_factory=lambda: [512, 1024])
-    """real_scale / real_scale_timed: image sides."""
+    """real_scale / real_scale_timed: image sides (real_scale_nft: the first)."""
     compile: bool = False
     """real_scale_timed / real_scale_nft: also time every method with its SD3 and CLIP blocks torch.compile'd, beside eager."""
     ray_cpus: Annotated[int, Range(1)] = 8
@@ -407,8 +407,9 @@ def bench_real_scale_timed(cfg: BenchConfig) -> dict:
 
 
 def bench_real_scale_nft(cfg: BenchConfig) -> dict:
-    """One prompt group (rollout.group_size images) of an NFT epoch at SD3.5-M size with random weights
-    (`costs.sd35m_nft_groups`: 25 steps, stop at 14 -- the middle of U{12..17} -- 512^2, LoRA r 32, micro-batch 4)."""
+    """One prompt group of 8 images (the SD3.5-M configs sample 24) of an NFT epoch at SD3.5-M size with
+    random weights: `costs.sd35m_nft_groups` at the configs' 25 steps, stop near the mean of U{12..17}
+    and trained timesteps, 512^2, LoRA r `lora_rank`, training micro-batches of 4."""
     from stitchvm_rl.learner import NFTTrainConfig, timesteps_per_group
     from stitchvm_rl.rollout import RolloutConfig
 
@@ -421,8 +422,8 @@ def bench_real_scale_nft(cfg: BenchConfig) -> dict:
         groups |= {f"{m}_compiled": fn for m, fn in costs.sd35m_nft_groups(**kwargs, compile=True).items()}
     phases: dict[str, list[dict]] = {m: [] for m in groups}
     seconds = interleaved({m: (lambda m=m: phases[m].append(groups[m]())) for m in groups}, cfg.repeats, cfg.device)
-    phases = {m: {k: statistics.median(p[k] for p in runs[-cfg.repeats :]) for k in ("sample", "score", "train")} for m, runs in phases.items()}
-    out = {"group": group, "resolution": cfg.resolutions[0], "train_timesteps": timesteps, "seconds_per_group": summarise(seconds), "phases": phases,
+    medians = {m: {k: statistics.median(p[k] for p in runs[-cfg.repeats :]) for k in ("sample", "score", "train")} for m, runs in phases.items()}
+    out = {"group": group, "resolution": cfg.resolutions[0], "train_timesteps": timesteps, "seconds_per_group": summarise(seconds), "phases": medians,
            "speedup_stitchvm_over_terminal": ratio(seconds["terminal"], seconds["stitchvm"])}
     if cfg.compile:
         out["speedup_stitchvm_over_terminal_compiled"] = ratio(seconds["terminal_compiled"], seconds["stitchvm_compiled"])
@@ -508,7 +509,9 @@ def table(results: dict) -> str:
         for m, p in r["phases"].items():
             lines.append(f"| {m} ({r['train_timesteps'][m.removesuffix('_compiled')]} training timesteps) | {_cell(r['seconds_per_group'][m])} | {p['sample']:.3g} / {p['score']:.3g} / {p['train']:.3g} |")
         lines += [f"\nterminal / stitchvm seconds per group: **{r['speedup_stitchvm_over_terminal']:.2f}x**"]
-        lines += [f"compiled: {r['speedup_stitchvm_over_terminal_compiled']:.2f}x" if "speedup_stitchvm_over_terminal_compiled" in r else "", ""]
+        if "speedup_stitchvm_over_terminal_compiled" in r:
+            lines += [f"compiled: {r['speedup_stitchvm_over_terminal_compiled']:.2f}x"]
+        lines += [""]
     return "\n".join(lines)
 
 

@@ -159,14 +159,16 @@ def sd35m_guidance_step_costs(i: int = 4, j: int = 1, resolution: int = 1024, te
 def sd35m_nft_groups(group: int = 8, resolution: int = 512, num_steps: int = 25, stop: int = 14, train_timesteps: dict[str, int] | None = None, micro_batch: int = 4, lora_rank: int = 32, i: int = 4, j: int = 1, text_tokens: int = 333, device: str = "meta", dtype: str = "bfloat16", compile: bool = False) -> dict:
     """One prompt group's share of an NFT epoch at SD3.5-M scale, per estimator, as callables over the
     same models (the rollout actor's and the learner's work, in one process):
-        terminal  `num_steps` sampling steps, VAE decode + CLIP image tower, then training on
-                  `train_timesteps["terminal"]` timesteps
-        stitchvm  `stop` steps, StitchVM(i, j) on z_tau (its head: the base blocks, adapter off),
-                  then training on `train_timesteps["stitchvm"]` timesteps
-    Training per timestep and micro-batch is `learner.nft_micro_step`'s work: the old and reference
-    velocities without autograd, the current one with it and its backward into the LoRA (rank
-    `lora_rank`); one AdamW step per group. Each callable returns its seconds per phase (meaningless
-    on `meta`, where only FLOPs can be counted)."""
+        terminal  `num_steps` sampling steps, VAE decode + CLIP ViT-L/14-336 (one reward model; the
+                  SD3.5-M configs score with three), then training on `train_timesteps["terminal"]`
+        stitchvm  `stop` steps (14: near the mean of U{12..17}), StitchVM(i, j) on z_tau (its head is
+                  its own copy of the first i base blocks, as a loaded value model's), then training
+                  on `train_timesteps["stitchvm"]` timesteps
+    Training per timestep is `learner.nft_micro_step`'s work -- the old and reference velocities
+    without autograd, the current one with it and its backward into the LoRA (rank `lora_rank`) --
+    in micro-batches of `micro_batch` (the learner takes a whole group per step: the same FLOPs per
+    sample in larger kernels), then one AdamW step (the learner: one per epoch). Each callable returns
+    its seconds per phase (meaningless on `meta`, where only FLOPs can be counted)."""
     import time
 
     from peft import LoraConfig
@@ -198,7 +200,7 @@ def sd35m_nft_groups(group: int = 8, resolution: int = 512, num_steps: int = 25,
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    def sample(steps: int) -> torch.Tensor:
+    def sample(steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         sigmas = torch.linspace(1, 0, num_steps + 1, device=device)
         z = torch.randn(group, 16, side, side, device=device, dtype=dt)
         with torch.no_grad():
@@ -209,9 +211,7 @@ def sd35m_nft_groups(group: int = 8, resolution: int = 512, num_steps: int = 25,
     def score(estimator: str, z: torch.Tensor, tau: torch.Tensor) -> None:
         with torch.no_grad():
             if estimator == "stitchvm":
-                transformer.disable_adapters()
                 value_model.embed(z, tau.expand(len(z)))
-                transformer.enable_adapters()
                 return
             for chunk in z.split(micro_batch):
                 pixels = torch.nn.functional.interpolate(vae.decode(chunk).sample, size=(336, 336), mode="bicubic")

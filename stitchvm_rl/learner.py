@@ -67,7 +67,7 @@ class NFTTrainConfig:
     gradient_checkpointing: bool = False
     """Recompute the transformer's block activations in the backward: memory for ~1/3 more compute (large groups at 512^2+)."""
     compile: bool = False
-    """torch.compile each SD3 block of the learner's transformer, LoRA layers included (GPU; the first epoch compiles them)."""
+    """torch.compile each SD3 block of the learner's transformer, LoRA layers included (GPU, or CPU with a C++ compiler; the first epoch compiles)."""
     max_failures: Annotated[int, Range(-1)] = 2
     """Learner-group restarts Ray Train may make (FailureConfig)."""
     crash_in_checkpoint: int = -1

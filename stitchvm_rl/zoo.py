@@ -471,10 +471,17 @@ REPEATED_BLOCKS = ("JointTransformerBlock", "CLIPEncoderLayer")
 
 
 def check_compile_toolchain(device: str) -> None:
-    """Refuse `compile=true` on the CPU where there is no C++ compiler: inductor writes C++ there and
-    would otherwise fail only at the first compiled call, after the models are loaded."""
-    if device == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c):
-        raise ValueError("compile=true on the CPU needs a C++ compiler (torch.compile's inductor generates C++); install g++, or set compile=false")
+    """Refuse `compile=true` on the CPU where inductor finds no C++ compiler ($CXX, else g++): it writes
+    C++ there and would otherwise fail only at the first compiled call, after the models are loaded.
+    Checked where the job starts; CPU workers on other nodes are assumed to match."""
+    from torch._inductor import cpp_builder, exc
+
+    if device != "cpu":
+        return
+    try:
+        cpp_builder.get_cpp_compiler()  # the search inductor itself runs
+    except exc.InvalidCxxCompiler:
+        raise ValueError("compile=true on the CPU needs a C++ compiler (torch.compile's inductor generates C++); install g++ (or set $CXX), or set compile=false") from None
 
 
 def compile_repeated_blocks(*models: torch.nn.Module, **compile_kwargs) -> int:

@@ -37,26 +37,27 @@ def test_a_real_scale_nft_group_does_the_learner_and_rollout_work_of_its_estimat
     """`sd35m_nft_groups` (timed on a GPU by jobs/bench.py) on `meta`: count what each estimator runs."""
     from stitchvm_rl import costs, zoo
 
-    built = {}
+    built, published = {}, zoo.published_model
 
     def published_model(name, *args):
         built[name] = model = published(name, *args)
         return model
 
-    published = zoo.published_model
     monkeypatch.setattr(zoo, "published_model", published_model)
     groups = costs.sd35m_nft_groups(group=4, resolution=128, num_steps=3, stop=1, train_timesteps={"terminal": 2, "stitchvm": 1}, micro_batch=2)
     transformer, decoder = built["sd35_medium_transformer"], built["sd35_medium_vae"].decoder
-    calls = {"velocity": [], "decode": 0}
-    transformer.register_forward_pre_hook(lambda m, args, kwargs: calls["velocity"].append(len(kwargs["hidden_states"])), with_kwargs=True)
+    lora_layer = next(m for m in transformer.modules() if hasattr(m, "lora_A"))
+    calls = {"velocity": [], "decode": 0}  # velocity: (batch, adapter on) per transformer call
+    transformer.register_forward_pre_hook(lambda m, args, kwargs: calls["velocity"].append((len(kwargs["hidden_states"]), not lora_layer.disable_adapters)), with_kwargs=True)
     decoder.register_forward_pre_hook(lambda *a: calls.__setitem__("decode", calls["decode"] + 1))
     flops = {}
     for estimator, run in groups.items():
         calls["velocity"], calls["decode"] = [], 0
         flops[estimator] = count_flops(run)
         steps, timesteps = (3, 2) if estimator == "terminal" else (1, 1)
-        # sampling: the whole group per step; training: old + reference + current velocity per micro-batch of 2
-        assert calls["velocity"] == [4] * steps + [2] * (timesteps * 2 * 3)
+        # sampling: the whole group per step with the LoRA; training, per micro-batch of 2: the old
+        # velocity (LoRA), the reference's (adapter off) and the current one (LoRA, with autograd)
+        assert calls["velocity"] == [(4, True)] * steps + [(2, True), (2, False), (2, True)] * (timesteps * 2)
         assert calls["decode"] == (2 if estimator == "terminal" else 0)  # stitchvm scores z_tau without decoding
     lora = [p for n, p in transformer.named_parameters() if "lora" in n]
     assert lora and all(p.grad is not None for p in lora) and all(p.grad is None for n, p in transformer.named_parameters() if "lora" not in n)

@@ -59,8 +59,12 @@ def test_bad_settings_stop_before_any_work(tmp_path, args, message):
 
 
 def test_compile_without_a_cpp_compiler_stops_before_any_work(tmp_path, monkeypatch):
-    monkeypatch.setattr("shutil.which", lambda name: None)
-    monkeypatch.delenv("CXX", raising=False)
+    from torch._inductor import exc
+
+    def no_compiler():
+        raise exc.InvalidCxxCompiler
+
+    monkeypatch.setattr("torch._inductor.cpp_builder.get_cpp_compiler", no_compiler)
     with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler"):
         load_job().main([f"output_dir={tmp_path}", "compile=true"])
     assert not (tmp_path / "dps").exists()

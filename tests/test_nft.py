@@ -127,8 +127,6 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients():
 def test_a_compiled_learner_gives_the_same_loss_and_lora_gradients(monkeypatch):
     """train.compile: the compiled blocks must follow every adapter switch of the NFT step (old,
     none = reference, default), or the loss would silently use the wrong velocities."""
-    import functools
-
     from stitchvm_rl import zoo
     from stitchvm_rl.learner import NFTTrainConfig, nft_micro_step
     from stitchvm_rl.policy import SD3Policy
@@ -145,7 +143,7 @@ def test_a_compiled_learner_gives_the_same_loss_and_lora_gradients(monkeypatch):
                     p.normal_(std=0.01)
         policy.soft_update("old", 0.5)
         if compiled:  # aot_eager: dynamo's capture and AOT autograd without C++ codegen (fast on CPU)
-            assert functools.partial(zoo.compile_repeated_blocks, backend="aot_eager")(policy.transformer) == len(policy.transformer.transformer_blocks)
+            assert zoo.compile_repeated_blocks(policy.transformer, backend="aot_eager") == len(policy.transformer.transformer_blocks)
         policy.transformer.train()
         embeds = policy.encode_prompts(["a red circle on the left"])
         batch = RolloutBatch(

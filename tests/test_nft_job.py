@@ -181,7 +181,11 @@ def test_a_killed_driver_is_resumed_by_running_the_same_command_again(tmp_path):
 
 @pytest.mark.parametrize("part", ["rollout", "train"])
 def test_compile_without_a_cpp_compiler_stops_before_any_work(tmp_path, monkeypatch, part):
-    monkeypatch.setattr("shutil.which", lambda name: None)
-    monkeypatch.delenv("CXX", raising=False)
+    from torch._inductor import exc
+
+    def no_compiler():
+        raise exc.InvalidCxxCompiler
+
+    monkeypatch.setattr("torch._inductor.cpp_builder.get_cpp_compiler", no_compiler)
     with pytest.raises(ConfigError, match=f"{part}: compile=true on the CPU needs a C\\+\\+ compiler"):
         load_job().main([f"output_dir={tmp_path}", f"{part}.compile=true"])
