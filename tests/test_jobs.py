@@ -21,7 +21,11 @@ def test_main_job_default_builds_its_value_model_and_trains(tmp_path):
     result = run_job(cwd=tmp_path, job="nft.py", env={"STITCHVM_CACHE": str(tmp_path / "cache")}, timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "outputs" / "nft"
-    assert (tmp_path / "cache" / "value_models" / load_job("nft").DEFAULT_VALUE_MODEL / "value_model" / "value_model.json").is_file()
+    built = tmp_path / "cache" / "value_models" / load_job("nft").DEFAULT_VALUE_MODEL
+    assert (built / "value_model" / "value_model.json").is_file()
+    # fault injection is off by default: no learner of the build was killed, nothing was redone
+    assert not (built / ".crash-injected").exists()
+    assert json.loads((built / "summary.json").read_text())["train_metrics"]["resumed_from_epoch"] == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["estimator"] == "stitchvm" and summary["epochs"] == 20 and summary["is_toy"]
     assert [e["global_step"] for e in summary["eval"]] == [0, 5, 10, 15, 20]

@@ -289,7 +289,7 @@ def train_loop(loop_config: dict) -> None:
             engine.backward(loss)
             engine.step()
             steps += 1
-            if epoch == train.crash_after_epoch + 1 and rank == min(1, world - 1):
+            if train.crash_after_epoch >= 0 and epoch == train.crash_after_epoch + 1 and rank == min(1, world - 1):
                 crash_once(Path(loop_config["run_dir"]) / ".crash-injected")
             for k, v in {"loss": loss.item(), **parts}.items():
                 totals[k] = totals.get(k, 0.0) + v
