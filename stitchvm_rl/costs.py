@@ -81,6 +81,24 @@ def count_flops_and_saved_bytes(fn) -> tuple[int, int]:
     return counter.get_total_flops(), saved[0]
 
 
+def sd35m_models(i: int, j: int, text_tokens: int, batch: int, device: str, dtype: str) -> tuple:
+    """The SD3.5-M transformer and VAE, CLIP ViT-L/14-336 and StitchVM(i, j) over them, all frozen
+    (random weights, or shapes only on `meta`), with `batch` random prompt embeddings; returns
+    (transformer, vae, clip, value_model, embeds, pooled)."""
+    from stitchvm_rl.value.model import DiTHead, StitchedValueModel, ValueModelConfig
+
+    transformer = zoo.published_model("sd35_medium_transformer", device, dtype).requires_grad_(False)
+    vae = zoo.published_model("sd35_medium_vae", device, dtype).requires_grad_(False)
+    clip = zoo.published_model("clip_vit_l14_336", device, dtype).requires_grad_(False)
+    dt = zoo.DTYPES[dtype]
+    with torch.device(device):
+        embeds = torch.randn(batch, text_tokens, transformer.config.joint_attention_dim, dtype=dt)
+        pooled = torch.randn(batch, transformer.config.pooled_projection_dim, dtype=dt)
+        head = DiTHead(transformer, i, embeds[:1], pooled[:1])
+        value_model = StitchedValueModel(ValueModelConfig(i, j, "clip", zoo.SD35_MEDIUM, zoo.CLIP_VIT_L14_336, "meta"), head, clip).to(dt).requires_grad_(False)
+    return transformer, vae, clip, value_model, embeds, pooled
+
+
 def sd35m_guidance_steps(i: int = 4, j: int = 1, resolution: int = 1024, text_tokens: int = 333, cfg: bool = True, device: str = "meta", dtype: str = "bfloat16", compile: bool = False) -> tuple[dict, dict]:
     """One guided sampling step of SD3.5-M at real scale, as three callables over the same models:
         none      the transformer (x2 with CFG), no gradient
@@ -89,18 +107,9 @@ def sd35m_guidance_steps(i: int = 4, j: int = 1, resolution: int = 1024, text_to
     On `meta` they only propagate shapes (count FLOPs with them); on a GPU the weights are random
     (time them); `compile`: their SD3 and CLIP blocks run torch.compile'd (`zoo.compile_repeated_blocks`).
     Returns (steps, parameters each method keeps resident)."""
-    from stitchvm_rl.value.model import DiTHead, StitchedValueModel, ValueModelConfig
-
-    transformer = zoo.published_model("sd35_medium_transformer", device, dtype).requires_grad_(False)
-    vae = zoo.published_model("sd35_medium_vae", device, dtype).requires_grad_(False)
-    clip = zoo.published_model("clip_vit_l14_336", device, dtype).requires_grad_(False)
     side, batch, dt = resolution // 8, 2 if cfg else 1, zoo.DTYPES[dtype]
-    with torch.device(device):
-        embeds = torch.randn(batch, text_tokens, transformer.config.joint_attention_dim, dtype=dt)
-        pooled = torch.randn(batch, transformer.config.pooled_projection_dim, dtype=dt)
-        head = DiTHead(transformer, i, embeds[:1], pooled[:1])
-        value_model = StitchedValueModel(ValueModelConfig(i, j, "clip", zoo.SD35_MEDIUM, zoo.CLIP_VIT_L14_336, "meta"), head, clip).to(dt).requires_grad_(False)
-        t = torch.full((1,), 0.5)
+    transformer, vae, clip, value_model, embeds, pooled = sd35m_models(i, j, text_tokens, batch, device, dtype)
+    t = torch.full((1,), 0.5, device=device)
     if compile:
         zoo.compile_repeated_blocks(transformer, clip, value_model)
 
@@ -174,17 +183,10 @@ def sd35m_nft_groups(group: int = 8, resolution: int = 512, num_steps: int = 25,
     from peft import LoraConfig
 
     from stitchvm_rl.policy import LORA_TARGETS
-    from stitchvm_rl.value.model import DiTHead, StitchedValueModel, ValueModelConfig
 
     train_timesteps = train_timesteps or {"terminal": 24, "stitchvm": 11}  # timesteps_per_group at the SD3.5-M configs' settings
-    transformer = zoo.published_model("sd35_medium_transformer", device, dtype).requires_grad_(False)
-    vae = zoo.published_model("sd35_medium_vae", device, dtype).requires_grad_(False)
-    clip = zoo.published_model("clip_vit_l14_336", device, dtype).requires_grad_(False)
     side, dt = resolution // 8, zoo.DTYPES[dtype]
-    with torch.device(device):
-        embeds = torch.randn(1, text_tokens, transformer.config.joint_attention_dim, dtype=dt)
-        pooled = torch.randn(1, transformer.config.pooled_projection_dim, dtype=dt)
-        value_model = StitchedValueModel(ValueModelConfig(i, j, "clip", zoo.SD35_MEDIUM, zoo.CLIP_VIT_L14_336, "meta"), DiTHead(transformer, i, embeds, pooled), clip).to(dt).requires_grad_(False)
+    transformer, vae, clip, value_model, embeds, pooled = sd35m_models(i, j, text_tokens, 1, device, dtype)
     transformer.add_adapter(LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
     lora = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(lora, lr=1e-4) if device != "meta" else None
