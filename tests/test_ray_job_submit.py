@@ -20,6 +20,20 @@ TINY = ["epochs=1", "eval_every=1", "eval_prompts=2", "groups_per_epoch=2", "rol
         "rollout.num_steps=3", "rollout.stop_min=1", "rollout.stop_max=2", "rollout.lora_rank=4", "rollout.lora_alpha=8"]
 
 
+# `ray job submit` tails the job's logs over a WebSocket; on a loaded 2-core machine that socket
+# sometimes drops ("closed unexpectedly with close code 1006") while the job itself runs on.
+TAIL_BROKE = "closed unexpectedly"
+
+
+def wait_until_finished(client, timeout_s: float = 600) -> None:
+    from ray.job_submission import JobStatus
+
+    deadline = time.monotonic() + timeout_s
+    while any(not job.status.is_terminal() for job in client.list_jobs()):
+        assert time.monotonic() < deadline, [(job.submission_id, job.status) for job in client.list_jobs()]
+        time.sleep(2)
+
+
 def test_ray_job_submit_runs_the_nft_job_and_reports_missing_resources(tmp_path):
     ray = str(Path(sys.executable).with_name("ray"))
     env = {
@@ -47,10 +61,13 @@ def test_ray_job_submit_runs_the_nft_job_and_reports_missing_resources(tmp_path)
             if not any(text in result.stdout + result.stderr for text in not_ready):
                 break
             time.sleep(2)
-        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
         from ray.job_submission import JobStatus, JobSubmissionClient
 
         client = JobSubmissionClient(f"http://127.0.0.1:{DASHBOARD_PORT}")
+        if TAIL_BROKE in result.stdout + result.stderr:  # the job runs on; only the CLI's log tail lost its socket
+            wait_until_finished(client)
+        else:
+            assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
         assert [job.status for job in client.list_jobs()] == [JobStatus.SUCCEEDED]
         for name in ("config.yaml", "metrics.jsonl", "summary.json"):
             assert (out / "nft" / name).is_file(), name
@@ -60,6 +77,7 @@ def test_ray_job_submit_runs_the_nft_job_and_reports_missing_resources(tmp_path)
         start = time.monotonic()
         short = subprocess.run([*submit, f"output_dir={out}", "run_name=gpu", "rollout_gpus=1", "resource_wait_s=10", *TINY], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert short.returncode != 0 and time.monotonic() - start < 120
+        wait_until_finished(client)
         failed = [job for job in client.list_jobs() if job.status == JobStatus.FAILED]
         logs = client.get_job_logs(failed[0].submission_id)
         assert "waiting" in logs and "rollout actors, each needing {CPU: 1, GPU: 1}" in logs and "gave up" in logs, logs[-2000:]
