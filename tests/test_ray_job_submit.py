@@ -26,8 +26,6 @@ TAIL_BROKE = "closed unexpectedly"
 
 
 def wait_until_finished(client, timeout_s: float = 600) -> None:
-    from ray.job_submission import JobStatus
-
     deadline = time.monotonic() + timeout_s
     while any(not job.status.is_terminal() for job in client.list_jobs()):
         assert time.monotonic() < deadline, [(job.submission_id, job.status) for job in client.list_jobs()]
