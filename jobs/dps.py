@@ -86,10 +86,7 @@ def check(cfg: DPSConfig) -> None:
     if cfg.value_model:
         check_value_model_dir(cfg.value_model, cfg.backbone)
     if cfg.compile:
-        try:
-            zoo.check_compile_toolchain(cfg.device)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+        zoo.check_compile_toolchain(cfg.device)
 
 
 def default_value_model() -> str:

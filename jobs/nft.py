@@ -101,15 +101,12 @@ def check(cfg: NFTConfig) -> None:
         raise ConfigError(f"groups_per_epoch={cfg.groups_per_epoch} must be a multiple of train.num_workers={cfg.train.num_workers} (every learner rank takes the same share)")
     try:
         check_rollout_config(cfg.rollout, cfg.value_models or ["(built on demand)"])
-        if cfg.rollout.compile:
-            zoo.check_compile_toolchain("cuda" if cfg.rollout_gpus else "cpu")
     except ValueError as err:
         raise ConfigError(f"rollout: {err}") from None
+    if cfg.rollout.compile:
+        zoo.check_compile_toolchain("cuda" if cfg.rollout_gpus else "cpu", "rollout.compile")
     if cfg.train.compile:
-        try:
-            zoo.check_compile_toolchain("cuda" if cfg.train.use_gpu else "cpu")
-        except ValueError as err:
-            raise ConfigError(f"train: {err}") from None
+        zoo.check_compile_toolchain("cuda" if cfg.train.use_gpu else "cpu", "train.compile")
     for d in cfg.value_models:
         check_value_model_dir(d, cfg.backbone)
 

@@ -187,6 +187,10 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, mininterval=5.0, dynamic_ncols=True)
 
 
+def _linear_warmup(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps)))
+
+
 def _train_vae(vae, cfg: ToyWorldConfig, gen: torch.Generator) -> dict:
     """Reconstruction + tiny KL + linear decodability: a throw-away linear decoder (one transposed
     conv) must also paint the image from the latent mean. SD's latents have this property (a 16->3
@@ -226,7 +230,7 @@ def _train_dit(pipe, latents, caption_ids, cfg: ToyWorldConfig, gen: torch.Gener
         m.train().requires_grad_(True)
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=cfg.dit_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
+    sched = _linear_warmup(opt, cfg.warmup)
     strings = CAPTIONS + [""]  # every step encodes the 37 distinct strings once, with gradients
     losses = []
     with _progress(cfg.dit_steps, "transformer") as bar:
@@ -280,7 +284,7 @@ def _train_clip(model, tokenizer, vae, cfg: ToyWorldConfig, gen: torch.Generator
     per = 4
     labels = torch.arange(len(CAPTIONS)).repeat_interleave(per)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.clip_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
+    sched = _linear_warmup(opt, cfg.warmup)
     model.train()
     with _progress(cfg.clip_steps, "toy clip") as bar:
         for _ in range(cfg.clip_steps):

@@ -470,18 +470,20 @@ def count_params(module: torch.nn.Module) -> int:
 REPEATED_BLOCKS = ("JointTransformerBlock", "CLIPEncoderLayer")
 
 
-def check_compile_toolchain(device: str) -> None:
-    """Refuse `compile=true` on the CPU where inductor finds no C++ compiler ($CXX, else g++): it writes
+def check_compile_toolchain(device: str, setting: str = "compile") -> None:
+    """Refuse `<setting>=true` on the CPU where inductor finds no C++ compiler ($CXX, else g++): it writes
     C++ there and would otherwise fail only at the first compiled call, after the models are loaded.
     Checked where the job starts; CPU workers on other nodes are assumed to match."""
     from torch._inductor import cpp_builder, exc
+
+    from stitchvm_rl.config import ConfigError
 
     if device != "cpu":
         return
     try:
         cpp_builder.get_cpp_compiler()  # the search inductor itself runs
     except exc.InvalidCxxCompiler:
-        raise ValueError("compile=true on the CPU needs a C++ compiler (torch.compile's inductor generates C++); install g++ (or set $CXX), or set compile=false") from None
+        raise ConfigError(f"{setting}=true on the CPU needs a C++ compiler (torch.compile's inductor generates C++); install g++ (or set $CXX), or set {setting}=false") from None
 
 
 def compile_repeated_blocks(*models: torch.nn.Module, **compile_kwargs) -> int:

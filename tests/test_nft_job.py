@@ -187,5 +187,5 @@ def test_compile_without_a_cpp_compiler_stops_before_any_work(tmp_path, monkeypa
         raise exc.InvalidCxxCompiler
 
     monkeypatch.setattr("torch._inductor.cpp_builder.get_cpp_compiler", no_compiler)
-    with pytest.raises(ConfigError, match=f"{part}: compile=true on the CPU needs a C\\+\\+ compiler"):
+    with pytest.raises(ConfigError, match=f"{part}.compile=true on the CPU needs a C\\+\\+ compiler"):
         load_job().main([f"output_dir={tmp_path}", f"{part}.compile=true"])
