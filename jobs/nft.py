@@ -11,7 +11,8 @@ Ray Train runs the NFT updates, the `old` adapter is synced back to the actors a
 
 With estimator=stitchvm and no `value_models`, the value model of `jobs/stitch.py`'s defaults is
 built once (minutes) and cached under $STITCHVM_CACHE. Writes outputs/<run_name>/: config.yaml,
-metrics.jsonl (one line per epoch, learner rank 0), samples/ (evaluation grids), reward_curve.png,
+metrics.jsonl (one line per epoch, learner rank 0), eval_rewards.jsonl (every evaluation's per-image
+rewards: the gain over the base policy is paired, its standard error is in the summary), samples/ (evaluation grids), reward_curve.png,
 lora/ (the EMA adapter as a diffusers LoRA: `python jobs/sample.py lora=outputs/nft/lora`) and
 summary.json. Re-running the same run_name resumes from the last checkpoint under storage_path.
 """
@@ -23,6 +24,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
+
+import torch
 
 from stitchvm_rl import prompts as prompt_lists
 from stitchvm_rl import runtime, toyworld, zoo
@@ -57,8 +60,8 @@ class NFTConfig:
     """Prompt groups sampled per epoch (a multiple of train.num_workers)."""
     eval_every: Annotated[int, Range(0)] = 5
     """Evaluate (the EMA adapter) every this many epochs and after the last (0: never)."""
-    eval_prompts: Annotated[int, Range(1)] = 72
-    """Evaluation prompts (training prompts cycled), fixed seeds, ODE sampling."""
+    eval_prompts: Annotated[int, Range(1)] = 288
+    """Evaluation prompts (training prompts cycled; 288 = every toy caption x 8), fixed held-out noise, ODE sampling."""
     eval_steps: Annotated[int, Range(0)] = 0
     """ODE steps of the evaluation sampler (0: rollout.num_steps; the official SD3.5 runs use 40)."""
     drift_every: Annotated[int, Range(0)] = 5
@@ -89,6 +92,18 @@ class NFTConfig:
     """NFT optimisation (Ray Train + DeepSpeed); lr 1e-3 for the toy world's short default run."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Tracking (learner rank 0)."""
+
+
+def paired_gain_se(path: Path) -> float | None:
+    """Standard error of the evaluation reward's gain over the base policy: the last and the first
+    evaluation score the same prompts from the same noise, so their per-image differences are paired."""
+    if not path.is_file():
+        return None
+    by_step = {r["global_step"]: torch.tensor(r["rewards"]) for r in map(json.loads, path.read_text().splitlines())}
+    if 0 not in by_step or len(by_step) < 2:
+        return None
+    diff = by_step[max(by_step)] - by_step[0]
+    return (diff.std() / len(diff) ** 0.5).item()
 
 
 def check(cfg: NFTConfig) -> None:
@@ -248,6 +263,7 @@ def train_one(cfg: NFTConfig) -> dict:
         "final": epochs[-1],
         "eval": [{k: m[k] for k in m if k.startswith("eval_") or k in ("epoch", "global_step")} for m in evals],
         "eval_reward_gain": evals[-1]["eval_reward_mean"] - evals[0]["eval_reward_mean"] if evals else None,
+        "eval_reward_gain_se": paired_gain_se(run.path / "eval_rewards.jsonl"),
         "drift": [{k: m[k] for k in m if k.startswith("drift_") or k == "global_step"} for m in epochs if "drift_spearman" in m],
         "lora": str(run.path / "lora"),
         "wandb_run_id": epochs[-1]["wandb_run_id"],

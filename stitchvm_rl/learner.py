@@ -110,17 +110,23 @@ def nft_micro_step(policy: SD3Policy, batch: RolloutBatch, group: int, r: torch.
     return nft.nft_loss(v_theta.float(), v_old.float(), v_ref.float(), z_t.float(), anchor.float(), t_vec, tau, r[rows].to(policy.device), train.beta, train.kl_weight, train.adv_clip)
 
 
+# The evaluation's noise has its own seed stream, far above every rollout seed (`_epoch_seed`): a policy
+# is never scored on the starting noise it was trained on.
+EVAL_NOISE_SEED = 2**40
+
+
 @torch.no_grad()
-def evaluate_on_fixed_prompts(policy: SD3Policy, reward, prompts: list[str], steps: int, seed: int, adapter: str | None = "ema", resolution: int = 0) -> tuple[dict, torch.Tensor]:
-    """Fixed prompts and seeds, ODE (DPM-2) sampling with `adapter`, clean reward; returns (metrics, images)."""
-    noise = policy.initial_noise(len(prompts), torch.Generator().manual_seed(seed), resolution=resolution or None)
+def evaluate_on_fixed_prompts(policy: SD3Policy, reward, prompts: list[str], steps: int, seed: int, adapter: str | None = "ema", resolution: int = 0) -> tuple[dict, torch.Tensor, list[float]]:
+    """Fixed prompts and held-out noise, ODE (DPM-2) sampling with `adapter`, clean reward; returns
+    (metrics, images, per-image rewards -- for paired comparisons between evaluations)."""
+    noise = policy.initial_noise(len(prompts), torch.Generator().manual_seed(EVAL_NOISE_SEED + seed), resolution=resolution or None)
     with policy.adapter(adapter):
         images = policy.decode(policy.sample(prompts, steps, 1.0, "dpm2", noise=noise).final)
     scores = reward(images, prompts).float()
     out = {"eval_reward_mean": scores.mean().item(), "eval_reward_std": scores.std().item()}
     if all(toyworld.is_caption(p) for p in prompts):
         out["eval_caption_accuracy"] = toyworld.caption_accuracy(images, prompts)["all"]
-    return out, images.cpu()
+    return out, images.cpu(), scores.tolist()
 
 
 def train_loop(loop: dict) -> None:
@@ -176,8 +182,9 @@ def train_loop(loop: dict) -> None:
         _push_adapter(previous, actors)  # async: the resumed epoch replays with v_{e-1}, as it ran
     dist.barrier()  # no rank samples before every actor holds the adapter
     if rank == 0 and start == 0 and loop["eval_every"]:  # the base policy, for comparison
-        base, images = evaluate_on_fixed_prompts(policy, reward, loop["eval_prompts"], loop["eval_steps"] or rollout.num_steps, loop["seed"], resolution=rollout.resolution)
-        _append_metrics(run_dir, {"epoch": -1, "global_step": 0, **base})
+        base, images, base_scores = evaluate_on_fixed_prompts(policy, reward, loop["eval_prompts"], loop["eval_steps"] or rollout.num_steps, loop["seed"], resolution=rollout.resolution)
+        _append_jsonl(run_dir / "metrics.jsonl", {"epoch": -1, "global_step": 0, **base})
+        _append_jsonl(run_dir / "eval_rewards.jsonl", {"global_step": 0, "rewards": base_scores})
         tracker.log(base, step=0)
         _save_samples(tracker, run_dir, images, step=0)
 
@@ -251,8 +258,9 @@ def train_loop(loop: dict) -> None:
                 drift_prompts = _epoch_prompts(loop["prompts"], loop["drift_groups"], loop["seed"] + 1, epoch)
                 metrics |= ray.get(actors[0].value_drift.remote(drift_prompts, seed=seed + 7))
             if loop["eval_every"] and (global_step % loop["eval_every"] == 0 or global_step == loop["epochs"]):
-                evaluation, images = evaluate_on_fixed_prompts(policy, reward, loop["eval_prompts"], loop["eval_steps"] or rollout.num_steps, loop["seed"], resolution=rollout.resolution)
+                evaluation, images, eval_scores = evaluate_on_fixed_prompts(policy, reward, loop["eval_prompts"], loop["eval_steps"] or rollout.num_steps, loop["seed"], resolution=rollout.resolution)
                 metrics |= evaluation
+                _append_jsonl(run_dir / "eval_rewards.jsonl", {"global_step": global_step, "rewards": eval_scores})
                 _save_samples(tracker, run_dir, images, step=global_step)
             seconds = time.perf_counter() - marks["start"]
             device_hours += seconds * loop["devices"] / 3600
@@ -265,7 +273,7 @@ def train_loop(loop: dict) -> None:
                 "device_hours": device_hours,
                 "wandb_run_id": tracker.run_id,
             }
-            _append_metrics(run_dir, metrics)
+            _append_jsonl(run_dir / "metrics.jsonl", metrics)
             tracker.log(metrics, step=global_step)
         client = {
             "epoch": epoch,
@@ -332,9 +340,9 @@ def _sum_over_ranks(value: int) -> int:
     return int(vec.item())
 
 
-def _append_metrics(run_dir: Path, metrics: dict) -> None:
-    with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(metrics) + "\n")
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def _epoch_prompts(prompts: list[str], n: int, seed: int, epoch: int) -> list[str]:

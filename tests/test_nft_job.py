@@ -58,6 +58,13 @@ def test_nft_job_trains_syncs_resumes_and_survives_a_dead_rollout_actor(tmp_path
     assert {"eval_reward_mean", "eval_caption_accuracy"} <= set(epochs[1]) and "eval_reward_mean" not in epochs[0]
     assert straight["epochs"] == 4 and straight["seconds_per_epoch"] > 0 and straight["device_hours"] > 0
     assert (tmp_path / "straight" / "samples" / "step_00004.png").is_file() and (tmp_path / "straight" / "reward_curve.png").is_file()
+    # per-image evaluation rewards (base, then every evaluation): the summary's gain and its paired standard error
+    evals = [json.loads(line) for line in (tmp_path / "straight" / "eval_rewards.jsonl").read_text().splitlines()]
+    assert [e["global_step"] for e in evals] == [m["global_step"] for m in lines if "eval_reward_mean" in m]
+    assert [sum(e["rewards"]) / len(e["rewards"]) for e in evals] == pytest.approx([m["eval_reward_mean"] for m in lines if "eval_reward_mean" in m])
+    diff = torch.tensor(evals[-1]["rewards"]) - torch.tensor(evals[0]["rewards"])
+    assert straight["eval_reward_gain"] == pytest.approx(diff.mean().item(), abs=1e-6)
+    assert straight["eval_reward_gain_se"] == pytest.approx(diff.std().item() / len(diff) ** 0.5) and straight["eval_reward_gain_se"] > 0
 
     # 2 epochs, stop, 2 more (wandb offline: the resumed run continues the same wandb run)
     offline = ["wandb.mode=offline", "wandb.project=test"]
