@@ -4,8 +4,9 @@
     runs --by_estimator--> mean and spread over seeds at each evaluation step
     curves --time_to_reach--> seconds / device-hours until the baseline's final reward is reached
 
-Wall-clock time at step s is the sum of the first s epochs' `seconds_epoch` (evaluation included);
-device-hours come from the run's own cumulative `device_hours`.
+Wall-clock time at step s is the sum of the first s epochs' `seconds_epoch` (the epochs' own work:
+evaluation and drift checks, the same for every estimator, are apart in `seconds_watch`); device-hours
+come from the run's own cumulative `device_hours` (the same work).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-PHASES = ("sample", "score", "train", "sync", "other")
+PHASES = ("sample", "score", "train", "sync", "watch")
 
 
 @dataclass
@@ -65,7 +66,7 @@ def load_run(path: str | Path) -> Run:
 
 def _phases(epochs: list[dict]) -> dict[str, float]:
     """Mean seconds per epoch: the learner's wait for rollouts split into sampling and scoring in the
-    proportion the actors report, then training, sync, and the rest (evaluation, drift, logging)."""
+    proportion the actors report, then training, sync, and the watching (evaluation, drift checks)."""
     n = len(epochs)
     wait = sum(m["seconds_wait_rollouts"] for m in epochs) / n
     sample = sum(m["actor_seconds_sample"] for m in epochs)
@@ -73,8 +74,8 @@ def _phases(epochs: list[dict]) -> dict[str, float]:
     share = sample / (sample + score) if sample + score > 0 else 1.0
     train = sum(m["seconds_train"] for m in epochs) / n
     sync = sum(m["seconds_sync"] for m in epochs) / n
-    total = sum(m["seconds_epoch"] for m in epochs) / n
-    return {"sample": wait * share, "score": wait * (1 - share), "train": train, "sync": sync, "other": max(0.0, total - wait - train - sync)}
+    watch = sum(m["seconds_watch"] for m in epochs) / n
+    return {"sample": wait * share, "score": wait * (1 - share), "train": train, "sync": sync, "watch": watch}
 
 
 @dataclass
