@@ -94,16 +94,18 @@ class NFTConfig:
     """Tracking (learner rank 0)."""
 
 
-def paired_gain_se(path: Path) -> float | None:
-    """Standard error of the evaluation reward's gain over the base policy: the last and the first
-    evaluation score the same prompts from the same noise, so their per-image differences are paired."""
+def paired_gain(path: Path) -> tuple[float | None, float | None]:
+    """(mean, standard error) of the evaluation reward's gain over the base policy: the last and the
+    first evaluation score the same prompts from the same noise, so their per-image differences are
+    paired. The prompts are the evaluation's fixed set (for the toy world, every caption), so images
+    count as independent given their prompt. (None, None) without two comparable evaluations."""
     if not path.is_file():
-        return None
-    by_step = {r["global_step"]: torch.tensor(r["rewards"]) for r in map(json.loads, path.read_text().splitlines())}
-    if 0 not in by_step or len(by_step) < 2:
-        return None
+        return None, None
+    by_step = {r["global_step"]: torch.tensor(r["rewards"]) for r in map(json.loads, path.read_text().splitlines())}  # a replayed step: the last
+    if 0 not in by_step or len(by_step) < 2 or len(by_step[0]) < 2 or len(by_step[max(by_step)]) != len(by_step[0]):
+        return None, None  # e.g. eval_prompts changed between a run and its resume
     diff = by_step[max(by_step)] - by_step[0]
-    return (diff.std() / len(diff) ** 0.5).item()
+    return diff.mean().item(), (diff.std() / len(diff) ** 0.5).item()
 
 
 def check(cfg: NFTConfig) -> None:
@@ -254,6 +256,7 @@ def train_one(cfg: NFTConfig) -> dict:
     metrics = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     epochs = [m for m in metrics if m["epoch"] >= 0]
     evals = [m for m in metrics if "eval_reward_mean" in m]
+    gain, gain_se = paired_gain(run.path / "eval_rewards.jsonl")
     summary = {
         "estimator": cfg.rollout.estimator,
         "epochs": cfg.epochs,
@@ -262,8 +265,8 @@ def train_one(cfg: NFTConfig) -> dict:
         "device_hours": epochs[-1]["device_hours"],
         "final": epochs[-1],
         "eval": [{k: m[k] for k in m if k.startswith("eval_") or k in ("epoch", "global_step")} for m in evals],
-        "eval_reward_gain": evals[-1]["eval_reward_mean"] - evals[0]["eval_reward_mean"] if evals else None,
-        "eval_reward_gain_se": paired_gain_se(run.path / "eval_rewards.jsonl"),
+        "eval_reward_gain": gain,
+        "eval_reward_gain_se": gain_se,
         "drift": [{k: m[k] for k in m if k.startswith("drift_") or k == "global_step"} for m in epochs if "drift_spearman" in m],
         "lora": str(run.path / "lora"),
         "wandb_run_id": epochs[-1]["wandb_run_id"],

@@ -56,7 +56,7 @@ def _plot(curves, key: str, x_axis: str, ylabel: str, path: Path) -> None:
         ax.plot(xs, ys, marker="o", label=f"{name} ({len(c.seeds)} run{'s' if len(c.seeds) > 1 else ''})")
         if key == "reward" and len(c.seeds) > 1:
             ax.fill_between(xs, [y - s for y, s in zip(ys, c.reward_std)], [y + s for y, s in zip(ys, c.reward_std)], alpha=0.2)
-    ax.set(xlabel={"seconds": "wall-clock seconds", "device_hours": "device-hours", "steps": "optimizer step"}[x_axis], ylabel=ylabel)
+    ax.set(xlabel={"seconds": "seconds of epoch work", "device_hours": "device-hours", "steps": "optimizer step"}[x_axis], ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -155,7 +155,7 @@ def main(argv: list[str]) -> dict:
             if grid.is_file():
                 grids.append(f"<figure>{_img(grid)}<figcaption>{name}, step {step}</figcaption></figure>")
     if grids:
-        sections.append("<h2>Samples at matched steps (fixed prompts and seeds)</h2><div class='grids'>" + "".join(grids) + "</div>")
+        sections.append("<h2>Samples at matched steps (fixed prompts, held-out noise)</h2><div class='grids'>" + "".join(grids) + "</div>")
 
     style = "body{font-family:sans-serif;max-width:1300px;margin:2em auto} img{max-width:32%;margin:4px} table{border-collapse:collapse} td,th{border:1px solid #ccc;padding:4px 8px} .grids img{max-width:100%} figure{display:inline-block;width:30%}"
     html = f"<!doctype html><html><head><meta charset='utf-8'><title>StitchVM vs the Monte Carlo baseline</title><style>{style}</style></head><body><h1>StitchVM vs the Monte Carlo baseline</h1>{''.join(sections)}</body></html>"

@@ -3,7 +3,7 @@
 Rank layout (`num_workers` data-parallel learner ranks, DeepSpeed ZeRO over the LoRA `default` weights):
     rank 0   pushes the `old` adapter to every actor after each update (checked by version +
              checksum), evaluates the EMA adapter, watches value drift, owns wandb, appends
-             metrics.jsonl, exports the final LoRA
+             metrics.jsonl and eval_rewards.jsonl, exports the final LoRA
     rank r   asks the actors for its share of the epoch's prompt groups (groups r, r + W, ...; group n
              goes to actor n mod A with a seed fixed by (seed, epoch, n), so any actor can redo it);
              the raw scores of all ranks are all-gathered so rewards are normalised over the whole
@@ -110,8 +110,8 @@ def nft_micro_step(policy: SD3Policy, batch: RolloutBatch, group: int, r: torch.
     return nft.nft_loss(v_theta.float(), v_old.float(), v_ref.float(), z_t.float(), anchor.float(), t_vec, tau, r[rows].to(policy.device), train.beta, train.kl_weight, train.adv_clip)
 
 
-# The evaluation's noise has its own seed stream, far above every rollout seed (`_epoch_seed`): a policy
-# is never scored on the starting noise it was trained on.
+# The evaluation's noise has its own seed stream, far above every rollout seed (`_epoch_seed`, below
+# 2**40 for any seed < 10**7): a policy is never scored on the starting noise it was trained on.
 EVAL_NOISE_SEED = 2**40
 
 
@@ -262,8 +262,9 @@ def train_loop(loop: dict) -> None:
                 metrics |= evaluation
                 _append_jsonl(run_dir / "eval_rewards.jsonl", {"global_step": global_step, "rewards": eval_scores})
                 _save_samples(tracker, run_dir, images, step=global_step)
-            # an epoch's own work (sample, score, train, sync), apart from the evaluation and drift checks
-            # that every estimator shares: seconds and device-hours compare the methods, not the watching
+            # an epoch's own work (sample, score, train, sync), apart from the watching: the evaluation
+            # (the same for every estimator) and the drift check (of a value, not part of the method).
+            # With rollout.async the actors also sample during the watching; that overlap is not counted.
             seconds = marks["synced"] - marks["start"]
             device_hours += seconds * loop["devices"] / 3600
             metrics |= {

@@ -4,9 +4,9 @@
     runs --by_estimator--> mean and spread over seeds at each evaluation step
     curves --time_to_reach--> seconds / device-hours until the baseline's final reward is reached
 
-Wall-clock time at step s is the sum of the first s epochs' `seconds_epoch` (the epochs' own work:
-evaluation and drift checks, the same for every estimator, are apart in `seconds_watch`); device-hours
-come from the run's own cumulative `device_hours` (the same work).
+Time at step s is the sum of the first s epochs' `seconds_epoch` (the epochs' own work: sample,
+score, train, sync; the evaluation and drift checks are apart in `seconds_watch`); device-hours come
+from the run's own cumulative `device_hours` (the same work).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class Run:
     estimator: str
     seed: int
     steps: list[int] = field(default_factory=list)  # optimizer steps of the evaluations (0 = base policy)
-    seconds: list[float] = field(default_factory=list)  # wall-clock seconds at those steps
+    seconds: list[float] = field(default_factory=list)  # seconds of epoch work (evaluation excluded) at those steps
     device_hours: list[float] = field(default_factory=list)
     reward: list[float] = field(default_factory=list)
     caption_accuracy: list[float | None] = field(default_factory=list)
@@ -74,7 +74,7 @@ def _phases(epochs: list[dict]) -> dict[str, float]:
     share = sample / (sample + score) if sample + score > 0 else 1.0
     train = sum(m["seconds_train"] for m in epochs) / n
     sync = sum(m["seconds_sync"] for m in epochs) / n
-    watch = sum(m["seconds_watch"] for m in epochs) / n
+    watch = sum(m.get("seconds_watch", 0.0) for m in epochs) / n  # runs from before it was logged: 0
     return {"sample": wait * share, "score": wait * (1 - share), "train": train, "sync": sync, "watch": watch}
 
 

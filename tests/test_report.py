@@ -57,6 +57,8 @@ def test_report_numbers_are_the_runs_own_and_the_speedup_follows(two_runs, tmp_p
         assert curve["caption_accuracy"] == [m["eval_caption_accuracy"] for m in evals]
         assert curve["seconds"] == pytest.approx([sum(m["seconds_epoch"] for m in epochs[:s]) for s in curve["steps"]])
         assert curve["device_hours"] == [0.0] + [m["device_hours"] for m in epochs]
+        assert curve["phases"]["watch"] == pytest.approx(sum(m["seconds_watch"] for m in epochs) / len(epochs))  # evaluation, drift: apart
+        assert curve["phases"]["train"] == pytest.approx(sum(m["seconds_train"] for m in epochs) / len(epochs))
     # the speed-up, recomputed by hand from the curves: first crossing of the baseline's final reward
     target = saved["curves"]["terminal"]["reward"][-1]
     assert saved["speedup"]["target_reward"] == target
