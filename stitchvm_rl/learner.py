@@ -181,12 +181,18 @@ def train_loop(loop: dict) -> None:
     if rank == 0:
         _push_adapter(previous, actors)  # async: the resumed epoch replays with v_{e-1}, as it ran
     dist.barrier()  # no rank samples before every actor holds the adapter
+
+    def evaluate(step: int) -> dict:
+        """Rank 0: the EMA adapter on the fixed prompts; its per-image rewards and grid go to the run dir."""
+        evaluation, images, per_image = evaluate_on_fixed_prompts(policy, reward, loop["eval_prompts"], loop["eval_steps"] or rollout.num_steps, loop["seed"], resolution=rollout.resolution)
+        _append_jsonl(run_dir / "eval_rewards.jsonl", {"global_step": step, "rewards": per_image})
+        _save_samples(tracker, run_dir, images, step=step)
+        return evaluation
+
     if rank == 0 and start == 0 and loop["eval_every"]:  # the base policy, for comparison
-        base, images, base_scores = evaluate_on_fixed_prompts(policy, reward, loop["eval_prompts"], loop["eval_steps"] or rollout.num_steps, loop["seed"], resolution=rollout.resolution)
+        base = evaluate(0)
         _append_jsonl(run_dir / "metrics.jsonl", {"epoch": -1, "global_step": 0, **base})
-        _append_jsonl(run_dir / "eval_rewards.jsonl", {"global_step": 0, "rewards": base_scores})
         tracker.log(base, step=0)
-        _save_samples(tracker, run_dir, images, step=0)
 
     # ---------------------------------------------------------------- train
     pending = None  # async: this rank's requests for the next epoch, already in flight
@@ -258,10 +264,7 @@ def train_loop(loop: dict) -> None:
                 drift_prompts = _epoch_prompts(loop["prompts"], loop["drift_groups"], loop["seed"] + 1, epoch)
                 metrics |= ray.get(actors[0].value_drift.remote(drift_prompts, seed=seed + 7))
             if loop["eval_every"] and (global_step % loop["eval_every"] == 0 or global_step == loop["epochs"]):
-                evaluation, images, eval_scores = evaluate_on_fixed_prompts(policy, reward, loop["eval_prompts"], loop["eval_steps"] or rollout.num_steps, loop["seed"], resolution=rollout.resolution)
-                metrics |= evaluation
-                _append_jsonl(run_dir / "eval_rewards.jsonl", {"global_step": global_step, "rewards": eval_scores})
-                _save_samples(tracker, run_dir, images, step=global_step)
+                metrics |= evaluate(global_step)
             # an epoch's own work (sample, score, train, sync), apart from the watching: the evaluation
             # (the same for every estimator) and the drift check (of a value, not part of the method).
             # With rollout.async the actors also sample during the watching; that overlap is not counted.

@@ -84,6 +84,15 @@ def test_normalisation_clips_outliers_and_refuses_nan():
         nft.optimality_probability(torch.tensor([1.0, float("nan")]), torch.tensor([0, 0]))
 
 
+def test_evaluation_noise_seeds_are_never_rollout_seeds():
+    from stitchvm_rl.learner import EVAL_NOISE_SEED, _epoch_seed
+
+    # request n of epoch e draws its noise from _epoch_seed + n; the evaluation from EVAL_NOISE_SEED + seed
+    highest_rollout_seed = _epoch_seed({"seed": 10**7 - 1}, 10**6) + 10**6
+    assert highest_rollout_seed < EVAL_NOISE_SEED
+    assert _epoch_seed({"seed": 0}, 0) != EVAL_NOISE_SEED + 0  # the collision the held-out stream removed
+
+
 def test_old_policy_decay_schedule():
     assert [nft.old_policy_decay(s) for s in (0, 100, 500, 5000)] == [0.0, pytest.approx(0.1), 0.5, 0.5]
 

@@ -57,6 +57,8 @@ def test_nft_job_trains_syncs_resumes_and_survives_a_dead_rollout_actor(tmp_path
     assert epochs[0]["kl"] == 0.0 and epochs[-1]["kl"] > 0  # LoRA starts at zero, then moves away from the reference
     assert {"eval_reward_mean", "eval_caption_accuracy"} <= set(epochs[1]) and "eval_reward_mean" not in epochs[0]
     assert straight["epochs"] == 4 and straight["seconds_per_epoch"] > 0 and straight["device_hours"] > 0
+    # an epoch's seconds are its own work; the evaluation every 2nd epoch is logged apart
+    assert all(m["seconds_epoch"] == pytest.approx(m["seconds_wait_rollouts"] + m["seconds_train"] + m["seconds_sync"]) for m in epochs)
     assert (tmp_path / "straight" / "samples" / "step_00004.png").is_file() and (tmp_path / "straight" / "reward_curve.png").is_file()
     # per-image evaluation rewards (base, then every evaluation): the summary's gain and its paired standard error
     evals = [json.loads(line) for line in (tmp_path / "straight" / "eval_rewards.jsonl").read_text().splitlines()]
