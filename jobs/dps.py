@@ -48,8 +48,8 @@ class DPSConfig:
     """Value-model directory for stitchvm (empty: build jobs/stitch.py's default, cached)."""
     methods: list[str] = field(default_factory=lambda: ["none", "tweedie", "stitchvm", "fk_stitchvm"])
     """Methods to run: none, tweedie, stitchvm, fk_tweedie, fk_stitchvm."""
-    scales: dict[str, float] = field(default_factory=lambda: {"tweedie": 0.01, "stitchvm": 0.005})
-    """DPS scale per value, swept separately as in the paper (toy world: the best reward at unchanged caption accuracy)."""
+    scales: dict[str, float] = field(default_factory=lambda: {"tweedie": 0.02, "stitchvm": 0.02})
+    """DPS scale per value, swept separately as in the paper (toy world: the best reward of 0.005-0.1 for each)."""
     prompts: list[str] = field(default_factory=list)
     """Prompts (empty: prompt_file, else every toy-world caption)."""
     prompt_file: str = ""

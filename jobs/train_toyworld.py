@@ -1,7 +1,7 @@
 """Train the toy world from scratch: VAE, SD3 transformer + its three text encoders, toy CLIP.
 
 The weights committed under stitchvm_rl/assets/toyworld/ were made by exactly this command with its
-defaults (CPU, 2 threads, about 15 minutes on 2 cores):
+defaults (CPU, 2 threads, about 17 minutes on 2 cores):
 
     python jobs/train_toyworld.py
 

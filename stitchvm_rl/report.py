@@ -152,7 +152,8 @@ def speedups(curves: dict[str, Curve], baseline: str) -> dict:
         for axis in ("seconds", "device_hours"):
             mine, base = time_to_reach(curve, target, axis), time_to_reach(curves[baseline], target, axis)
             row[f"{axis}_to_target"] = mine
-            row[f"speedup_{axis}"] = base / mine if mine and base is not None else None
+            # None when either never gets there, or the baseline never rose above its start (time 0)
+            row[f"speedup_{axis}"] = base / mine if mine and base else None
         out["estimators"][name] = row
     return out
 

@@ -1,13 +1,14 @@
-"""The toy world: coloured shapes at 32x32, a tiny SD3 that really follows its captions, a toy CLIP.
+"""The toy world: coloured shapes at 32x32, a tiny SD3 that follows its captions (loosely, as SD3.5 does), a toy CLIP.
 
 Everything here is real model code at toy size, so the whole system can learn on a CPU in minutes:
 - `render` draws a caption ("a red circle on the left": 6 colours x 3 shapes x 2 sides);
 - `caption_accuracy` is a heuristic caption classifier (colour, shape, position) -- the held-out
   quality measure of later issues;
 - `train_toyworld` trains, from scratch, an AutoencoderKL, an SD3 transformer *with* its three text
-  encoders (whole-word vocabularies, frozen afterwards like SD3's) by flow matching, and a toy
-  `CLIPModel` contrastively. `jobs/train_toyworld.py` runs it; the result is committed under
-  `stitchvm_rl/assets/toyworld/` and loaded through `from_pretrained` like real weights.
+  encoders (whole-word vocabularies, frozen afterwards like SD3's) by flow matching on loose
+  captions (`loosen_captions`), and a toy `CLIPModel` contrastively on exact ones, punishing blur.
+  `jobs/train_toyworld.py` runs it; the result is committed under `stitchvm_rl/assets/toyworld/`
+  and loaded through `from_pretrained` like real weights.
 """
 
 from __future__ import annotations
@@ -171,10 +172,16 @@ class ToyWorldConfig:
     """EMA decay of the transformer and text encoders; the EMA weights are saved."""
     caption_dropout: Annotated[float, Range(0, 1)] = 0.1
     """Probability of training on the empty caption (enables CFG)."""
+    loose_side: Annotated[float, Range(0, 1)] = 0.25
+    """Share of the transformer's training captions that name the wrong side (loose web captions)."""
+    loose_shape: Annotated[float, Range(0, 1)] = 0.2
+    """Share of the transformer's training captions that name another shape than the one drawn."""
     clip_steps: Annotated[int, Range(1)] = 1000
     """Toy CLIP contrastive steps (batch = every caption x 4 images)."""
     clip_lr: Annotated[float, Range(0)] = 3e-4
     """Toy CLIP learning rate (AdamW, same warm-up; 1e-3 collapses to a constant embedding)."""
+    clip_blur_margin: Annotated[float, Range(0)] = 0.05
+    """Per pixel of Gaussian blur, how much lower the toy CLIP must score a blurred copy with its caption."""
     eval_images: Annotated[int, Range(1)] = 144
     """Images sampled for the final caption-accuracy check."""
     eval_steps: Annotated[int, Range(1)] = 20
@@ -217,6 +224,40 @@ def _train_vae(vae, cfg: ToyWorldConfig, gen: torch.Generator) -> dict:
             bar.update()
     vae.eval().requires_grad_(False)
     return {"vae_final_loss": loss.item(), "vae_linear_decoder_mse": linear_rec.item()}
+
+
+def loosen_captions(captions: list[str], side: float, shape: float, gen: torch.Generator) -> list[str]:
+    """The transformer's training captions, as loose as web alt-text: a share `side` names the other
+    side, a share `shape` another shape. The base policy then makes the compositional mistakes SD3.5
+    makes -- where an object goes is decided at high noise -- and a reward model trained on exact
+    captions (the toy CLIP) catches them; that is the room reward fine-tuning has."""
+    n = len(captions)
+    flip_side = (torch.rand(n, generator=gen) < side).tolist()
+    swap_shape = (torch.rand(n, generator=gen) < shape).tolist()
+    shift = torch.randint(1, len(SHAPES), (n,), generator=gen).tolist()  # to one of the other shapes
+    out = []
+    for caption, u_side, u_shape, other in zip(captions, flip_side, swap_shape, shift):
+        colour, kind, where = parse_caption(caption)
+        if u_side:
+            where = SIDES[1 - SIDES.index(where)]
+        if u_shape:
+            kind = SHAPES[(SHAPES.index(kind) + other) % len(SHAPES)]
+        out.append(f"a {colour} {kind} on the {where}")
+    return out
+
+
+def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Blur each (3, H, W) image by its own Gaussian width `sigma` (pixels), reflect-padded."""
+    radius = 6
+    x = torch.arange(-radius, radius + 1, dtype=images.dtype)
+    kernel = torch.exp(-0.5 * (x.view(1, -1) / sigma.view(-1, 1).clamp_min(1e-3)) ** 2)
+    kernel = kernel / kernel.sum(1, keepdim=True)  # (B, 2r+1)
+    b, c, h, w = images.shape
+    out = F.pad(images, (radius, radius, radius, radius), mode="reflect").reshape(1, b * c, h + 2 * radius, w + 2 * radius)
+    k = kernel.repeat_interleave(c, 0)
+    out = F.conv2d(out, k.view(b * c, 1, 1, -1), groups=b * c)
+    out = F.conv2d(out, k.view(b * c, 1, -1, 1), groups=b * c)
+    return out.view(b, c, h, w)
 
 
 def _text_parameters(pipe) -> list[torch.nn.Parameter]:
@@ -278,7 +319,10 @@ def clip_image_features(bundle_model, images: torch.Tensor, mean: torch.Tensor, 
 
 def _train_clip(model, tokenizer, vae, cfg: ToyWorldConfig, gen: torch.Generator) -> dict:
     """Contrastive training on every caption x 4 images per step; half the images pass the VAE,
-    so the toy CLIP also reads the softer images the generator makes."""
+    so the toy CLIP also reads the softer images the generator makes. A hinge makes a blurred copy
+    score lower with its caption by `clip_blur_margin` per pixel of blur, as aesthetic and preference
+    models punish blur -- and as a posterior-mean (Tweedie) image is blurred where the sample is
+    still undecided."""
     mean, std = torch.tensor(zoo.CLIP_MEAN), torch.tensor(zoo.CLIP_STD)
     tokens = tokenizer(CAPTIONS, padding="max_length", max_length=TOY_CLIP.max_length, truncation=True, return_tensors="pt")
     per = 4
@@ -293,11 +337,16 @@ def _train_clip(model, tokenizer, vae, cfg: ToyWorldConfig, gen: torch.Generator
                 half = images[::2] * 2 - 1
                 images[::2] = ((vae.decode(vae.encode(half).latent_dist.mean).sample + 1) / 2).clamp(0, 1)
             images = (images + 0.03 * torch.randn(images.shape, generator=gen)).clamp(0, 1)
-            img = clip_image_features(model, images, mean, std)
+            blur = 0.5 + 1.5 * torch.rand(len(images), generator=gen)  # 0.5-2 px
+            both = clip_image_features(model, torch.cat([images, gaussian_blur(images, blur)]), mean, std)
+            img, blurred = both[: len(images)], both[len(images) :]
             txt = F.normalize(model.get_text_features(**tokens).pooler_output, dim=-1)
             logits = model.logit_scale.exp() * img @ txt.T  # (images, captions)
             targets_t2i = (labels.unsqueeze(0) == torch.arange(len(CAPTIONS)).unsqueeze(1)).float() / per
             loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, targets_t2i))
+            own = txt[labels]
+            sharp_minus_blurred = ((img - blurred) * own).sum(1)
+            loss = loss + F.relu(cfg.clip_blur_margin * blur - sharp_minus_blurred).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -359,7 +408,7 @@ def train_toyworld(cfg: ToyWorldConfig) -> dict:
 
     mark = time.perf_counter()
     captions = random_captions(cfg.num_images, gen)
-    caption_ids = torch.tensor([CAPTIONS.index(c) for c in captions])
+    caption_ids = torch.tensor([CAPTIONS.index(c) for c in loosen_captions(captions, cfg.loose_side, cfg.loose_shape, gen)])
     with torch.no_grad():
         raw = torch.cat([pipe.vae.encode(render(captions[i : i + 256], gen) * 2 - 1).latent_dist.mean for i in range(0, len(captions), 256)])
     shift, scale = raw.mean().item(), 1.0 / raw.std().item()

@@ -31,6 +31,10 @@ def test_main_job_default_builds_its_value_model_and_trains(tmp_path):
     assert [e["global_step"] for e in summary["eval"]] == [0, 5, 10, 15, 20]
     assert [d["global_step"] for d in summary["drift"]] == [5, 10, 15, 20]
     assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file() and (run / "reward_curve.png").is_file()
+    # the default run learns: a paired gain on 288 held-out images well beyond its standard error
+    # (measured: +0.115 +- 0.014), and the caption classifier agrees (no reward hacking)
+    assert summary["eval_reward_gain"] > 4 * summary["eval_reward_gain_se"], (summary["eval_reward_gain"], summary["eval_reward_gain_se"])
+    assert summary["eval"][-1]["eval_caption_accuracy"] > summary["eval"][0]["eval_caption_accuracy"]
 
 
 def test_sample_job_default_writes_its_run_directory(tmp_path):

@@ -1,6 +1,7 @@
 """jobs/report.py over two real (tiny, offline) toy-world runs: the numbers it reports are the runs'
 own, and the speed-up follows from them."""
 
+import copy
 import importlib.util
 import json
 import shutil
@@ -70,8 +71,12 @@ def test_report_numbers_are_the_runs_own_and_the_speedup_follows(two_runs, tmp_p
             continue
         x = c["seconds"][crossing] if crossing == 0 else c["seconds"][crossing - 1] + (target - c["reward"][crossing - 1]) / (c["reward"][crossing] - c["reward"][crossing - 1]) * (c["seconds"][crossing] - c["seconds"][crossing - 1])
         assert row["seconds_to_target"] == pytest.approx(x)
-    base = saved["speedup"]["estimators"]["terminal"]
-    assert base["speedup_seconds"] == pytest.approx(1.0)
+    base = saved["speedup"]["estimators"]["terminal"]["seconds_to_target"]
+    for row in saved["speedup"]["estimators"].values():  # these tiny runs need not learn: both cases
+        if row["seconds_to_target"] and base:
+            assert row["speedup_seconds"] == pytest.approx(base / row["seconds_to_target"])
+        else:
+            assert row["speedup_seconds"] is None
     assert report["baseline"] == "terminal"
     # the wandb Report of the same comparison, built offline (not saved): one run set per estimator
     assert saved["wandb_report"]["group"] == "cmp" and saved["wandb_report"]["runsets"] == ["terminal", "stitchvm"] and saved["wandb_report"]["url"] is None
@@ -87,6 +92,13 @@ def test_time_to_reach_interpolates_and_seeds_average(two_runs):
     assert curve.reward == pytest.approx([r + 0.01 for r in runs[0].reward]) and curve.reward_std == pytest.approx([0.01] * len(curve.steps))
     curve.reward, curve.seconds = [0.0, 1.0, 2.0, 3.0], [0.0, 10.0, 20.0, 30.0]
     assert time_to_reach(curve, 1.5, "seconds") == pytest.approx(15.0) and time_to_reach(curve, 9.0, "seconds") is None
+    fast = copy.copy(curve)
+    fast.reward, fast.seconds = [0.0, 2.0, 3.0, 3.5], [0.0, 5.0, 10.0, 15.0]
+    rows = speedups({"terminal": curve, "stitchvm": fast}, "terminal")["estimators"]
+    assert rows["terminal"]["speedup_seconds"] == pytest.approx(1.0) and rows["stitchvm"]["speedup_seconds"] == pytest.approx(3.0)
+    flat = copy.copy(curve)
+    flat.reward = [3.0, 2.0, 1.0, 0.0]  # a baseline that never rose above its start: no speed-up to claim
+    assert speedups({"terminal": flat, "stitchvm": fast}, "terminal")["estimators"]["stitchvm"]["speedup_seconds"] is None
     with pytest.raises(ValueError, match="no run of the baseline"):
         speedups({"terminal": curve}, "mc")
 

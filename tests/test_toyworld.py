@@ -33,10 +33,13 @@ def test_caption_classifier_reads_ground_truth():
 def test_toy_policy_samples_follow_their_captions(toy_policy):
     images, captions, acc = toyworld.evaluate_policy(toy_policy, n=72, steps=20, cfg_scale=3.0, seed=123)
     assert images.shape == (72, 3, 32, 32)
-    assert acc["colour"] >= 0.9 and acc["position"] >= 0.9 and acc["shape"] >= 0.6, acc
+    assert acc["colour"] >= 0.9 and acc["position"] >= 0.7 and acc["shape"] >= 0.55, acc
     _, _, no_cfg = toyworld.evaluate_policy(toy_policy, n=72, steps=20, cfg_scale=1.0, seed=123)
     for key, chance in CHANCE.items():
-        assert no_cfg[key] > chance + 0.2, (key, no_cfg)
+        assert no_cfg[key] > chance + 0.1, (key, no_cfg)
+    # trained on loose captions (toyworld.loosen_captions), the base policy misplaces and misshapes a
+    # share of its samples, as SD3.5 does: the room reward fine-tuning has (measured: 67 / 63 %)
+    assert no_cfg["position"] < 0.85 and no_cfg["shape"] < 0.85, no_cfg
 
 
 def test_toy_clip_ranks_the_right_caption_first_on_held_out_images():
@@ -49,6 +52,28 @@ def test_toy_clip_ranks_the_right_caption_first_on_held_out_images():
     right = score(images, ["a red circle on the left"] * 8)
     wrong = score(images, ["a blue circle on the left"] * 8)
     assert bool((right > wrong).all())
+    blurred = score(toyworld.gaussian_blur(images, torch.full((8,), 1.5)), ["a red circle on the left"] * 8)
+    assert bool((blurred < right - 0.03).all())  # the blur hinge: 0.05 per pixel of blur, as trained
+
+
+def test_loose_captions_mislabel_side_and_shape_at_their_rates_and_nothing_else():
+    gen = torch.Generator().manual_seed(3)
+    exact = toyworld.random_captions(4000, gen)
+    loose = toyworld.loosen_captions(exact, 0.25, 0.2, gen)
+    pairs = [(toyworld.parse_caption(a), toyworld.parse_caption(b)) for a, b in zip(exact, loose)]
+    assert all(a[0] == b[0] for a, b in pairs)  # colour always right
+    assert sum(a[2] != b[2] for a, b in pairs) / 4000 == pytest.approx(0.25, abs=0.02)
+    assert sum(a[1] != b[1] for a, b in pairs) / 4000 == pytest.approx(0.2, abs=0.02)
+    assert toyworld.loosen_captions(exact, 0.0, 0.0, gen) == exact
+
+
+def test_gaussian_blur_keeps_the_mean_and_removes_detail():
+    images = toyworld.render(toyworld.CAPTIONS[:1], torch.Generator().manual_seed(4)).repeat(4, 1, 1, 1)
+    blurred = toyworld.gaussian_blur(images, torch.tensor([1e-4, 0.5, 1.0, 2.0]))
+    assert torch.allclose(blurred[0], images[0], atol=1e-6)
+    assert torch.allclose(blurred.mean((1, 2, 3)), images.mean((1, 2, 3)), atol=1e-3)  # reflect padding, flat background
+    edges = [(b[:, :, 1:] - b[:, :, :-1]).abs().sum().item() for b in blurred[1:]]
+    assert edges[0] > edges[1] > edges[2]
 
 
 def test_committed_toy_world_is_safetensors_with_its_report():
