@@ -196,9 +196,9 @@ def bench_nft_reach(cfg: BenchConfig, value_dir: str, scratch: Path) -> dict:
     common = [f"output_dir={scratch}", f"value_models=[{value_dir}]", f"ray_cpus={cfg.ray_cpus}", "drift_every=0"]
     if cfg.quick:
         common += ["eval_every=2", "eval_prompts=8", "groups_per_epoch=2"]
-    summaries, runs = {}, []
+    nft_job, summaries, runs = load_job("nft"), {}, []
     for estimator, n in epochs.items():
-        result = load_job("nft").main([*common, "run_name=reach", f"compare=[{estimator}]", f"epochs={n}"])
+        result = nft_job.main([*common, "run_name=reach", f"compare=[{estimator}]", f"epochs={n}"])
         summaries |= result["runs"]
         runs += [report.load_run(d) for d in result["run_dirs"]]
     curves = report.by_estimator(runs)

@@ -39,7 +39,14 @@ COLOURS = {
 }
 SHAPES = ("square", "circle", "triangle")
 SIDES = ("left", "right")
-CAPTIONS = [f"a {c} {s} on the {p}" for c in COLOURS for s in SHAPES for p in SIDES]
+
+
+def caption(colour: str, shape: str, side: str) -> str:
+    """('red', 'circle', 'left') -> 'a red circle on the left' (the inverse of `parse_caption`)."""
+    return f"a {colour} {shape} on the {side}"
+
+
+CAPTIONS = [caption(c, s, p) for c in COLOURS for s in SHAPES for p in SIDES]
 TOY_SD3 = zoo.SD3Sizes(
     layers=4, heads=4, head_dim=32, latent_size=8, vae_channels=(16, 32, 32), vae_groups=8, shift=1.0
 )
@@ -236,13 +243,13 @@ def loosen_captions(captions: list[str], side: float, shape: float, gen: torch.G
     swap_shape = (torch.rand(n, generator=gen) < shape).tolist()
     shift = torch.randint(1, len(SHAPES), (n,), generator=gen).tolist()  # to one of the other shapes
     out = []
-    for caption, u_side, u_shape, other in zip(captions, flip_side, swap_shape, shift):
-        colour, kind, where = parse_caption(caption)
-        if u_side:
+    for exact, flip, swap, other in zip(captions, flip_side, swap_shape, shift):
+        colour, kind, where = parse_caption(exact)
+        if flip:
             where = SIDES[1 - SIDES.index(where)]
-        if u_shape:
+        if swap:
             kind = SHAPES[(SHAPES.index(kind) + other) % len(SHAPES)]
-        out.append(f"a {colour} {kind} on the {where}")
+        out.append(caption(colour, kind, where))
     return out
 
 

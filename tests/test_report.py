@@ -1,7 +1,7 @@
 """jobs/report.py over two real (tiny, offline) toy-world runs: the numbers it reports are the runs'
 own, and the speed-up follows from them."""
 
-import copy
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -92,12 +92,10 @@ def test_time_to_reach_interpolates_and_seeds_average(two_runs):
     assert curve.reward == pytest.approx([r + 0.01 for r in runs[0].reward]) and curve.reward_std == pytest.approx([0.01] * len(curve.steps))
     curve.reward, curve.seconds = [0.0, 1.0, 2.0, 3.0], [0.0, 10.0, 20.0, 30.0]
     assert time_to_reach(curve, 1.5, "seconds") == pytest.approx(15.0) and time_to_reach(curve, 9.0, "seconds") is None
-    fast = copy.copy(curve)
-    fast.reward, fast.seconds = [0.0, 2.0, 3.0, 3.5], [0.0, 5.0, 10.0, 15.0]
+    fast = dataclasses.replace(curve, reward=[0.0, 2.0, 3.0, 3.5], seconds=[0.0, 5.0, 10.0, 15.0])
     rows = speedups({"terminal": curve, "stitchvm": fast}, "terminal")["estimators"]
     assert rows["terminal"]["speedup_seconds"] == pytest.approx(1.0) and rows["stitchvm"]["speedup_seconds"] == pytest.approx(3.0)
-    flat = copy.copy(curve)
-    flat.reward = [3.0, 2.0, 1.0, 0.0]  # a baseline that never rose above its start: no speed-up to claim
+    flat = dataclasses.replace(curve, reward=[3.0, 2.0, 1.0, 0.0])  # a baseline that never rose above its start: no speed-up to claim
     assert speedups({"terminal": flat, "stitchvm": fast}, "terminal")["estimators"]["stitchvm"]["speedup_seconds"] is None
     with pytest.raises(ValueError, match="no run of the baseline"):
         speedups({"terminal": curve}, "mc")

@@ -53,7 +53,7 @@ def test_toy_clip_ranks_the_right_caption_first_on_held_out_images():
     wrong = score(images, ["a blue circle on the left"] * 8)
     assert bool((right > wrong).all())
     blurred = score(toyworld.gaussian_blur(images, torch.full((8,), 1.5)), ["a red circle on the left"] * 8)
-    assert bool((blurred < right - 0.03).all())  # the blur hinge: 0.05 per pixel of blur, as trained
+    assert bool((blurred < right - 0.05).all())  # the blur hinge, 0.05 per pixel (a CLIP without it: -0.05 to +0.06)
 
 
 def test_loose_captions_mislabel_side_and_shape_at_their_rates_and_nothing_else():
