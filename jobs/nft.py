@@ -128,7 +128,7 @@ def check(cfg: NFTConfig) -> None:
         check_value_model_dir(d, cfg.backbone)
 
 
-DEFAULT_VALUE_MODEL = "stitch-default-4"  # renamed when jobs/stitch.py's defaults change, so a stale cached build is not reused
+DEFAULT_VALUE_MODEL = "stitch-default-5"  # renamed when jobs/stitch.py's defaults change, so a stale cached build is not reused
 
 
 def default_value_model() -> str:

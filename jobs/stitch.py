@@ -42,6 +42,8 @@ class StitchConfig:
     """CLIP reward model whose later blocks form the tail: hub id, local dir, 'toyworld-clip'."""
     head_conditioning: Literal["empty", "prompt"] = "prompt"
     """What the DiT head reads: the policy's embedding of the sample's prompt, or the empty prompt (the paper's)."""
+    embed_target: Literal["unit", "mean"] = "mean"
+    """What the value model's embedding learns: E[e | z_t] (its cosine score is E[score | z_t]) or the paper's normalize(E[e | z_t]) ('unit')."""
     head: Literal["clip", "aesthetic", "scalar"] = "clip"
     """Value head: CLIP cosine with the prompt, aesthetic MLP, or a scalar (for analytic rewards)."""
     analytic_reward: str = ""
@@ -72,6 +74,8 @@ def check(cfg: StitchConfig) -> None:
         raise ConfigError("train.objective=regress needs head=scalar and an analytic_reward (e.g. colour_match)")
     if cfg.head == "scalar" and cfg.train.objective != "regress":
         raise ConfigError("head=scalar has no teacher to distil; use train.objective=regress with an analytic_reward")
+    if cfg.data.source == "folder" and cfg.head == "clip" and cfg.train.score_weight > 0:
+        raise ConfigError("train.score_weight scores the student against the image's caption, which folder images do not have; set it to 0 (or data.source=policy)")
     num_images = cfg.data.num_images
     if cfg.data.source == "folder":
         try:
@@ -115,7 +119,7 @@ def main(argv: list[str]) -> dict:
         probes = read_image_folder(cfg.data.folder, cfg.probe_images, image_size(cfg), cfg.data.skip_broken_images)
     model, search = build_value_model(
         cfg.backbone, cfg.reward_model, probes, cfg.head, cfg.max_dit_block or None, score_scale=cfg.score_scale, seed=cfg.seed, latents=probe_latents,
-        head_conditioning=cfg.head_conditioning, prompts=probe_prompts if cfg.data.source == "policy" else None,
+        head_conditioning=cfg.head_conditioning, prompts=probe_prompts if cfg.data.source == "policy" else None, embed_target=cfg.embed_target,
     )
     run.write_json("stitch_search.json", {"best": [search.best_i, search.best_j], "table": search.table})
     print(f"stage 1: stitching DiT block {search.best_i} to reward-model block {search.best_j} ({time.perf_counter() - start:.0f} s)")

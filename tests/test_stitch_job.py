@@ -74,6 +74,7 @@ def test_stitch_job_survives_a_killed_learner_and_exports_the_value_model(tmp_pa
         (["head=scalar"], "use train.objective=regress"),
         (["analytic_reward=blueness"], "analytic_reward 'blueness' is unknown"),
         (["data.source=folder", "data.folder=/no/such/folder"], "does not exist"),
+        (["data.source=folder", "data.folder=/no/such/folder", "head_conditioning=empty", "train.score_weight=1"], "which folder images do not have"),
     ],
 )
 def test_inconsistent_settings_stop_before_any_work(tmp_path, args, message):

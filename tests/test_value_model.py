@@ -181,3 +181,36 @@ def test_compiling_the_repeated_blocks_keeps_values_gradients_and_state_dict_key
         grads.append(grad)
     assert torch.allclose(values[0], values[1], atol=1e-5)
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_mean_embedding_target_keeps_the_norm_that_unit_drops_and_survives_save_load(tmp_path):
+    # Same search, same weights: `unit` (the paper's) is the normalised `mean` embedding, and `mean`
+    # starts near the clean embeddings' unit norm (embed_scale = their raw norm).
+    gen = torch.Generator().manual_seed(0)
+    captions = toyworld.random_captions(64, gen)
+    images = toyworld.render(captions, gen)
+    mean, _ = build_value_model("toyworld", "toyworld-clip", images, embed_target="mean")
+    unit, _ = build_value_model("toyworld", "toyworld-clip", images)
+    assert mean.config.embed_target == "mean" and mean.config.embed_scale > 0
+    z, t = torch.randn(6, 16, 8, 8), torch.rand(6)
+    with torch.no_grad():
+        e_mean, e_unit = mean.embed(z, t)[0], unit.embed(z, t)[0]
+        assert torch.allclose(torch.nn.functional.normalize(e_mean, dim=-1), e_unit, atol=1e-5)
+        assert not torch.allclose(e_mean.norm(dim=-1), torch.ones(6), atol=1e-2)
+        assert torch.allclose(mean(z, t, captions[:6]), (e_mean * mean.text_embeds(captions[:6])).sum(-1), atol=1e-6)
+        loaded = StitchedValueModel.from_pretrained(mean.save(tmp_path / "vm"))
+        assert loaded.config.embed_scale == mean.config.embed_scale
+        assert torch.allclose(loaded(z, t, captions[:6]), mean(z, t, captions[:6]), atol=1e-6)
+
+
+def test_distill_loss_is_eq_78_plus_the_score_term_of_eq_79():
+    from stitchvm_rl.value.train import distill_loss
+
+    student, teacher = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    batch = {"embeds": teacher, "tokens": torch.zeros(2, 3)}
+    tokens = torch.full((2, 3), 0.5)
+    # embedding: (1 + 1 + 0 + 1) / 2 = 1.5; tokens: 0.25; score = first coordinate: ((1 - 0)^2 + 0) / 2 = 0.5
+    loss, parts = distill_loss(student, tokens, batch, token_weight=2.0)
+    assert loss.item() == pytest.approx(1.5 + 2 * 0.25) and "loss_score" not in parts
+    loss, parts = distill_loss(student, tokens, batch, token_weight=2.0, score=lambda e: e[:, 0], score_weight=4.0)
+    assert loss.item() == pytest.approx(1.5 + 2 * 0.25 + 4 * 0.5) and parts["loss_score"] == pytest.approx(0.5)

@@ -169,6 +169,8 @@ class ValueModelConfig:
     score_scale: float = 1.0
     head_conditioning: str = "empty"  # "empty" | "prompt"
     head_trained: bool = False  # stage 2 trained the head's blocks too (saved with the model)
+    embed_target: str = "unit"  # "unit" (the paper's) | "mean": see `StitchedValueModel.embed`
+    embed_scale: float = 1.0  # embed_target=mean: the clean reward model's typical raw embedding norm
     rm_grid: int = 0
     stitch_mse: dict = field(default_factory=dict)
 
@@ -182,6 +184,8 @@ class StitchedValueModel(nn.Module):
             raise ValueError(f"unknown value head '{config.head}'; choose clip, aesthetic or scalar")
         if config.head_conditioning not in ("empty", "prompt"):
             raise ValueError(f"unknown head_conditioning '{config.head_conditioning}'; choose empty or prompt")
+        if config.embed_target not in ("unit", "mean"):
+            raise ValueError(f"unknown embed_target '{config.embed_target}'; choose unit or mean")
         self.config = config
         self.head = head
         c_rm = clip_model.config.vision_config.hidden_size
@@ -200,14 +204,22 @@ class StitchedValueModel(nn.Module):
 
     # ------------------------------------------------------------ forward
     def embed(self, z_t: torch.Tensor, t: torch.Tensor, cond: PromptEmbeds | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L2-normalised image embedding (B, P), reward-tail hidden states) of noisy latents; `cond`:
-        the policy's embeddings of the latents' prompts (needed when the head reads the prompt)."""
+        """(image embedding (B, P), reward-tail hidden states) of noisy latents; `cond`: the policy's
+        embeddings of the latents' prompts (needed when the head reads the prompt).
+
+        The distillation loss compares this embedding with the clean image's unit embedding e, so
+        its minimiser is, with embed_target=unit (the paper's), normalize(E[e | z_t]), and with
+        embed_target=mean (no normalisation, a fixed scale), E[e | z_t] itself. A cosine score is
+        linear in e, so only `mean` scores E[score | z_t]; `unit` inflates latents whose outcome is
+        still open (|E[e]| < 1), which at high noise reorders a prompt's group."""
         channels, patch = self.head.pos_embed.proj.in_channels, self.head.patch_size
         if z_t.dim() != 4 or z_t.shape[1] != channels or z_t.shape[2] % patch or z_t.shape[3] % patch:
             raise ValueError(f"latents of shape {tuple(z_t.shape)} do not fit this value model: its backbone takes (B, {channels}, H, W) with H and W multiples of {patch}")
         if t.dim() > 1 or t.numel() not in (1, len(z_t)):
             raise ValueError(f"noise levels of shape {tuple(t.shape)} do not fit {len(z_t)} latents; pass one per latent, or one for all")
         emb, hidden = self.tail(self.stitch(self.head(z_t, t, self._head_cond(cond, len(z_t)))))
+        if self.config.embed_target == "mean":
+            return emb.float() / self.config.embed_scale, hidden
         return F.normalize(emb.float(), dim=-1), hidden
 
     def _head_cond(self, cond: PromptEmbeds | None, n: int) -> PromptEmbeds | None:
@@ -254,10 +266,10 @@ class StitchedValueModel(nn.Module):
 
     # ------------------------------------------------------------ build / save / load
     @classmethod
-    def from_parts(cls, pipe, clip: zoo.CLIPBundle, i: int, j: int, head: str, backbone: str, reward_model: str, score_scale: float = 1.0, head_conditioning: str = "empty") -> StitchedValueModel:
+    def from_parts(cls, pipe, clip: zoo.CLIPBundle, i: int, j: int, head: str, backbone: str, reward_model: str, score_scale: float = 1.0, head_conditioning: str = "empty", embed_target: str = "unit", embed_scale: float = 1.0) -> StitchedValueModel:
         """A fresh value model at (i, j) from a loaded SD3 pipeline and CLIP (F at default init)."""
         dit = DiTHead(pipe.transformer, i, *null_prompt_embeds(pipe))
-        config = ValueModelConfig(i, j, head, backbone, reward_model, head_fingerprint(dit), score_scale, head_conditioning)
+        config = ValueModelConfig(i, j, head, backbone, reward_model, head_fingerprint(dit), score_scale, head_conditioning, embed_target=embed_target, embed_scale=embed_scale)
         return cls(config, dit, clip.model, clip.tokenizer).to(pipe.transformer.device)
 
     def save(self, path: str | Path) -> Path:

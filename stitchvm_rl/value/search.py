@@ -127,7 +127,7 @@ def init_stitch(model, result: StitchSearchResult) -> None:
     cfg.stitch_mse = {f"{row['i']},{row['j']}": row["mse"] for row in result.table}
 
 
-def build_value_model(backbone: str, reward_model: str, images: torch.Tensor, head: str = "clip", max_dit_block: int | None = None, rm_blocks=(1, 2, 3, 4), score_scale: float = 1.0, device: str = "cpu", seed: int = 0, latents: torch.Tensor | None = None, batch_size: int = 16, head_conditioning: str = "empty", prompts: list[str] | None = None):
+def build_value_model(backbone: str, reward_model: str, images: torch.Tensor, head: str = "clip", max_dit_block: int | None = None, rm_blocks=(1, 2, 3, 4), score_scale: float = 1.0, device: str = "cpu", seed: int = 0, latents: torch.Tensor | None = None, batch_size: int = 16, head_conditioning: str = "empty", prompts: list[str] | None = None, embed_target: str = "unit"):
     """Stage 1 end to end: load both sources, search (i, j) on `images`, build the value model there
     with F from least squares. `latents`: the images' own latents when they are policy samples (else
     the VAE encodes them, batch by batch); `prompts`: the images' prompts, which a prompt-conditioned
@@ -151,6 +151,13 @@ def build_value_model(backbone: str, reward_model: str, images: torch.Tensor, he
             yield x, z0, cond
 
     result = stitch_search(candidates, clip.model, lambda x: rewards.clip_pixels(x, clip), batches(), rm_blocks, seed=seed)
-    model = StitchedValueModel.from_parts(policy.pipe, clip, result.best_i, result.best_j, head, backbone, reward_model, score_scale, head_conditioning)
+    embed_scale = 1.0
+    if embed_target == "mean":  # start the un-normalised embedding near unit norm, as its target is
+        with torch.no_grad():
+            raw = clip.model.get_image_features(pixel_values=rewards.clip_pixels(images[:64].to(device), clip)).pooler_output
+        embed_scale = float(raw.float().norm(dim=-1).mean())
+    model = StitchedValueModel.from_parts(
+        policy.pipe, clip, result.best_i, result.best_j, head, backbone, reward_model, score_scale, head_conditioning, embed_target, embed_scale
+    )
     init_stitch(model, result)
     return model, result

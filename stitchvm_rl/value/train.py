@@ -82,6 +82,8 @@ class StitchTrainConfig:
     """Train the DiT head's blocks too (the paper freezes them; on the toy world this ranks far better at the same budget)."""
     token_weight: Annotated[float, Range(0)] = 1.0
     """Weight of the per-token distillation term."""
+    score_weight: Annotated[float, Range(0)] = 0.0
+    """Weight of the score-level term: the value head on the student's vs the teacher's embedding (eq. 79; the paper: 1, aesthetic only)."""
     t_logit_mean: float = 0.0
     """Mean of logit(t) (noise levels are centre-biased: logit-normal)."""
     t_logit_std: Annotated[float, Range(0)] = 1.0
@@ -208,12 +210,17 @@ def read_image_folder(folder: str, n: int, size: int, skip_broken: bool = False)
     return torch.as_tensor(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
-def distill_loss(student_embeds, student_tokens, batch, token_weight: float, smooth_l1: bool = False) -> tuple[torch.Tensor, dict]:
-    """Paper's multi-level distillation: normalised image embedding + per-token tail outputs."""
+def distill_loss(student_embeds, student_tokens, batch, token_weight: float, smooth_l1: bool = False, score=None, score_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Paper's multi-level distillation: image embedding + per-token tail outputs (eq. 78), and with
+    `score` (the value head as a function of an embedding) the score-level term of eq. 79."""
     loss_fn = F.smooth_l1_loss if smooth_l1 else F.mse_loss
-    emb = loss_fn(student_embeds, batch["embeds"], reduction="none").sum(-1).mean()  # = 2 - 2 cos for MSE
+    emb = loss_fn(student_embeds, batch["embeds"], reduction="none").sum(-1).mean()  # = 2 - 2 cos for MSE of unit vectors
     tok = loss_fn(student_tokens.float(), batch["tokens"])
-    return emb + token_weight * tok, {"loss_embed": emb.item(), "loss_tokens": tok.item()}
+    loss, parts = emb + token_weight * tok, {"loss_embed": emb.item(), "loss_tokens": tok.item()}
+    if score is not None and score_weight > 0:
+        sc = loss_fn(score(student_embeds).float(), score(batch["embeds"]).float())
+        loss, parts["loss_score"] = loss + score_weight * sc, sc.item()
+    return loss, parts
 
 
 def prompt_table(backbone: str, prompts: list[str], device: str) -> dict[str, PromptEmbeds]:
@@ -274,7 +281,8 @@ def train_loop(loop_config: dict) -> None:
         totals: dict[str, float] = {}
         steps = 0
         for batch in shard.iter_batches(batch_size=train.batch_size, batch_format="numpy", drop_last=True):
-            cond = PromptEmbeds.cat([table[str(p)] for p in batch["prompt"]]) if table is not None else None
+            prompts = [str(p) for p in batch["prompt"]]
+            cond = PromptEmbeds.cat([table[p] for p in prompts]) if table is not None else None
             batch = {k: torch.as_tensor(v).to(engine.device) for k, v in batch.items() if k != "prompt"}
             z0 = batch["z0"]
             t = torch.sigmoid(train.t_logit_mean + train.t_logit_std * torch.randn(len(z0), generator=gen)).to(engine.device)
@@ -285,7 +293,10 @@ def train_loop(loop_config: dict) -> None:
                 loss = F.mse_loss(engine.module.score(embeds).float(), batch["reward"])
                 parts = {"loss_value": loss.item()}
             else:
-                loss, parts = distill_loss(embeds, tokens, batch, train.token_weight, smooth_l1=engine.module.config.head == "aesthetic")
+                loss, parts = distill_loss(
+                    embeds, tokens, batch, train.token_weight, smooth_l1=engine.module.config.head == "aesthetic",
+                    score=lambda e: engine.module.score(e, prompts), score_weight=train.score_weight,
+                )
             engine.backward(loss)
             engine.step()
             steps += 1
