@@ -25,12 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
-import torch
-
 from stitchvm_rl import prompts as prompt_lists
 from stitchvm_rl import runtime, toyworld, zoo
 from stitchvm_rl.config import ConfigError, Range, load_config, run_main, to_dict
 from stitchvm_rl.learner import NFTTrainConfig, run_learner
+from stitchvm_rl.report import paired_gain
 from stitchvm_rl.rollout import ESTIMATORS, RolloutConfig, RolloutWorker, check_rollout_config
 from stitchvm_rl.tracking import RunDir, WandbConfig
 from stitchvm_rl.value.model import check_value_model_dir
@@ -92,20 +91,6 @@ class NFTConfig:
     """NFT optimisation (Ray Train + DeepSpeed); lr 1e-3 for the toy world's short default run."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Tracking (learner rank 0)."""
-
-
-def paired_gain(path: Path) -> tuple[float | None, float | None]:
-    """(mean, standard error) of the evaluation reward's gain over the base policy: the last and the
-    first evaluation score the same prompts from the same noise, so their per-image differences are
-    paired. The prompts are the evaluation's fixed set (for the toy world, every caption), so images
-    count as independent given their prompt. (None, None) without two comparable evaluations."""
-    if not path.is_file():
-        return None, None
-    by_step = {r["global_step"]: torch.tensor(r["rewards"]) for r in map(json.loads, path.read_text().splitlines())}  # a replayed step: the last
-    if 0 not in by_step or len(by_step) < 2 or len(by_step[0]) < 2 or len(by_step[max(by_step)]) != len(by_step[0]):
-        return None, None  # e.g. eval_prompts changed between a run and its resume
-    diff = by_step[max(by_step)] - by_step[0]
-    return diff.mean().item(), (diff.std() / len(diff) ** 0.5).item()
 
 
 def check(cfg: NFTConfig) -> None:

@@ -120,7 +120,7 @@ def main(argv: list[str]) -> dict:
     _plot_phases(curves, out / "phases.png")
 
     report = {
-        "runs": [{"dir": str(r.path), "estimator": r.estimator, "seed": r.seed} for r in runs],
+        "runs": [{"dir": str(r.path), "estimator": r.estimator, "seed": r.seed, "gain": r.gain, "gain_se": r.gain_se} for r in runs],
         "baseline": cfg.baseline,
         "curves": {name: vars(c) for name, c in curves.items()},
         "speedup": speed,
@@ -132,6 +132,11 @@ def main(argv: list[str]) -> dict:
         + _table(
             ["estimator", "seconds to target", "speed-up (seconds)", "device-hours to target", "speed-up (device-hours)"],
             [[n, r["seconds_to_target"], r["speedup_seconds"], r["device_hours_to_target"], r["speedup_device_hours"]] for n, r in speed["estimators"].items()],
+        ),
+        "<h2>Gain over the base policy</h2><p>Last evaluation minus the base policy's, per image on the same prompts and noise (paired), with its standard error.</p>"
+        + _table(
+            ["run", "estimator", "seed", "final step", "gain", "s.e.", "gain / s.e."],
+            [[r.name, r.estimator, r.seed, r.steps[-1], r.gain, r.gain_se, r.gain / r.gain_se if r.gain is not None and r.gain_se else None] for r in runs],
         ),
         "<h2>Seconds per phase</h2>" + _img(out / "phases.png") + _table(["estimator", *PHASES], [[n, *(c.phases[p] for p in PHASES)] for n, c in curves.items()]),
     ]

@@ -35,6 +35,8 @@ class Run:
     reward: list[float] = field(default_factory=list)
     caption_accuracy: list[float | None] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=dict)  # mean seconds per epoch
+    gain: float | None = None  # last evaluation's reward minus the base policy's, paired per image
+    gain_se: float | None = None  # its standard error
 
 
 def load_run(path: str | Path) -> Run:
@@ -61,7 +63,22 @@ def load_run(path: str | Path) -> Run:
             run.reward.append(m["eval_reward_mean"])
             run.caption_accuracy.append(m.get("eval_caption_accuracy"))
     run.phases = _phases(list(epochs.values()))
+    run.gain, run.gain_se = paired_gain(path / "eval_rewards.jsonl")
     return run
+
+
+def paired_gain(path: Path) -> tuple[float | None, float | None]:
+    """(mean, standard error) of the evaluation reward's gain over the base policy: the last and the
+    first evaluation score the same prompts from the same noise, so their per-image differences are
+    paired. The prompts are the evaluation's fixed set (for the toy world, every caption), so images
+    count as independent given their prompt. (None, None) without two comparable evaluations."""
+    if not path.is_file():
+        return None, None
+    by_step = {r["global_step"]: r["rewards"] for r in map(json.loads, path.read_text().splitlines())}  # a replayed step: the last
+    if 0 not in by_step or len(by_step) < 2 or len(by_step[0]) < 2 or len(by_step[max(by_step)]) != len(by_step[0]):
+        return None, None  # e.g. eval_prompts changed between a run and its resume
+    diff = [a - b for a, b in zip(by_step[max(by_step)], by_step[0])]
+    return statistics.fmean(diff), statistics.stdev(diff) / len(diff) ** 0.5
 
 
 def _phases(epochs: list[dict]) -> dict[str, float]:

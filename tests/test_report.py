@@ -82,6 +82,14 @@ def test_report_numbers_are_the_runs_own_and_the_speedup_follows(two_runs, tmp_p
     assert saved["wandb_report"]["group"] == "cmp" and saved["wandb_report"]["runsets"] == ["terminal", "stitchvm"] and saved["wandb_report"]["url"] is None
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 4 and "Time to reach the baseline" in html
+    # each run's paired gain over the base policy, recomputed from its per-image evaluation rewards
+    for row in saved["runs"]:
+        rows = {r["global_step"]: r["rewards"] for r in map(json.loads, (Path(row["dir"]) / "eval_rewards.jsonl").read_text().splitlines())}
+        diff = torch.tensor(rows[max(rows)]) - torch.tensor(rows[0])
+        assert row["gain"] == pytest.approx(diff.mean().item(), abs=1e-6) and row["gain_se"] == pytest.approx((diff.std() / len(diff) ** 0.5).item(), abs=1e-6)
+        summary = json.loads((Path(row["dir"]) / "summary.json").read_text())
+        assert (summary["eval_reward_gain"], summary["eval_reward_gain_se"]) == (row["gain"], row["gain_se"])  # the job's own figure
+    assert "Gain over the base policy" in html
 
 
 def test_time_to_reach_interpolates_and_seeds_average(two_runs):
