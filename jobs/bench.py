@@ -403,6 +403,8 @@ def bench_real_scale_timed(cfg: BenchConfig) -> dict:
             row = {"out_of_memory": oom, "seconds_per_step": summarise(seconds), "extra_peak_memory_mib": {m: spread(p) for m, p in peaks.items()}, "model_memory_mib": weights, "peak_memory_mib": peak}
             if not oom:
                 row["speedup_stitchvm_over_tweedie"] = ratio(seconds["tweedie"], seconds["stitchvm"])
+                if "stitchvm_shared" in seconds:  # the value model's head taken from CFG's unconditional pass
+                    row["speedup_stitchvm_shared_over_tweedie"] = ratio(seconds["tweedie"], seconds["stitchvm_shared"])
                 row["memory_ratio_stitchvm_over_tweedie"] = peak["stitchvm"] / peak["tweedie"]
                 if cfg.compile:
                     row["speedup_stitchvm_over_tweedie_compiled"] = ratio(seconds["tweedie_compiled"], seconds["stitchvm_compiled"])
@@ -487,10 +489,12 @@ def table(results: dict) -> str:
         lines += [f"| {name} | {_cell(s)} |" for name, s in r["seconds"].items()] + [""]
     r = results.get("real_scale")
     if r:
-        lines += ["| SD3.5-M DPS step (cost model) | TFLOPs none / tweedie / stitchvm | tweedie / stitchvm FLOPs | activations tweedie / stitchvm |", "|---|---|---|---|"]
+        lines += ["| SD3.5-M DPS step (cost model) | TFLOPs none / tweedie / stitchvm (head shared with CFG) | tweedie / stitchvm FLOPs (head shared) | activations tweedie / stitchvm |", "|---|---|---|---|"]
         for key, c in r["dps_step"].items():
             st = c["step"]
-            lines.append(f"| {key} | {st['none']['flops'] / 1e12:.1f} / {st['tweedie']['flops'] / 1e12:.1f} / {st['stitchvm']['flops'] / 1e12:.1f} | {c['flops_ratio_tweedie_over_stitchvm']:.2f}x | {c['activation_ratio_tweedie_over_stitchvm']:.2f}x |")
+            shared = f" ({st['stitchvm_shared']['flops'] / 1e12:.1f})" if "stitchvm_shared" in st else ""
+            shared_ratio = f" ({c['flops_ratio_tweedie_over_stitchvm_shared']:.2f}x)" if "stitchvm_shared" in st else ""
+            lines.append(f"| {key} | {st['none']['flops'] / 1e12:.1f} / {st['tweedie']['flops'] / 1e12:.1f} / {st['stitchvm']['flops'] / 1e12:.1f}{shared} | {c['flops_ratio_tweedie_over_stitchvm']:.2f}x{shared_ratio} | {c['activation_ratio_tweedie_over_stitchvm']:.2f}x |")
         n = r["nft_epoch"]
         lines += [f"\nSD3.5-M NFT per sample ({n['resolution']}^2): terminal / stitchvm FLOPs {n['flops_ratio_terminal_over_stitchvm']:.2f}x (sampling steps alone: {n['step_count_prediction']:.2f}x)", ""]
     r = results.get("real_scale_timed")
@@ -503,6 +507,8 @@ def table(results: dict) -> str:
                 lines.append(f"| {key} | {ms} | -- | {', '.join(c['out_of_memory'])} out of memory; stitchvm {peak.get('stitchvm', 0) / 1024:.1f} |")
             else:
                 lines.append(f"| {key} | {ms} | {c['speedup_stitchvm_over_tweedie']:.2f}x | {peak['tweedie'] / 1024:.1f} / {peak['stitchvm'] / 1024:.1f} ({c['memory_ratio_stitchvm_over_tweedie']:.2f}x) |")
+                if "speedup_stitchvm_shared_over_tweedie" in c:
+                    lines.append(f"| {key}, stitchvm head shared with CFG | {s['stitchvm_shared']['median'] * 1e3:.0f} | {c['speedup_stitchvm_shared_over_tweedie']:.2f}x | {peak['stitchvm_shared'] / 1024:.1f} |")
                 if "compile_speedup" in c:
                     ms = " / ".join(f"{s[m + '_compiled']['median'] * 1e3:.0f}" for m in ("none", "tweedie", "stitchvm"))
                     gain = " / ".join(f"{c['compile_speedup'][m]:.2f}x" for m in ("none", "tweedie", "stitchvm"))

@@ -132,6 +132,8 @@ def main(argv: list[str]) -> dict:
             "peak_memory_mib": out["peak_memory_mib"],
             "process": out["process"],
         }
+        if out["head_shared_with"]:  # StitchVM's head was the start of this CFG pass (frozen base blocks)
+            row["head_shared_with"] = out["head_shared_with"]
         if all(toyworld.is_caption(p) for p in prompts):
             row["caption_accuracy"] = toyworld.caption_accuracy(out["images"], todo)["all"]
         summary["methods"][method] = row

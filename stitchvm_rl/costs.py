@@ -43,6 +43,7 @@ def sd35m_value_model_costs(i: int = 4, j: int = 1, resolution: int = 1024, text
 
     costs = {
         "stitchvm": count_flops(lambda: value_model.embed(z, t)),
+        "stitchvm_dit_head": count_flops(lambda: value_model.head(z, t)),
         "sd35m_transformer": count_flops(full_dit),
         "vae_decode": count_flops(lambda: vae.decode(z)),
         "clip_image": count_flops(lambda: clip.get_image_features(pixel_values=pixels)),
@@ -104,9 +105,14 @@ def sd35m_guidance_steps(i: int = 4, j: int = 1, resolution: int = 1024, text_to
         none      the transformer (x2 with CFG), no gradient
         tweedie   the same under autograd, + VAE decode + CLIP, then d r / d z_t through all of it
         stitchvm  the transformer without autograd + StitchVM(i, j) forward and backward
+        stitchvm_shared (with CFG) the same value, its DiT head taken from CFG's unconditional pass
+                  (the paper's section 5.2: `value.model.capture_head_features`): that pass's first i
+                  blocks run under autograd and the head does not run again
     On `meta` they only propagate shapes (count FLOPs with them); on a GPU the weights are random
     (time them); `compile`: their SD3 and CLIP blocks run torch.compile'd (`zoo.compile_repeated_blocks`).
     Returns (steps, parameters each method keeps resident)."""
+    from stitchvm_rl.value.model import capture_head_features
+
     side, batch, dt = resolution // 8, 2 if cfg else 1, zoo.DTYPES[dtype]
     transformer, vae, clip, value_model, embeds, pooled = sd35m_models(i, j, text_tokens, batch, device, dtype)
     t = torch.full((1,), 0.5, device=device)
@@ -138,13 +144,29 @@ def sd35m_guidance_steps(i: int = 4, j: int = 1, resolution: int = 1024, text_to
         value_model.embed(z, t)[0].sum().backward()
         return z.grad
 
+    def stitchvm_shared():
+        z = latent(True)
+
+        def branch(zz, k):  # k = 0: the unconditional embedding (the head's), 1: the prompt's
+            return transformer(hidden_states=zz, timestep=1000 * t, encoder_hidden_states=embeds[k : k + 1], pooled_projections=pooled[k : k + 1]).sample
+
+        with capture_head_features(transformer, i) as tokens, torch.enable_grad():
+            branch(z, 0)
+        with torch.no_grad():
+            branch(z.detach(), 1)
+        value_model.embed_grid(value_model.head.grid(tokens[0], side, side))[0].sum().backward()
+        return z.grad
+
     tail = zoo.count_params(value_model) - zoo.count_params(value_model.text_model) - zoo.count_params(value_model.text_projection)
     resident = {
         "none": zoo.count_params(transformer),
         "tweedie": zoo.count_params(transformer) + zoo.count_params(vae) + zoo.count_params(clip.vision_model) + zoo.count_params(clip.visual_projection),
         "stitchvm": zoo.count_params(transformer) + tail,
     }
-    return {"none": none, "tweedie": tweedie, "stitchvm": stitchvm}, resident
+    steps = {"none": none, "tweedie": tweedie, "stitchvm": stitchvm}
+    if cfg:  # without CFG there is no unconditional pass for an empty-prompt head to share
+        steps["stitchvm_shared"], resident["stitchvm_shared"] = stitchvm_shared, resident["stitchvm"]
+    return steps, resident
 
 
 def sd35m_guidance_step_costs(i: int = 4, j: int = 1, resolution: int = 1024, text_tokens: int = 333, cfg: bool = True) -> dict:
@@ -162,6 +184,7 @@ def sd35m_guidance_step_costs(i: int = 4, j: int = 1, resolution: int = 1024, te
         "step": out,
         "flops_ratio_tweedie_over_stitchvm": out["tweedie"]["flops"] / out["stitchvm"]["flops"],
         "activation_ratio_tweedie_over_stitchvm": out["tweedie"]["backward_activation_gib"] / out["stitchvm"]["backward_activation_gib"],
+        **({"flops_ratio_tweedie_over_stitchvm_shared": out["tweedie"]["flops"] / out["stitchvm_shared"]["flops"]} if "stitchvm_shared" in out else {}),
     }
 
 

@@ -5,7 +5,12 @@ Values of a noisy latent z_t (`value.velocity_and_gradient` returns v, dV/dz_t a
     tweedie   V = r(Dec(z_t - t v_cfg)): the gradient runs back through the pixel reward, the VAE
               decoder and the whole transformer (both CFG branches)
     stitchvm  V = StitchedValueModel(z_t, t, prompt), with v_cfg computed under no_grad: the gradient
-              runs back only through DiT blocks 1..i, the stitch and the reward tail; nothing is decoded
+              runs back only through DiT blocks 1..i, the stitch and the reward tail; nothing is decoded.
+              When the value model's head is the policy's own first i blocks (frozen, as the paper's),
+              it is the start of one of CFG's passes -- the unconditional one for an empty-prompt head,
+              the conditional one for a head that reads the prompt -- and that pass feeds the value
+              model on the way (`shared_head_branch`; the paper's section 5.2): the head's blocks run
+              once per step, not twice.
 
 Sampler: Euler-Maruyama on the marginal-preserving flow SDE (`flow.flow_sde`'s family) with the
 diffusion coefficient g(t) = a sqrt(t / (1 - t)) of Flow-GRPO (a = `noise_level`; the paper leaves g
@@ -33,6 +38,7 @@ import torch
 from stitchvm_rl import flow, zoo
 from stitchvm_rl.config import Range
 from stitchvm_rl.policy import SD3Policy
+from stitchvm_rl.value.model import capture_head_features
 
 
 @dataclass
@@ -99,19 +105,56 @@ class TweedieValue:
         return self.reward(self.policy.decode(flow.tweedie_x0(z, t, v)), prompts).float()
 
 
+def shared_head_branch(policy: SD3Policy, value_model) -> str | None:
+    """Which of CFG's passes the value model's DiT head is the start of: "cond" (a head that reads
+    the prompt), "uncond" (an empty-prompt head, the paper's) or None (a trained head, a policy with
+    adapters or other weights)."""
+    if value_model.config.head_trained or not value_model.head.matches(policy.transformer):
+        return None
+    if value_model.config.head_conditioning == "prompt":
+        return "cond"
+    null = policy.encode_prompts([""])
+    head = value_model.head
+    same = torch.allclose(null.embeds.to(head.null_embeds), head.null_embeds) and torch.allclose(null.pooled.to(head.null_pooled), head.null_pooled)
+    return "uncond" if same else None
+
+
 class StitchValue:
     """V = the stitched value model; the policy's velocity is computed without autograd."""
 
     def __init__(self, policy: SD3Policy, value_model):
         self.policy, self.model = policy, value_model
+        self.shared = shared_head_branch(policy, value_model)
 
     def velocity_and_gradient(self, policy: SD3Policy, z, t, cond, prompts, cfg_scale):
+        if self.shared == "cond" or (self.shared == "uncond" and cfg_scale != 1.0):
+            return self._shared_pass(policy, z, t, cond, prompts, cfg_scale)
         with torch.no_grad():
             v = policy.velocity(z, t, cond, cfg_scale)
         z = z.detach().requires_grad_(True)
         with torch.enable_grad():
             value = self.model(z, t, prompts, cond).float()
             (grad,) = torch.autograd.grad(value.sum(), z)
+        return v, grad, value.detach()
+
+    def _shared_pass(self, policy: SD3Policy, z, t, cond, prompts, cfg_scale):
+        """The CFG pass the head belongs to runs once, its first i blocks under autograd (they feed
+        the value model), the rest detached (it gives that branch's velocity); the other branch, if
+        CFG is on, runs without autograd."""
+        uncond = policy.encode_prompts([""] * len(z))
+        mine, other = (cond, uncond) if self.shared == "cond" else (uncond, cond)
+        z = z.detach().requires_grad_(True)
+        with capture_head_features(policy.transformer, self.model.config.dit_block) as tokens, torch.enable_grad():
+            v_mine = policy.velocity(z, t, mine)
+            grid = self.model.head.grid(tokens[0], z.shape[2], z.shape[3])
+            value = self.model.score(self.model.embed_grid(grid)[0], prompts).float()
+            (grad,) = torch.autograd.grad(value.sum(), z)
+        with torch.no_grad():
+            v = v_mine.detach()
+            if cfg_scale != 1.0:
+                v_other = policy.velocity(z.detach(), t, other)
+                v_uncond, v_cond = (v_other, v) if self.shared == "cond" else (v, v_other)
+                v = v_uncond + cfg_scale * (v_cond - v_uncond)
         return v, grad, value.detach()
 
     @torch.no_grad()
@@ -257,4 +300,4 @@ def run_guided(method: str, backbone: str, reward_weights: dict[str, float], val
             with torch.no_grad():
                 images.append(policy.decode(z0).float().cpu())
         seconds = time.perf_counter() - start
-    return {"method": method, "images": torch.cat(images), "seconds_per_sample": seconds / len(prompts), "peak_memory_mib": peak.mib, "process": os.getpid()}
+    return {"method": method, "images": torch.cat(images), "seconds_per_sample": seconds / len(prompts), "peak_memory_mib": peak.mib, "process": os.getpid(), "head_shared_with": getattr(value, "shared", None)}

@@ -39,6 +39,8 @@ def test_quick_bench_runs_every_cpu_section(tmp_path):
     for step in out["real_scale"]["dps_step"].values():
         flops = {m: s["flops"] for m, s in step["step"].items()}
         assert flops["none"] < flops["stitchvm"] < flops["tweedie"]
+        if step["cfg"]:  # the head taken from CFG's unconditional pass saves its forward
+            assert flops["none"] < flops["stitchvm_shared"] < flops["stitchvm"]
     nft_real = out["real_scale"]["nft_epoch"]["per_sample"]
     assert nft_real["terminal"]["train_forward_equivalents"] == 24 * 5 and nft_real["stitchvm"]["train_forward_equivalents"] == 11 * 5
     assert "machine:" in (tmp_path / "bench" / "bench.md").read_text()

@@ -1,3 +1,5 @@
+import pytest
+
 from stitchvm_rl.costs import count_flops, sd35m_value_model_costs
 
 
@@ -31,6 +33,12 @@ def test_a_stitchvm_dps_step_costs_less_than_a_tweedie_one_at_real_scale():
     # stitchvm = the unguided step + one value-model forward and backward; tweedie differentiates it all
     assert step["none"]["flops"] < step["stitchvm"]["flops"] < step["tweedie"]["flops"]
     assert costs["flops_ratio_tweedie_over_stitchvm"] > 2 and costs["activation_ratio_tweedie_over_stitchvm"] > 4
+    # with the head taken from CFG's unconditional pass (section 5.2), a step saves exactly the head's forward
+    head = sd35m_value_model_costs(i=4, j=1, resolution=512)["forward_flops"]["stitchvm_dit_head"]
+    assert step["stitchvm"]["flops"] - step["stitchvm_shared"]["flops"] == head > 0
+    assert step["stitchvm_shared"]["backward_activation_gib"] == pytest.approx(step["stitchvm"]["backward_activation_gib"], rel=0.01)
+    assert costs["flops_ratio_tweedie_over_stitchvm_shared"] == step["tweedie"]["flops"] / step["stitchvm_shared"]["flops"]
+    assert "stitchvm_shared" not in sd35m_guidance_step_costs(i=4, j=1, resolution=512, cfg=False)["step"]  # no unconditional pass to share
 
 
 def test_a_real_scale_nft_group_does_the_learner_and_rollout_work_of_its_estimator(monkeypatch):

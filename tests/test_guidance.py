@@ -19,26 +19,34 @@ def stitched():
 
 
 def _watch(policy, model):
-    """Hooks on the very modules the sampler runs: VAE decoder calls and blocks that get a gradient."""
+    """Hooks on the very modules the sampler runs: VAE decoder calls and blocks that get a gradient
+    (on each block's attention: a hook on the block itself would not see a pass that hands its output
+    on detached, as the shared head's does)."""
     seen = {"decode": 0, "grad": set()}
     handles = [policy.vae.decoder.register_forward_hook(lambda *a: seen.__setitem__("decode", seen["decode"] + 1))]
     for n, block in enumerate(policy.transformer.transformer_blocks):
-        handles.append(block.register_full_backward_hook(lambda *a, n=n: seen["grad"].add(("policy", n))))
+        handles.append(block.attn.register_full_backward_hook(lambda *a, n=n: seen["grad"].add(("policy", n))))
     for n, block in enumerate(model.head.blocks):
-        handles.append(block.register_full_backward_hook(lambda *a, n=n: seen["grad"].add(("value head", n))))
+        handles.append(block.attn.register_full_backward_hook(lambda *a, n=n: seen["grad"].add(("value head", n))))
     return seen, handles
 
 
-def test_stitchvm_guidance_never_decodes_and_no_block_after_i_gets_a_gradient(toy_policy, stitched):
+@pytest.mark.parametrize("shared", [True, False])
+def test_stitchvm_guidance_never_decodes_and_no_block_after_i_gets_a_gradient(toy_policy, stitched, shared):
     i = stitched.config.dit_block
     assert i <= 2 < len(toy_policy.transformer.transformer_blocks)
     cfg = GuidanceConfig(num_steps=4, cfg_scale=3.0, scale=0.2)
     noise = toy_policy.initial_noise(2, torch.Generator().manual_seed(0))
+    value = StitchValue(toy_policy, stitched)
+    assert value.shared == "uncond"  # a frozen empty-prompt head is the start of CFG's unconditional pass
+    if not shared:
+        value.shared = None
     seen, handles = _watch(toy_policy, stitched)
     try:
-        dps_sample(toy_policy, PROMPTS, StitchValue(toy_policy, stitched), cfg, noise, torch.Generator().manual_seed(1))
+        dps_sample(toy_policy, PROMPTS, value, cfg, noise, torch.Generator().manual_seed(1))
         assert seen["decode"] == 0
-        assert seen["grad"] == {("value head", n) for n in range(i)}  # blocks 1..i of the head only
+        # blocks 1..i only: the policy's own when its pass feeds the value model, else the head's copies
+        assert seen["grad"] == {("policy" if shared else "value head", n) for n in range(i)}
         # the same hooks do see Tweedie's gradient run through every block and the decoder
         seen["grad"].clear()
         reward = rewards.build_rewards({"toy_clip": 1.0})
@@ -48,6 +56,40 @@ def test_stitchvm_guidance_never_decodes_and_no_block_after_i_gets_a_gradient(to
         for h in handles:
             h.remove()
     assert all(p.grad is None for p in toy_policy.transformer.parameters()) and all(p.grad is None for p in stitched.parameters())
+
+
+@pytest.mark.parametrize("cfg_scale, conditioning", [(3.0, "empty"), (3.0, "prompt"), (1.0, "prompt")])
+def test_sharing_the_head_with_cfgs_pass_changes_nothing_but_the_work(toy_policy, stitched, cfg_scale, conditioning):
+    """The velocity, value and gradient of a step are those of the separate passes, while the head's
+    blocks run once (in the policy's pass) instead of twice; a trained head or an adapter shares nothing."""
+    import copy
+
+    model = copy.deepcopy(stitched)
+    model.config.head_conditioning = conditioning
+    shared, separate = StitchValue(toy_policy, model), StitchValue(toy_policy, model)
+    separate.shared = None
+    assert shared.shared == ("uncond" if conditioning == "empty" else "cond")
+    gen = torch.Generator().manual_seed(5)
+    z, t = torch.randn(4, 16, 8, 8, generator=gen), torch.full((4,), 0.6)
+    cond = toy_policy.encode_prompts(PROMPTS * 2)
+    calls = {"policy": 0, "head": 0}
+    handles = [
+        toy_policy.transformer.transformer_blocks[0].register_forward_hook(lambda *a: calls.__setitem__("policy", calls["policy"] + 1)),
+        model.head.blocks[0].register_forward_hook(lambda *a: calls.__setitem__("head", calls["head"] + 1)),
+    ]
+    try:
+        v_a, g_a, val_a = shared.velocity_and_gradient(toy_policy, z, t, cond, PROMPTS * 2, cfg_scale)
+        assert calls == {"policy": 2 if cfg_scale != 1.0 else 1, "head": 0}  # each CFG branch once; no head of its own
+        calls.update(policy=0, head=0)
+        v_b, g_b, val_b = separate.velocity_and_gradient(toy_policy, z, t, cond, PROMPTS * 2, cfg_scale)
+        assert calls == {"policy": 1, "head": 1}  # CFG's batched pass + the value model's head
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.allclose(v_a, v_b, atol=1e-5) and torch.allclose(val_a, val_b, atol=1e-5)
+    assert torch.allclose(g_a, g_b, atol=1e-5 * g_b.abs().max().item())
+    model.config.head_trained = True
+    assert StitchValue(toy_policy, model).shared is None
 
 
 @pytest.mark.parametrize("kind", ["stitchvm", "tweedie"])

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -76,15 +77,53 @@ class DiTHead(nn.Module):
         hidden = self.pos_embed(z).contiguous()
         temb = self.time_text_embed(1000 * t, pooled.to(z.device, z.dtype))
         enc = self.context_embedder(embeds.to(z.device, z.dtype))
-        grid = (height // self.patch_size, width // self.patch_size)
         out = []
         for block in self.blocks[: upto or len(self.blocks)]:
             enc, hidden = block(hidden_states=hidden, encoder_hidden_states=enc, temb=temb)
-            out.append(hidden.transpose(1, 2).reshape(b, -1, *grid))
+            out.append(self.grid(hidden, height, width))
         return out
 
     def forward(self, z: torch.Tensor, t: torch.Tensor, cond: PromptEmbeds | None = None) -> torch.Tensor:
         return self.features(z, t, cond=cond)[-1]
+
+    def grid(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Image tokens (B, h*w, C) of latents of side (height, width) as a (B, C, h, w) grid."""
+        return tokens.transpose(1, 2).reshape(len(tokens), -1, height // self.patch_size, width // self.patch_size)
+
+    def matches(self, transformer) -> bool:
+        """Whether this head is `transformer`'s own first blocks (same weights, no adapters), so that
+        the transformer's pass computes it on the way."""
+        if getattr(transformer, "peft_config", None):
+            return False
+        theirs = dict(transformer.named_parameters())
+        for name, mine in self.named_parameters():
+            other = theirs.get(name.replace("blocks.", "transformer_blocks.", 1) if name.startswith("blocks.") else name)
+            if other is None or other.shape != mine.shape or not torch.equal(other.to(mine), mine):
+                return False
+        return True
+
+
+@contextmanager
+def capture_head_features(transformer, i: int):
+    """Within this context, a pass of the SD3 `transformer` hands the image tokens after its block i
+    (under autograd) to the caller, and the rest of the pass a detached copy: its first i blocks then
+    double as a value model's DiT head, and the blocks after i build no graph.
+
+        with capture_head_features(policy.transformer, i) as tokens, torch.enable_grad():
+            v = policy.velocity(z, t, cond)            # tokens[0]: (B, h*w, C), differentiable in z
+    """
+    captured: list[torch.Tensor] = []
+
+    def hand_over(module, args, output):
+        enc, hidden = output
+        captured.append(hidden)
+        return (enc.detach() if enc is not None else None), hidden.detach()
+
+    handle = transformer.transformer_blocks[i - 1].register_forward_hook(hand_over)
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 class Stitch(nn.Module):
@@ -217,7 +256,11 @@ class StitchedValueModel(nn.Module):
             raise ValueError(f"latents of shape {tuple(z_t.shape)} do not fit this value model: its backbone takes (B, {channels}, H, W) with H and W multiples of {patch}")
         if t.dim() > 1 or t.numel() not in (1, len(z_t)):
             raise ValueError(f"noise levels of shape {tuple(t.shape)} do not fit {len(z_t)} latents; pass one per latent, or one for all")
-        emb, hidden = self.tail(self.stitch(self.head(z_t, t, self._head_cond(cond, len(z_t)))))
+        return self.embed_grid(self.head(z_t, t, self._head_cond(cond, len(z_t))))
+
+    def embed_grid(self, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`embed` from the DiT head's output grid (B, C, h, w) on."""
+        emb, hidden = self.tail(self.stitch(grid))
         if self.config.embed_target == "mean":
             return emb.float() / self.config.embed_scale, hidden
         return F.normalize(emb.float(), dim=-1), hidden
