@@ -175,6 +175,24 @@ def test_api_keys_never_reach_ray_logs_or_the_run_directory(tmp_path):
     assert secret not in result.stdout + result.stderr + sample.stdout + sample.stderr
 
 
+def test_local_cluster_mutes_the_placement_group_cleaners_warning_every_second():
+    """The local cluster runs without the dashboard, so Ray Train's placement-group cleaner cannot
+    reach the State API and would warn once a second through every stitch and NFT job; the workers'
+    setup hook mutes that one logger (and the name it mutes is the cleaner's own)."""
+    import importlib
+    import logging
+
+    import ray
+
+    from stitchvm_rl import runtime
+
+    name = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+    assert importlib.import_module(name).logger.name == name
+    runtime.init_ray(4)
+    level = ray.get(ray.remote(lambda: logging.getLogger(name).getEffectiveLevel()).options(num_cpus=0).remote())
+    assert level == logging.ERROR
+
+
 def test_cluster_dashboards_listen_on_loopback_only():
     import yaml
 
