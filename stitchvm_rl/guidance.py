@@ -141,7 +141,8 @@ class StitchValue:
         """The CFG pass the head belongs to runs once, its first i blocks under autograd (they feed
         the value model), the rest detached (it gives that branch's velocity); the other branch, if
         CFG is on, runs without autograd."""
-        mine = cond if self.shared == "cond" else policy.encode_prompts([""] * len(z))
+        uncond = policy.encode_prompts([""] * len(z))  # cached per process: a concatenation, no encoder pass
+        mine, other = (cond, uncond) if self.shared == "cond" else (uncond, cond)
         z = z.detach().requires_grad_(True)
         with capture_head_features(policy.transformer, self.model.config.dit_block) as tokens, torch.enable_grad():
             v_mine = policy.velocity(z, t, mine)
@@ -150,8 +151,7 @@ class StitchValue:
             (grad,) = torch.autograd.grad(value.sum(), z)
         with torch.no_grad():
             v = v_mine.detach()
-            if cfg_scale != 1.0:  # the other branch: no autograd; the empty prompt is encoded only if needed
-                other = policy.encode_prompts([""] * len(z)) if self.shared == "cond" else cond
+            if cfg_scale != 1.0:
                 v_other = policy.velocity(z.detach(), t, other)
                 v_uncond, v_cond = (v_other, v) if self.shared == "cond" else (v, v_other)
                 v = v_uncond + cfg_scale * (v_cond - v_uncond)

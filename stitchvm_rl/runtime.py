@@ -50,6 +50,9 @@ def init_ray(num_cpus: int = 8) -> None:
     )
 
 
+PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
 def quiet_placement_group_cleaner() -> None:
     """Worker setup hook of the local cluster. Ray Train's placement-group cleaner asks the State API
     every second whether its controller is alive; the State API is served by the dashboard, which a
@@ -57,7 +60,7 @@ def quiet_placement_group_cleaner() -> None:
     (Its cleanup cannot work here either way, and the local cluster ends with the job.)"""
     import logging
 
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
 def request_resources(bundles: list[dict[str, float]]) -> None:

@@ -186,7 +186,7 @@ def test_local_cluster_mutes_the_placement_group_cleaners_warning_every_second()
 
     from stitchvm_rl import runtime
 
-    name = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+    name = runtime.PLACEMENT_GROUP_CLEANER_LOGGER
     assert importlib.import_module(name).logger.name == name
     runtime.init_ray(4)
     level = ray.get(ray.remote(lambda: logging.getLogger(name).getEffectiveLevel()).options(num_cpus=0).remote())
