@@ -2,19 +2,23 @@
 
     # HPSv2.1 (OpenCLIP ViT-H/14): HPS_v2.1_compressed.pt from the HPSv2 release
     python jobs/convert_weights.py kind=hpsv2 checkpoint=HPS_v2.1_compressed.pt out=weights/hpsv2.1
-    # DFN5B-CLIP ViT-H/14-378: open_clip_pytorch_model.bin of apple/DFN5B-CLIP-ViT-H-14-378
+    # DFN5B-CLIP ViT-H/14-378 (QuickGELU): open_clip_pytorch_model.bin of apple/DFN5B-CLIP-ViT-H-14-378,
+    # with the repo's open_clip_config.json beside it (or architecture=ViT-H-14-378-quickgelu)
     python jobs/convert_weights.py kind=dfn_clip checkpoint=open_clip_pytorch_model.bin out=weights/dfn5b-clip-vit-h-14-378
     # LAION aesthetic predictor v2: sac+logos+ava1-l14-linearMSE.pth
     python jobs/convert_weights.py kind=aesthetic checkpoint=sac+logos+ava1-l14-linearMSE.pth out=weights/aesthetic-v2.safetensors
 
 The OpenCLIP kinds need the CLIP BPE tokenizer (`tokenizer=`, a hub id or local dir; the default is
-fetched from the hub once). The outputs are what `rewards.PUBLISHED` loads by default.
+fetched from the hub once) and the checkpoint's activation (GELU or QuickGELU, invisible in the
+weights): read from the open_clip_config.json beside the checkpoint, else from `architecture=`
+(HPSv2's lone .pt: ViT-H-14 unless told otherwise). The outputs are what `rewards.PUBLISHED` loads by default.
 """
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
-from stitchvm_rl import convert, zoo
+from stitchvm_rl import convert
 from stitchvm_rl.config import ConfigError, load_config, run_main
 
 
@@ -28,17 +32,34 @@ class ConvertConfig:
     """Output directory (OpenCLIP kinds) or .safetensors file (aesthetic)."""
     tokenizer: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
     """CLIP tokenizer to save beside an OpenCLIP model (hub id or local dir)."""
+    architecture: str = ""
+    """OpenCLIP model name of the checkpoint, e.g. ViT-H-14-378-quickgelu (empty: its open_clip_config.json, else the kind's)."""
+
+
+def check(cfg: ConvertConfig) -> None:
+    """Refuse a conversion that cannot be right before the (multi-GB) checkpoint is read."""
+    if not cfg.checkpoint or not cfg.out:
+        raise ConfigError("both 'checkpoint' and 'out' are required, e.g. checkpoint=HPS_v2.1_compressed.pt out=weights/hpsv2.1")
+    if not Path(cfg.checkpoint).is_file():
+        raise ConfigError(f"checkpoint '{cfg.checkpoint}' does not exist; pass the downloaded published file")
+    if cfg.kind == "aesthetic":
+        if cfg.architecture:
+            raise ConfigError("architecture= names an OpenCLIP model; kind=aesthetic converts an MLP head and takes none")
+        return
+    try:
+        convert.open_clip_activation(cfg.checkpoint, convert.kind_architecture(cfg.kind, cfg.checkpoint, cfg.architecture)[1])
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def main(argv: list[str]) -> str:
     cfg = load_config(ConvertConfig, argv)
-    if not cfg.checkpoint or not cfg.out:
-        raise ConfigError("both 'checkpoint' and 'out' are required, e.g. checkpoint=HPS_v2.1_compressed.pt out=weights/hpsv2.1")
+    check(cfg)
     if cfg.kind == "aesthetic":
         path = convert.convert_aesthetic(cfg.checkpoint, cfg.out)
     else:
-        config = zoo.clip_config(convert.OPEN_CLIP_ARCHITECTURES[cfg.kind])
-        path = convert.convert_open_clip(cfg.checkpoint, config, cfg.out, cfg.tokenizer)
+        config, architecture = convert.kind_architecture(cfg.kind, cfg.checkpoint, cfg.architecture)
+        path = convert.convert_open_clip(cfg.checkpoint, config, cfg.out, cfg.tokenizer, architecture)
     print(f"wrote {path}")
     return str(path)
 

@@ -9,26 +9,25 @@ Every method samples the same prompts from the same initial noise (FK steering: 
 particles is that noise too) in its own Ray task -- a fresh worker process -- so its peak memory is
 its own (CUDA peak allocated on GPU; on CPU the process's peak resident set, reset after loading).
 The final images of every method are scored by the clean reward models. With no `value_model`, the
-value model of `jobs/stitch.py`'s defaults is built once and cached (as jobs/nft.py does).
+toy world's committed value model is used (as jobs/nft.py does).
 
 Writes outputs/<run_name>/: config.yaml, grid.png (one column per method, same noise per row),
 summary.json (reward and caption accuracy per method, seconds per sample, peak memory, and the
 stitchvm / tweedie ratios).
 """
 
-import importlib.util
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
 
 from stitchvm_rl import prompts as prompt_lists
 from stitchvm_rl import rewards, runtime, toyworld, zoo
-from stitchvm_rl.config import ConfigError, Range, load_config, run_main
+from stitchvm_rl.config import ConfigError, Range, check_names, did_you_mean, load_config, run_main
 from stitchvm_rl.guidance import GuidanceConfig, run_guided
 from stitchvm_rl.tracking import RunDir
+from stitchvm_rl.value import default_value_model
 from stitchvm_rl.value.model import check_value_model_dir
 
 METHODS = ("none", "tweedie", "stitchvm", "fk_tweedie", "fk_stitchvm")
@@ -45,7 +44,7 @@ class DPSConfig:
     rewards: dict[str, float] = field(default_factory=lambda: {"toy_clip": 1.0})
     """Pixel rewards {name: weight}: Tweedie's value and the final score of every method."""
     value_model: str = ""
-    """Value-model directory for stitchvm (empty: build jobs/stitch.py's default, cached)."""
+    """Value-model directory for stitchvm (empty: the toy world's committed one)."""
     methods: list[str] = field(default_factory=lambda: ["none", "tweedie", "stitchvm", "fk_stitchvm"])
     """Methods to run: none, tweedie, stitchvm, fk_tweedie, fk_stitchvm."""
     scales: dict[str, float] = field(default_factory=lambda: {"tweedie": 0.02, "stitchvm": 0.02})
@@ -77,24 +76,21 @@ class DPSConfig:
 def check(cfg: DPSConfig) -> None:
     """Refuse inconsistent settings before any model is loaded."""
     zoo.check_source(cfg.backbone, "backbone")
+    rewards.check_reward_weights(cfg.rewards, "rewards")
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown or not cfg.methods:
-        raise ConfigError(f"methods {unknown or '[]'} unknown or empty; choose from {', '.join(METHODS)}")
+        hint = did_you_mean(unknown[0], METHODS) if unknown else ""
+        raise ConfigError(f"methods {unknown or '[]'} unknown or empty; choose from {', '.join(METHODS)}{hint}")
+    check_names("scales", cfg.scales, ("tweedie", "stitchvm"), "guidance value")  # the values a DPS scale is for (fk_* share them)
     for kind in {m.removeprefix("fk_") for m in cfg.methods if m.removeprefix("fk_") != "none"}:
         if kind not in cfg.scales:
             raise ConfigError(f"method '{kind}' has no DPS scale; set scales.{kind}=...")
     if cfg.value_model:
         check_value_model_dir(cfg.value_model, cfg.backbone)
+    elif any(m.removeprefix("fk_") == "stitchvm" for m in cfg.methods):
+        default_value_model(cfg.backbone)  # refuses a backbone without one
     if cfg.compile:
         zoo.check_compile_toolchain(cfg.device)
-
-
-def default_value_model() -> str:
-    """jobs/stitch.py with its defaults, built once and cached (shared with jobs/nft.py)."""
-    spec = importlib.util.spec_from_file_location("nft_job", Path(__file__).with_name("nft.py"))
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    return job.default_value_model()
 
 
 def main(argv: list[str]) -> dict:
@@ -106,7 +102,7 @@ def main(argv: list[str]) -> dict:
     run = RunDir(cfg.output_dir, cfg.run_name, cfg)
     runtime.init_ray(cfg.ray_cpus)
     needs_value = any(m.removeprefix("fk_") == "stitchvm" for m in cfg.methods)
-    value_model = cfg.value_model or (default_value_model() if needs_value else "")
+    value_model = cfg.value_model or (default_value_model(cfg.backbone) if needs_value else "")
 
     # one fresh worker process per method (max_calls=1), one after another, so each peak is its own
     task = ray.remote(max_calls=1, num_cpus=1, num_gpus=1 if cfg.device == "cuda" else 0)(run_guided)

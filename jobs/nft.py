@@ -9,8 +9,8 @@ Ray Train runs the NFT updates, the `old` adapter is synced back to the actors a
     ray job submit --address http://<head>:8265 --working-dir . -- \
         python jobs/nft.py --config jobs/configs/nft_sd35m_stitchvm.yaml    # SD3.5-M on a GPU cluster
 
-With estimator=stitchvm and no `value_models`, the value model of `jobs/stitch.py`'s defaults is
-built once (minutes) and cached under $STITCHVM_CACHE. Writes outputs/<run_name>/: config.yaml,
+With estimator=stitchvm and no `value_models`, the toy world's committed value model is used (the
+one `python jobs/stitch.py` builds with its defaults); other backbones name theirs. Writes outputs/<run_name>/: config.yaml,
 metrics.jsonl (one line per epoch, learner rank 0), eval_rewards.jsonl (every evaluation's per-image
 rewards: the gain over the base policy is paired, its standard error is in the summary), samples/ (evaluation grids), reward_curve.png,
 lora/ (the EMA adapter as a diffusers LoRA: `python jobs/sample.py lora=outputs/nft/lora`) and
@@ -18,7 +18,6 @@ summary.json. Re-running the same run_name resumes from the last checkpoint unde
 """
 
 import dataclasses
-import importlib.util
 import json
 import time
 from dataclasses import dataclass, field
@@ -26,12 +25,15 @@ from pathlib import Path
 from typing import Annotated
 
 from stitchvm_rl import prompts as prompt_lists
-from stitchvm_rl import runtime, toyworld, zoo
-from stitchvm_rl.config import ConfigError, Range, load_config, run_main, to_dict
+from stitchvm_rl import rewards, runtime, toyworld, zoo
+from stitchvm_rl.config import ConfigError, Range, check_names, load_config, run_main, to_dict
 from stitchvm_rl.learner import NFTTrainConfig, run_learner
 from stitchvm_rl.report import paired_gain
-from stitchvm_rl.rollout import ESTIMATORS, RolloutConfig, RolloutWorker, check_rollout_config
+from stitchvm_rl.estimators import ESTIMATORS
+from stitchvm_rl.faults import NFTFaults
+from stitchvm_rl.rollout import RolloutConfig, RolloutWorker, check_rollout_config
 from stitchvm_rl.tracking import RunDir, WandbConfig
+from stitchvm_rl.value import default_value_model
 from stitchvm_rl.value.model import check_value_model_dir
 
 
@@ -48,7 +50,7 @@ class NFTConfig:
     rewards: dict[str, float] = field(default_factory=lambda: {"toy_clip": 1.0})
     """Pixel rewards {name: weight} for terminal / tweedie / mc and for evaluation."""
     value_models: list[str] = field(default_factory=list)
-    """Value-model directories summed by estimator=stitchvm (empty: build jobs/stitch.py's default, cached)."""
+    """Value-model directories summed by estimator=stitchvm (empty: the toy world's committed one)."""
     prompts: list[str] = field(default_factory=list)
     """Training prompts (empty: the toy captions)."""
     prompt_file: str = ""
@@ -91,18 +93,26 @@ class NFTConfig:
     """NFT optimisation (Ray Train + DeepSpeed); lr 1e-3 for the toy world's short default run."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Tracking (learner rank 0)."""
+    testing: NFTFaults = field(default_factory=NFTFaults)
+    """Fault injection for tests (-1: never)."""
+
+
+def stitch_value_models(cfg: NFTConfig) -> list[str]:
+    """The value models estimator=stitchvm sums: the named ones, else the backbone's default."""
+    if cfg.value_models or cfg.rollout.estimator != "stitchvm":
+        return list(cfg.value_models)
+    return [default_value_model(cfg.backbone)]
 
 
 def check(cfg: NFTConfig) -> None:
     """Refuse inconsistent settings before any model is loaded."""
     zoo.check_source(cfg.backbone, "backbone")
-    unknown = [e for e in cfg.compare if e not in ESTIMATORS]
-    if unknown:
-        raise ConfigError(f"compare: unknown estimator(s) {unknown}; choose from {', '.join(ESTIMATORS)}")
+    rewards.check_reward_weights(cfg.rewards, "rewards")
+    check_names("compare", cfg.compare, ESTIMATORS, "estimator")
     if cfg.groups_per_epoch % cfg.train.num_workers:
         raise ConfigError(f"groups_per_epoch={cfg.groups_per_epoch} must be a multiple of train.num_workers={cfg.train.num_workers} (every learner rank takes the same share)")
     try:
-        check_rollout_config(cfg.rollout, cfg.value_models or ["(built on demand)"])
+        check_rollout_config(cfg.rollout, stitch_value_models(cfg))
     except ValueError as err:
         raise ConfigError(f"rollout: {err}") from None
     if cfg.rollout.compile:
@@ -111,22 +121,6 @@ def check(cfg: NFTConfig) -> None:
         zoo.check_compile_toolchain("cuda" if cfg.train.use_gpu else "cpu", "train.compile")
     for d in cfg.value_models:
         check_value_model_dir(d, cfg.backbone)
-
-
-DEFAULT_VALUE_MODEL = "stitch-default-5"  # renamed when jobs/stitch.py's defaults change, so a stale cached build is not reused
-
-
-def default_value_model() -> str:
-    """jobs/stitch.py with its defaults, built once and cached under $STITCHVM_CACHE/value_models/DEFAULT_VALUE_MODEL."""
-    out = zoo.cache_dir() / "value_models"
-    path = out / DEFAULT_VALUE_MODEL / "value_model"
-    if not (path / "value_model.json").is_file():
-        spec = importlib.util.spec_from_file_location("stitch_job", Path(__file__).with_name("stitch.py"))
-        job = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(job)
-        print(f"building the default value model into {path} (once)")
-        job.main([f"output_dir={out}", f"run_name={DEFAULT_VALUE_MODEL}"])
-    return str(path)
 
 
 def plot_rewards(metrics: list[dict], path: Path, estimator: str) -> None:
@@ -157,7 +151,7 @@ def start_rollout_actors(cfg: NFTConfig, names: list[str], value_models: list[st
     actor_cls = ray.remote(RolloutWorker)
     options = dict(num_cpus=cfg.rollout_cpus, num_gpus=cfg.rollout_gpus, resources=cfg.rollout_resources, max_restarts=-1, max_task_retries=-1)
     device = "cuda" if cfg.rollout_gpus else "cpu"
-    actors = [actor_cls.options(name=name, **options).remote(cfg.backbone, cfg.rollout, cfg.rewards, value_models, device) for name in names]
+    actors = [actor_cls.options(name=name, **options).remote(cfg.backbone, cfg.rollout, cfg.rewards, value_models, device, cfg.testing.crash_on_call) for name in names]
     try:
         runtime.wait_for_placement([a.__ray_ready__.remote() for a in actors], "rollout actors", bundle, cfg.resource_wait_s)
     except RuntimeError:
@@ -203,7 +197,7 @@ def train_one(cfg: NFTConfig) -> dict:
     run = RunDir(cfg.output_dir, cfg.run_name, cfg)
     storage = cfg.storage_path or str((Path(cfg.output_dir) / "ray").resolve())
     runtime.init_ray(cfg.ray_cpus)
-    value_models = cfg.value_models or ([default_value_model()] if cfg.rollout.estimator == "stitchvm" else [])
+    value_models = stitch_value_models(cfg)
     start = time.perf_counter()
 
     # Ask the autoscaler for everything at once, then place the actors and the learner ranks.
@@ -232,6 +226,7 @@ def train_one(cfg: NFTConfig) -> dict:
             "run_dir": str(run.path),
             "run_name": cfg.run_name,
             "wandb": to_dict(cfg.wandb),
+            "testing": to_dict(cfg.testing),
             "config": to_dict(cfg),
         }
         run_learner(loop, cfg.train, storage, cfg.run_name)

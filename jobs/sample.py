@@ -17,8 +17,8 @@ from typing import Annotated, Literal
 import torch
 
 from stitchvm_rl import prompts as prompt_lists
-from stitchvm_rl import rewards, toyworld
-from stitchvm_rl.config import Range, load_config, run_main
+from stitchvm_rl import rewards, toyworld, zoo
+from stitchvm_rl.config import ConfigError, Range, load_config, run_main
 from stitchvm_rl.policy import SD3Policy
 from stitchvm_rl.tracking import RunDir
 
@@ -59,8 +59,21 @@ class SampleConfig:
     """Reward models that score the samples, {name: weight} (see stitchvm_rl/rewards.py)."""
 
 
+def check(cfg: SampleConfig) -> None:
+    """Refuse bad names and sources before any model is loaded."""
+    zoo.check_source(cfg.model, "model")
+    rewards.check_reward_weights(cfg.rewards, "rewards")
+    try:
+        torch.device(cfg.device)
+    except RuntimeError as err:  # e.g. 'gpu': torch's message lists the device types it knows
+        raise ConfigError(f"device '{cfg.device}' is not a torch device ({err}); e.g. device=cpu or device=cuda") from None
+    if cfg.lora and not (Path(cfg.lora) / "pytorch_lora_weights.safetensors").is_file():
+        raise ConfigError(f"lora '{cfg.lora}' holds no pytorch_lora_weights.safetensors; pass the lora/ directory of a jobs/nft.py run")
+
+
 def main(argv: list[str]) -> dict:
     cfg = load_config(SampleConfig, argv)
+    check(cfg)
     prompts = prompt_lists.resolve_prompts(cfg.prompts, cfg.prompt_file)
     toy_captions = all(toyworld.is_caption(p) for p in prompts)
     caption_rewards = [n for n in rewards.TOY_CAPTION_REWARDS if n in cfg.rewards]
@@ -70,8 +83,6 @@ def main(argv: list[str]) -> dict:
     torch.manual_seed(cfg.seed)
     policy = SD3Policy.from_pretrained(cfg.model, dtype=cfg.dtype, device=cfg.device)
     if cfg.lora:
-        if not (Path(cfg.lora) / "pytorch_lora_weights.safetensors").is_file():
-            raise ValueError(f"lora '{cfg.lora}' holds no pytorch_lora_weights.safetensors; pass the lora/ directory of a jobs/nft.py run")
         policy.pipe.load_lora_weights(cfg.lora)
     reward = rewards.build_rewards(cfg.rewards, device=cfg.device)
 

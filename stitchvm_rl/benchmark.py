@@ -3,6 +3,8 @@ sends to Ray actors (they must live in the package to be pickled by reference)."
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import time
 from typing import Callable
@@ -38,9 +40,25 @@ def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
+def summarise(seconds: dict[str, list[float]], per: float = 1.0) -> dict:
+    """Spread of each method's seconds, divided by `per` (e.g. samples)."""
+    return {name: spread([s / per for s in values]) for name, values in seconds.items()}
+
+
 def ratio(a: list[float], b: list[float]) -> float:
     """median(a) / median(b)."""
     return statistics.median(a) / statistics.median(b)
+
+
+def cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0))
+
+
+def machine(device: str) -> str:
+    """One line naming the hardware and torch version the numbers were taken on."""
+    gpu = f", {torch.cuda.get_device_name()}" if device == "cuda" else ""
+    return f"{platform.processor() or platform.machine()}, {cores()} cores{gpu}, torch {torch.__version__}"
 
 
 class TransformerCalls:

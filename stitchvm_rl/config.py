@@ -86,6 +86,23 @@ def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def did_you_mean(value: Any, allowed) -> str:
+    """'; did you mean 'x'?' for the allowed name closest to a mistyped one, else ''."""
+    allowed = [str(a) for a in allowed]
+    longer = [a for a in allowed if a.startswith(str(value))]  # a cut-short name, e.g. ViT-H-14-378 for ...-quickgelu
+    close = longer if len(longer) == 1 else difflib.get_close_matches(str(value), allowed, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def check_names(key: str, values, allowed, what: str = "name") -> None:
+    """A job's check of names a plain str / list / dict config field holds (reward names, estimators,
+    ...), before Ray starts or a model loads: the first unknown one stops with one ConfigError."""
+    allowed = [str(a) for a in allowed]
+    for value in values:  # a dict gives its keys: the names of {name: weight}
+        if value not in allowed:
+            raise ConfigError(f"{key}: unknown {what} {value!r}; choose from {', '.join(allowed)}{did_you_mean(value, allowed)}")
+
+
 def _convert(tp: Any, value: Any, key: str) -> Any:
     """Check `value` against the field type `tp` and return it converted (e.g. int -> float)."""
     origin = get_origin(tp)
@@ -99,9 +116,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         return out
     if origin is Literal:
         if value not in get_args(tp):
-            close = difflib.get_close_matches(str(value), [str(a) for a in get_args(tp)], n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"config key '{key}' = {value!r} is not allowed; expected {_describe(tp)}{hint}")
+            raise ConfigError(f"config key '{key}' = {value!r} is not allowed; expected {_describe(tp)}{did_you_mean(value, get_args(tp))}")
         return value
     if origin in (typing.Union, types.UnionType):
         for arg in get_args(tp):
@@ -194,19 +209,47 @@ def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def format_help(cls: type, prefix: str = "") -> str:
-    """One line per key: name, default and docstring, nested configs indented under their key."""
-    lines = []
+@dataclass(frozen=True)
+class FieldDoc:
+    """One key of a config, as `--help` and docs/configuration.md show it."""
+
+    key: str  # dotted, as typed on the command line (`rollout.async`)
+    default: Any  # None for a section
+    kind: str  # the type in words, or "section"
+    doc: str
+
+
+def walk_fields(cls: type, prefix: str = "") -> list[FieldDoc]:
+    """Every key of `cls` in declaration order, each section followed by its own keys."""
     hints = typing.get_type_hints(cls, include_extras=True)
-    docs = field_docs(cls)
-    default = cls()
+    docs, default, rows = field_docs(cls), cls(), []
     for f in dataclasses.fields(cls):
-        value = getattr(default, f.name)
+        key = prefix + _key_name(f.name)
         if dataclasses.is_dataclass(hints[f.name]):
-            lines.append(f"{prefix}{f.name}:  # {docs.get(f.name, '')}")
-            lines.append(format_help(hints[f.name], prefix + f.name + "."))
+            rows.append(FieldDoc(key, None, "section", docs.get(f.name, "")))
+            rows += walk_fields(hints[f.name], key + ".")
         else:
-            lines.append(f"{prefix}{_key_name(f.name)}={value!r}  # {docs.get(f.name, '')}")
+            rows.append(FieldDoc(key, getattr(default, f.name), _describe(hints[f.name]), docs.get(f.name, "")))
+    return rows
+
+
+def format_help(cls: type) -> str:
+    """One line per key: name, default and docstring; a section's keys follow it."""
+    return "\n".join(f"{r.key}:  # {r.doc}" if r.kind == "section" else f"{r.key}={r.default!r}  # {r.doc}" for r in walk_fields(cls))
+
+
+def format_markdown(cls: type) -> str:
+    """A markdown table of every key: key, default, type, docstring (docs/configuration.md)."""
+
+    def cell(text: str) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| key | default | type | what it does |", "|---|---|---|---|"]
+    for r in walk_fields(cls):
+        if r.kind == "section":
+            lines.append(f"| **`{r.key}`** | | section | {cell(r.doc)} |")
+        else:
+            lines.append(f"| `{r.key}` | `{cell(yaml.safe_dump(r.default, default_flow_style=True, width=10**6).strip().removesuffix('...').strip())}` | {cell(r.kind)} | {cell(r.doc)} |")
     return "\n".join(lines)
 
 

@@ -50,18 +50,6 @@ def noise_from_velocity(z: torch.Tensor, t, v: torch.Tensor) -> torch.Tensor:
     return z + (1 - _col(t, z)) * v
 
 
-def score_from_velocity(z: torch.Tensor, t, v: torch.Tensor) -> torch.Tensor:
-    """grad log p_t(z_t) = -((1 - t) v + z_t) / t   (paper eq. 25)."""
-    t = _col(t, z)
-    return -((1 - t) * v + z) / t
-
-
-def velocity_from_score(z: torch.Tensor, t, score: torch.Tensor) -> torch.Tensor:
-    """Inverse of `score_from_velocity`: v = -(t score + z_t) / (1 - t)."""
-    t = _col(t, z)
-    return -(t * score + z) / (1 - t)
-
-
 # ---------------------------------------------------------------- bridge (anchor at z_tau)
 @dataclass
 class BridgeCoefficients:
@@ -79,7 +67,8 @@ class BridgeCoefficients:
 def bridge_coefficients(t: torch.Tensor, tau: torch.Tensor) -> BridgeCoefficients:
     """Coefficients of the forward process conditioned on an intermediate latent z_tau (t > tau).
 
-    alpha = (1-t)/(1-tau), sigma = sqrt(t^2 - alpha^2 tau^2), d/dt of both (algorithms-notes §1.9).
+    alpha = (1-t)/(1-tau), sigma = sqrt(t^2 - alpha^2 tau^2), d/dt of both (the
+    forward process z_t = (1-t) z0 + t eps conditioned on z_tau).
     sigma -> 0 as t -> tau, so training must use t strictly above tau.
     """
     t, tau = torch.as_tensor(t, dtype=torch.float64), torch.as_tensor(tau, dtype=torch.float64)

@@ -227,16 +227,21 @@ def fk_steer(policy: SD3Policy, prompts: list[str], value, cfg: GuidanceConfig, 
             z = _sde_step(z, v, t, t_next, g_of, _randn(z, generator))
         lo, hi = cfg.resample_window
         if (n + 1) % cfg.resample_every == 0 and lo <= (n + 1) / cfg.num_steps <= hi:
-            now = value.value(z, t_next_vec, expanded)
-            logits = cfg.potential_scale * (now - last).view(-1, n_p)
-            weights = torch.softmax(logits, dim=1)  # exp(lambda dV), normalised within each prompt
-            picks = torch.multinomial(weights.cpu(), n_p, replacement=True, generator=generator).to(z.device)
-            index = (picks + n_p * torch.arange(len(prompts)).view(-1, 1)).view(-1)
-            z, last = z[index], now[index]
+            z, last = fk_resample(z, value.value(z, t_next_vec, expanded), last, n_p, cfg.potential_scale, generator)
     t_vec = torch.full((len(z),), t, device=z.device)
-    best = value.value(z, t_vec, expanded).view(-1, n_p).argmax(1) + n_p * torch.arange(len(prompts))
+    best = value.value(z, t_vec, expanded).view(-1, n_p).argmax(1) + n_p * torch.arange(len(prompts), device=z.device)
     z, v = z[best], v[best]
     return flow.tweedie_x0(z, t, v)
+
+
+def fk_resample(z: torch.Tensor, now: torch.Tensor, last: torch.Tensor, particles: int, potential_scale: float, generator: torch.Generator | None):
+    """FK steering's resampling: each prompt's `particles` (prompt-major rows of `z`) are drawn again,
+    with replacement, with weights exp(lambda (V_now - V_last)) normalised within the prompt -- the
+    potential is the value's rise since the last resampling. Returns the particles and their values."""
+    weights = torch.softmax(potential_scale * (now - last).view(-1, particles), dim=1)
+    picks = torch.multinomial(weights.float().cpu(), particles, replacement=True, generator=generator).to(z.device)
+    index = (picks + particles * torch.arange(len(weights), device=z.device).view(-1, 1)).view(-1)
+    return z[index], now[index]
 
 
 def build_value(method: str, policy: SD3Policy, reward=None, value_model=None, cfg_scale: float = 1.0):

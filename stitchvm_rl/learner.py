@@ -14,11 +14,19 @@ Rollout actors are created by the driver and looked up by name, so they outlive 
 Versions: v_e is the `old` adapter after e updates. Synchronous: epoch e is sampled with v_e.
 With rollout.async, epoch e + 1 is requested before epoch e trains, so it is sampled with v_e
 (staleness one version); the checkpoint keeps v_{e-1} so that a resumed async run replays exactly.
+
+`train_loop` reads as its steps; all but the NFT update live in modules of their own, for every
+trainer that needs them:
+    setup      build_learner, run_state.resume, RolloutClient (rollout_client), Evaluator (evaluator)
+    per epoch  collect groups (rollout_client) -> normalise (across_ranks.gather_scores +
+               nft.optimality_probability) -> NFT update (nft_update) -> sync (weight_sync)
+               -> watch and log (watch, evaluator) -> checkpoint (run_state.save)
+    end        save_lora
+Prompts and seeds of every request follow prompt_schedule.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -28,10 +36,17 @@ from typing import Annotated
 
 import torch
 
-from stitchvm_rl import flow, nft, toyworld, zoo
+from stitchvm_rl import flow, nft, run_state, zoo
+from stitchvm_rl.across_ranks import EpochScores, gather_scores, mean_over_ranks, sum_over_ranks
 from stitchvm_rl.config import Range, from_dict, to_dict
-from stitchvm_rl.policy import AdapterState, PromptEmbeds, SD3Policy, tensor_checksum
+from stitchvm_rl.evaluator import Evaluator
+from stitchvm_rl.faults import NFTFaults, crash_once
+from stitchvm_rl.policy import PromptEmbeds, SD3Policy
+from stitchvm_rl.prompt_schedule import epoch_prompts, epoch_seed
 from stitchvm_rl.rollout import RolloutBatch, RolloutConfig
+from stitchvm_rl.rollout_client import RolloutClient
+from stitchvm_rl.tracking import append_jsonl
+from stitchvm_rl.weight_sync import sync_actors
 
 
 @dataclass
@@ -70,8 +85,6 @@ class NFTTrainConfig:
     """torch.compile each SD3 block of the learner's transformer, LoRA layers included (GPU, or CPU with a C++ compiler; the first epoch compiles)."""
     max_failures: Annotated[int, Range(-1)] = 2
     """Learner-group restarts Ray Train may make (FailureConfig)."""
-    crash_in_checkpoint: int = -1
-    """Fault injection for tests: rank 1 dies once while writing this epoch's checkpoint (-1: never)."""
 
 
 def train_timesteps(schedule: torch.Tensor, tau: float, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -110,31 +123,11 @@ def nft_micro_step(policy: SD3Policy, batch: RolloutBatch, group: int, r: torch.
     return nft.nft_loss(v_theta.float(), v_old.float(), v_ref.float(), z_t.float(), anchor.float(), t_vec, tau, r[rows].to(policy.device), train.beta, train.kl_weight, train.adv_clip)
 
 
-# The evaluation's noise has its own seed stream, far above every rollout seed (`_epoch_seed`, below
-# 2**40 for any seed < 10**7): a policy is never scored on the starting noise it was trained on.
-EVAL_NOISE_SEED = 2**40
-
-
-@torch.no_grad()
-def evaluate_on_fixed_prompts(policy: SD3Policy, reward, prompts: list[str], steps: int, seed: int, adapter: str | None = "ema", resolution: int = 0) -> tuple[dict, torch.Tensor, list[float]]:
-    """Fixed prompts and held-out noise, ODE (DPM-2) sampling with `adapter`, clean reward; returns
-    (metrics, images, per-image rewards -- for paired comparisons between evaluations)."""
-    noise = policy.initial_noise(len(prompts), torch.Generator().manual_seed(EVAL_NOISE_SEED + seed), resolution=resolution or None)
-    with policy.adapter(adapter):
-        images = policy.decode(policy.sample(prompts, steps, 1.0, "dpm2", noise=noise).final)
-    scores = reward(images, prompts).float()
-    out = {"eval_reward_mean": scores.mean().item(), "eval_reward_std": scores.std().item()}
-    if all(toyworld.is_caption(p) for p in prompts):
-        out["eval_caption_accuracy"] = toyworld.caption_accuracy(images, prompts)["all"]
-    return out, images.cpu(), scores.tolist()
-
-
 def train_loop(loop: dict) -> None:
     """Ray Train worker (see the module docstring for the rank layout)."""
-    from stitchvm_rl.runtime import crash_once, deepspeed_config, report_checkpoint, resume_state, setup_deepspeed
+    from stitchvm_rl.runtime import setup_deepspeed
 
     device = setup_deepspeed()  # before deepspeed is imported
-    import deepspeed
     import ray
     import ray.train
     import torch.distributed as dist
@@ -145,10 +138,87 @@ def train_loop(loop: dict) -> None:
     # ---------------------------------------------------------------- setup
     train = from_dict(NFTTrainConfig, loop["train"])
     rollout = from_dict(RolloutConfig, loop["rollout"])
+    faults = from_dict(NFTFaults, loop["testing"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(loop["seed"])  # identical LoRA init on every rank
-    policy = SD3Policy.from_pretrained(loop["backbone"], device=device)
+    per_group = timesteps_per_group(rollout, train.timestep_fraction)
+    policy, engine = build_learner(loop["backbone"], loop["seed"], rollout, train, loop["groups_per_epoch"] // world * per_group, device)
+    schedule = flow.sd3_sigmas(rollout.num_steps, scheduler_config=policy.pipe.scheduler.config)
+    run = run_state.resume(engine, policy, keep_previous=rollout.async_)
+    start, epochs = run.start, loop["epochs"]
+
+    actors = [ray.get_actor(name) for name in loop["actor_names"]]
+    client = RolloutClient(actors, loop["prompts"], loop["groups_per_epoch"], loop["seed"], rank, world)
+    run_dir = Path(loop["run_dir"])
+    tracker = make_tracker(from_dict(WandbConfig, loop["wandb"]), loop["run_name"], loop["config"], run_dir, run.wandb_run_id) if rank == 0 else NoTracker()
+    run.wandb_run_id = tracker.run_id
+    evaluate = None
+    if rank == 0:
+        reward = rewards.build_rewards(loop["reward_weights"], device=device)
+        evaluate = Evaluator(policy, reward, loop["eval_prompts"], loop["eval_steps"] or rollout.num_steps, loop["seed"], rollout.resolution, run_dir, tracker)
+    sync_actors(run.previous, actors, rank)  # async: the resumed epoch replays with v_{e-1}, as it ran
+    if rank == 0 and start == 0 and loop["eval_every"]:  # the base policy, for comparison
+        base = evaluate(0)
+        append_jsonl(run_dir / "metrics.jsonl", {"epoch": -1, "global_step": 0, **base})
+        tracker.log(base, step=0)
+
+    # ---------------------------------------------------------------- train
+    for epoch in range(start, epochs):
+        marks = {"start": time.perf_counter()}
+        # collect this rank's prompt groups (async: asked for during the previous epoch, sampled with v_{e-1})
+        mine, redone = client.collect(epoch, expected=run.previous if rollout.async_ else run.current, restore=run.current)
+        if rollout.async_ and epoch == start and start > 0:  # the replayed epoch is in: actors move on to v_e
+            dist.barrier()
+            sync_actors(run.current, actors, rank)
+        if rollout.async_ and epoch + 1 < epochs:
+            client.ask(epoch + 1)
+        marks["sampled"] = time.perf_counter()
+
+        # normalise over the whole epoch: every rank sees every (small) score vector, keeps its own r
+        scores = gather_scores(mine, loop["groups_per_epoch"])
+        r_all = nft.optimality_probability(scores.scores, scores.groups, train.adv_clip)
+
+        # one NFT update, then the `old` and EMA adapters follow it on every rank alike
+        gen = torch.Generator().manual_seed(loop["seed"] * 7919 + epoch * 131 + rank)
+        totals, steps = nft_update(engine, policy, mine, scores.per_request(r_all), schedule, per_group, train, gen)
+        global_step = epoch + 1
+        policy.soft_update("old", nft.old_policy_decay(global_step))
+        policy.soft_update("ema", nft.ema_decay(global_step, train.ema_max_decay))
+        run.advance(epoch, policy.export_adapter("old", version=global_step))
+        marks["trained"] = time.perf_counter()
+
+        sync_actors(run.current, actors, rank)
+        marks["synced"] = time.perf_counter()
+
+        # ------------------------------------------------------------ watch and log (rank 0)
+        metrics = epoch_metrics(epoch, start, world, scores, r_all, totals, steps, redone, policy)  # every rank: it reduces over them
+        if rank == 0:
+            metrics |= watch(loop, rollout, actors, evaluate, epoch)
+            seconds = marks["synced"] - marks["start"]
+            run.device_hours += seconds * loop["devices"] / 3600
+            metrics |= epoch_timings(marks, len(scores.scores)) | {"device_hours": run.device_hours, "wandb_run_id": tracker.run_id}
+            append_jsonl(run_dir / "metrics.jsonl", metrics)
+            tracker.log(metrics, step=global_step)
+
+        # checkpoint (fault injection: die after the engine state is written, before the manifest and the report)
+        crash = (lambda d: crash_once(run_dir / ".crash-injected")) if epoch == faults.crash_in_checkpoint and rank == min(1, world - 1) else None
+        run_state.save(run, metrics, engine, policy, prompt_groups_seen=global_step * loop["groups_per_epoch"], write_extra=crash)
+
+    # ---------------------------------------------------------------- save
+    if rank == 0:
+        save_lora(policy, run_dir / "lora")
+        tracker.finish()
+
+
+def build_learner(backbone: str, seed: int, rollout: RolloutConfig, train: NFTTrainConfig, grad_accum: int, device: str) -> tuple[SD3Policy, object]:
+    """The policy with LoRA adapters (the same initialisation on every rank) and the DeepSpeed
+    engine over its trainable `default` weights; `grad_accum` micro-steps make one optimizer step."""
+    import deepspeed
+
+    from stitchvm_rl.runtime import deepspeed_config
+
+    torch.manual_seed(seed)  # identical LoRA init on every rank
+    policy = SD3Policy.from_pretrained(backbone, device=device)
     policy.add_lora(rollout.lora_rank, rollout.lora_alpha)
     if train.gradient_checkpointing:
         policy.transformer.enable_gradient_checkpointing()
@@ -156,161 +226,81 @@ def train_loop(loop: dict) -> None:
         zoo.compile_repeated_blocks(policy.transformer)
     trainable = [p for p in policy.transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
-    groups_per_rank = loop["groups_per_epoch"] // world
-    per_group = timesteps_per_group(rollout, train.timestep_fraction)
-    ds_config = deepspeed_config(train.zero_stage, rollout.group_size, groups_per_rank * per_group, device, train.grad_clip)
+    ds_config = deepspeed_config(train.zero_stage, rollout.group_size, grad_accum, device, train.grad_clip)
     engine, _, _, _ = deepspeed.initialize(model=policy.transformer, optimizer=optimizer, config=ds_config)
-    schedule = flow.sd3_sigmas(rollout.num_steps, scheduler_config=policy.pipe.scheduler.config)
-
-    # the checkpoint holds the trainable LoRA + optimizer (DeepSpeed) and the rest in its client state
-    state = resume_state(engine, load_module_strict=False)
-    start = state.get("epoch", -1) + 1
-    if state:
-        _set_adapter(policy, "old", state["old"])
-        _set_adapter(policy, "ema", state["ema"])
-        torch.set_rng_state(state["rng"])
-    current = policy.export_adapter("old", version=start)  # v_e: `old` after e updates
-    previous = _adapter_state(state["old_prev"], start - 1) if state and rollout.async_ else current
-    device_hours = state.get("device_hours", 0.0)
-
-    actors = [ray.get_actor(name) for name in loop["actor_names"]]
-    run_dir = Path(loop["run_dir"])
-    reward = rewards.build_rewards(loop["reward_weights"], device=device) if rank == 0 else None
-    wandb_cfg = from_dict(WandbConfig, loop["wandb"])
-    tracker = make_tracker(wandb_cfg, loop["run_name"], loop["config"], run_dir, state.get("wandb_run_id", "")) if rank == 0 else NoTracker()
-    if rank == 0:
-        _push_adapter(previous, actors)  # async: the resumed epoch replays with v_{e-1}, as it ran
-    dist.barrier()  # no rank samples before every actor holds the adapter
-
-    def evaluate(step: int) -> dict:
-        """Rank 0: the EMA adapter on the fixed prompts; its per-image rewards and grid go to the run dir."""
-        evaluation, images, per_image = evaluate_on_fixed_prompts(policy, reward, loop["eval_prompts"], loop["eval_steps"] or rollout.num_steps, loop["seed"], resolution=rollout.resolution)
-        _append_jsonl(run_dir / "eval_rewards.jsonl", {"global_step": step, "rewards": per_image})
-        _save_samples(tracker, run_dir, images, step=step)
-        return evaluation
-
-    if rank == 0 and start == 0 and loop["eval_every"]:  # the base policy, for comparison
-        base = evaluate(0)
-        _append_jsonl(run_dir / "metrics.jsonl", {"epoch": -1, "global_step": 0, **base})
-        tracker.log(base, step=0)
-
-    # ---------------------------------------------------------------- train
-    pending = None  # async: this rank's requests for the next epoch, already in flight
-    for epoch in range(start, loop["epochs"]):
-        marks = {"start": time.perf_counter()}
-        chunks, seed = _epoch_chunks(loop, epoch), _epoch_seed(loop, epoch)
-        my_chunks = list(range(rank, len(chunks), world))  # every rank requests its own share (ObjectRefs handed between ranks hang in ray.get)
-        refs = pending or _request(actors, chunks, my_chunks, seed)
-        mine, redone = _collect(actors, chunks, refs, seed, expected=previous if rollout.async_ else current, restore=current)
-        if rollout.async_ and epoch == start and start > 0:  # the replayed epoch is in: actors move on to v_e
-            dist.barrier()
-            if rank == 0:
-                _push_adapter(current, actors)
-            dist.barrier()
-        pending = _request(actors, _epoch_chunks(loop, epoch + 1), my_chunks, _epoch_seed(loop, epoch + 1)) if rollout.async_ and epoch + 1 < loop["epochs"] else None
-        marks["sampled"] = time.perf_counter()
-
-        # normalise over the whole epoch: every rank sees every (small) score vector, keeps its own r
-        gathered = [None] * world
-        dist.all_gather_object(gathered, {n: (b.scores, b.groups, b.version, b.seconds_sample, b.seconds_score) for n, b in mine.items()})
-        parts = {n: part for per_rank in gathered for n, part in per_rank.items()}
-        scores = torch.cat([parts[n][0] for n in range(len(chunks))])
-        groups = torch.cat([parts[n][1] + n * len(chunks[0]) for n in range(len(chunks))])  # globally unique ids
-        r_all = nft.optimality_probability(scores, groups, train.adv_clip)
-        r_by_chunk = dict(zip(range(len(chunks)), r_all.split([len(parts[n][0]) for n in range(len(chunks))])))
-
-        gen = torch.Generator().manual_seed(loop["seed"] * 7919 + epoch * 131 + rank)
-        totals: dict[str, float] = {}
-        steps = 0
-        for n, batch in mine.items():
-            for group in range(len(batch.group_prompts)):
-                tau = float(batch.tau[batch.groups == group][0])
-                for t in train_timesteps(schedule, tau, per_group, gen).tolist():
-                    loss, loss_parts = nft_micro_step(policy, batch, group, r_by_chunk[n], t, train, gen)
-                    engine.backward(loss)
-                    engine.step()  # DeepSpeed steps the optimizer once per epoch (gradient accumulation)
-                    steps += 1
-                    for k, v in loss_parts.items():
-                        totals[k] = totals.get(k, 0.0) + v
-        global_step = epoch + 1
-        policy.soft_update("old", nft.old_policy_decay(global_step))
-        policy.soft_update("ema", nft.ema_decay(global_step, train.ema_max_decay))
-        previous, current = current, policy.export_adapter("old", version=global_step)
-        marks["trained"] = time.perf_counter()
-        if rank == 0:
-            _push_adapter(current, actors)
-        dist.barrier()
-        marks["synced"] = time.perf_counter()
-
-        # ------------------------------------------------------------ watch and log (rank 0)
-        metrics = {
-            "epoch": epoch,
-            "global_step": global_step,
-            "resumed_from_epoch": start,
-            "world_size": world,
-            "reward_mean": scores.mean().item(),
-            "reward_std": scores.std().item(),
-            "r_mean": r_all.mean().item(),
-            "version_lag": epoch - min(part[2] for part in parts.values()),  # 0 synchronous, 1 async
-            **_mean_over_ranks(totals, steps),
-            "old_deviation": policy.adapter_distance("old"),
-            "rollouts_redone": _sum_over_ranks(redone),
-            "samples": len(scores),
-            "actor_seconds_sample": sum(part[3] for part in parts.values()),
-            "actor_seconds_score": sum(part[4] for part in parts.values()),
-        }
-        if rank == 0:
-            if loop["drift_every"] and rollout.estimator != "terminal" and global_step % loop["drift_every"] == 0:
-                drift_prompts = _epoch_prompts(loop["prompts"], loop["drift_groups"], loop["seed"] + 1, epoch)
-                metrics |= ray.get(actors[0].value_drift.remote(drift_prompts, seed=seed + 7))
-            if loop["eval_every"] and (global_step % loop["eval_every"] == 0 or global_step == loop["epochs"]):
-                metrics |= evaluate(global_step)
-            # an epoch's own work (sample, score, train, sync), apart from the watching: the evaluation
-            # (the same for every estimator) and the drift check (of a value, not part of the method).
-            # With rollout.async the actors also sample during the watching; that overlap is not counted.
-            seconds = marks["synced"] - marks["start"]
-            device_hours += seconds * loop["devices"] / 3600
-            metrics |= {
-                "seconds_wait_rollouts": marks["sampled"] - marks["start"],
-                "seconds_train": marks["trained"] - marks["sampled"],
-                "seconds_sync": marks["synced"] - marks["trained"],
-                "seconds_epoch": seconds,
-                "seconds_watch": time.perf_counter() - marks["synced"],
-                "samples_per_second": len(scores) / seconds,
-                "device_hours": device_hours,
-                "wandb_run_id": tracker.run_id,
-            }
-            _append_jsonl(run_dir / "metrics.jsonl", metrics)
-            tracker.log(metrics, step=global_step)
-        client = {
-            "epoch": epoch,
-            "old": current.tensors,
-            "old_prev": previous.tensors,
-            "ema": policy.export_adapter("ema").tensors,
-            "rng": torch.get_rng_state(),
-            "prompt_groups_seen": global_step * loop["groups_per_epoch"],  # prompt order is a function of (seed, epoch)
-            "device_hours": device_hours,
-            "wandb_run_id": tracker.run_id,
-        }
-        # fault injection: die after the engine state is written, before the manifest and the report
-        crash = (lambda d: crash_once(run_dir / ".crash-injected")) if epoch == train.crash_in_checkpoint and rank == min(1, world - 1) else None
-        report_checkpoint(metrics, engine, client, exclude_frozen=True, write_extra=crash)  # registered once every rank has reported
-
-    # ---------------------------------------------------------------- save
-    if rank == 0:
-        _save_lora(policy, run_dir / "lora")
-        tracker.finish()
+    return policy, engine
 
 
-def _set_adapter(policy: SD3Policy, name: str, tensors: dict[str, torch.Tensor]) -> None:
-    policy.load_adapter(_adapter_state(tensors, 0), name)
+def nft_update(engine, policy: SD3Policy, batches: dict[int, RolloutBatch], r: dict[int, torch.Tensor], schedule: torch.Tensor, per_group: int, train: NFTTrainConfig, gen: torch.Generator) -> tuple[dict[str, float], int]:
+    """This rank's share of one optimizer step: an NFT micro-step per (group, timestep), gradients
+    accumulated (DeepSpeed steps the optimizer after the last); returns the summed loss parts and
+    the number of micro-steps."""
+    totals: dict[str, float] = {}
+    steps = 0
+    for n, batch in batches.items():
+        for group in range(len(batch.group_prompts)):
+            tau = float(batch.tau[batch.groups == group][0])
+            for t in train_timesteps(schedule, tau, per_group, gen).tolist():
+                loss, loss_parts = nft_micro_step(policy, batch, group, r[n], t, train, gen)
+                engine.backward(loss)
+                engine.step()  # DeepSpeed steps the optimizer once per epoch (gradient accumulation)
+                steps += 1
+                for k, v in loss_parts.items():
+                    totals[k] = totals.get(k, 0.0) + v
+    return totals, steps
 
 
-def _adapter_state(tensors: dict[str, torch.Tensor], version: int) -> AdapterState:
-    return AdapterState(tensors, version, tensor_checksum(tensors))
+def watch(loop: dict, rollout: RolloutConfig, actors: list, evaluate: Evaluator, epoch: int) -> dict:
+    """Rank 0's checks beside training: value drift (the estimator against the terminal reward of
+    full rollouts, on actor 0) and the evaluation, each at its own interval."""
+    import ray
+
+    out, global_step = {}, epoch + 1
+    if loop["drift_every"] and rollout.estimator != "terminal" and global_step % loop["drift_every"] == 0:
+        drift_prompts = epoch_prompts(loop["prompts"], loop["drift_groups"], loop["seed"] + 1, epoch)
+        out |= ray.get(actors[0].value_drift.remote(drift_prompts, seed=epoch_seed(loop["seed"], epoch) + 7))
+    if loop["eval_every"] and (global_step % loop["eval_every"] == 0 or global_step == loop["epochs"]):
+        out |= evaluate(global_step)
+    return out
 
 
-def _save_lora(policy: SD3Policy, path: Path) -> None:
+def epoch_metrics(epoch: int, start: int, world: int, scores: EpochScores, r: torch.Tensor, totals: dict[str, float], steps: int, redone: int, policy: SD3Policy) -> dict:
+    """What an epoch's line of metrics.jsonl says about the training itself (loss parts averaged over all ranks)."""
+    return {
+        "epoch": epoch,
+        "global_step": epoch + 1,
+        "resumed_from_epoch": start,
+        "world_size": world,
+        "reward_mean": scores.scores.mean().item(),
+        "reward_std": scores.scores.std().item(),
+        "r_mean": r.mean().item(),
+        "version_lag": epoch - min(scores.versions),  # 0 synchronous, 1 async
+        **mean_over_ranks(totals, steps),
+        "old_deviation": policy.adapter_distance("old"),
+        "rollouts_redone": sum_over_ranks(redone),
+        "samples": len(scores.scores),
+        "actor_seconds_sample": scores.seconds_sample,
+        "actor_seconds_score": scores.seconds_score,
+    }
+
+
+def epoch_timings(marks: dict[str, float], samples: int) -> dict:
+    """Seconds of each phase. An epoch's own work is sample, score, train and sync, apart from the
+    watching: the evaluation (the same for every estimator) and the drift check (of a value, not part
+    of the method). With rollout.async the actors also sample during the watching; that overlap is
+    not counted."""
+    seconds = marks["synced"] - marks["start"]
+    return {
+        "seconds_wait_rollouts": marks["sampled"] - marks["start"],
+        "seconds_train": marks["trained"] - marks["sampled"],
+        "seconds_sync": marks["synced"] - marks["trained"],
+        "seconds_epoch": seconds,
+        "seconds_watch": time.perf_counter() - marks["synced"],
+        "samples_per_second": samples / seconds,
+    }
+
+
+def save_lora(policy: SD3Policy, path: Path) -> None:
     """The EMA adapter (what evaluation measured) as a diffusers LoRA, written to a temporary
     directory and renamed, so a crash never leaves half a LoRA behind."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -319,91 +309,6 @@ def _save_lora(policy: SD3Policy, path: Path) -> None:
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)
-
-
-def _save_samples(tracker, run_dir: Path, images: torch.Tensor, step: int) -> None:
-    """The evaluation images as a grid (samples/step_XXXXX.png), also sent to wandb."""
-    path = run_dir / "samples" / f"step_{step:05d}.png"
-    path.parent.mkdir(exist_ok=True)
-    toyworld.save_grid(images, path, nrow=12)
-    tracker.log_image("eval_samples", path, step=step)
-
-
-def _mean_over_ranks(totals: dict[str, float], steps: int) -> dict[str, float]:
-    """Per-micro-step means of the loss parts over every rank's share."""
-    import torch.distributed as dist
-
-    keys = sorted(totals)
-    vec = torch.tensor([totals[k] for k in keys] + [steps], dtype=torch.float64)
-    dist.all_reduce(vec)
-    return {k: (vec[n] / vec[-1].clamp_min(1)).item() for n, k in enumerate(keys)}
-
-
-def _sum_over_ranks(value: int) -> int:
-    import torch.distributed as dist
-
-    vec = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(vec)
-    return int(vec.item())
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _epoch_prompts(prompts: list[str], n: int, seed: int, epoch: int) -> list[str]:
-    """`n` prompts for an epoch: a seeded permutation, so a resumed run draws the same ones."""
-    gen = torch.Generator().manual_seed(seed * 31 + epoch)
-    return [prompts[i % len(prompts)] for i in torch.randperm(max(n, len(prompts)), generator=gen)[:n].tolist()]
-
-
-def _epoch_chunks(loop: dict, epoch: int) -> list[list[str]]:
-    """The epoch's prompt groups, one per rollout request (actors share the work finely)."""
-    return [[p] for p in _epoch_prompts(loop["prompts"], loop["groups_per_epoch"], loop["seed"], epoch)]
-
-
-def _epoch_seed(loop: dict, epoch: int) -> int:
-    """Request n of an epoch uses seed (_epoch_seed + n): the same samples whichever actor serves it."""
-    return loop["seed"] * 100_003 + epoch * 1009
-
-
-def _request(actors: list, chunks: list[list[str]], ids: list[int], seed: int) -> dict:
-    """Chunk n to actor n mod A with seed (seed + n); returns {n: ObjectRef}."""
-    return {n: actors[n % len(actors)].rollout.remote(chunks[n], seed=seed + n) for n in ids}
-
-
-def _collect(actors: list, chunks: list[list[str]], refs: dict, seed: int, expected: AdapterState, restore: AdapterState) -> tuple[dict[int, RolloutBatch], int]:
-    """The batches behind `refs`, all sampled with adapter `expected`. Ray restarts a dead actor and
-    retries its task, but the restarted actor holds the base adapter: a batch of another version is
-    redone after this rank (whose adapters equal rank 0's) re-syncs that actor, which then gets
-    `restore` (the adapter actors hold now) -- no sample lost, none counted twice.
-    Returns the batches and how many were redone."""
-    import ray
-
-    batches = dict(zip(refs, ray.get(list(refs.values()))))
-    redone = 0
-    for _ in range(3):
-        stale = [n for n, b in batches.items() if b.version != expected.version]
-        if not stale:
-            return batches, redone
-        redone += len(stale)
-        resync = [actors[i] for i in sorted({n % len(actors) for n in stale})]
-        _push_adapter(expected, resync)
-        batches |= dict(zip(stale, ray.get(list(_request(actors, chunks, stale, seed).values()))))
-        if restore.version != expected.version:
-            _push_adapter(restore, resync)
-    raise RuntimeError(f"rollout actors keep returning batches of another adapter version than {expected.version}")
-
-
-def _push_adapter(state: AdapterState, actors: list) -> None:
-    """Put one exported adapter in the object store, have every actor load it, verify the answers."""
-    import ray
-
-    ref = ray.put(state)
-    answers = ray.get([actor.load_adapter.remote(ref) for actor in actors])
-    if any(answer != (state.version, state.checksum) for answer in answers):
-        raise RuntimeError(f"adapter sync failed: sent version {state.version} ({state.checksum[:12]}), actors answered {answers}")
 
 
 def run_learner(loop: dict, train: NFTTrainConfig, storage_path: str, run_name: str):

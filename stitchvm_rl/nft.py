@@ -4,11 +4,11 @@
     r, v_theta, v_old, v_ref at z_t --nft_loss--> loss (the form the official code optimises)
 
 The implicit policies are v+ = (1 - beta) v_old + beta v_theta and v- = (1 + beta) v_old - beta v_theta.
-The paper writes the loss as r ||v+ - u||^2 + (1 - r) ||v- - u||^2 (`nft_loss_plain`); the official
+The paper writes the loss as r ||v+ - u||^2 + (1 - r) ||v- - u||^2 (tests/test_nft.py); the official
 code (NVlabs/DiffusionNFT, train_nft_sd3.py) measures the error in anchor space, normalises it per
 sample and scales it by adv_clip / beta, and its published hyper-parameters are tuned for that form,
-so that is what training uses (algorithms-notes §2.4). Anchors: the clean latent z0 (tau = 0, the
-terminal estimator) or the early-stopped z_tau (bridge-anchored V-NFT, §1.9).
+so that is what training uses. Anchors: the clean latent z0 (tau = 0, the terminal estimator) or
+the early-stopped z_tau (bridge-anchored V-NFT: the forward process conditioned on z_tau, flow.bridge_sample).
 """
 
 from __future__ import annotations
@@ -83,13 +83,6 @@ def nft_loss(
     kl = ((v_theta - v_ref.detach()) ** 2).mean()
     loss = policy + kl_weight * kl
     return loss, {"loss": loss.item(), "loss_policy": policy.item(), "kl": kl.item(), "loss_pos": pos.mean().item(), "loss_neg": neg.mean().item(), "x0_norm": x0_norm.item()}
-
-
-def nft_loss_plain(v_theta: torch.Tensor, v_old: torch.Tensor, u: torch.Tensor, r: torch.Tensor, beta: float) -> torch.Tensor:
-    """The paper's form: mean over samples of r ||v+ - u||^2 + (1 - r) ||v- - u||^2 (per-dim mean)."""
-    v_pos, v_neg = implicit_policies(v_theta, v_old, beta)
-    dims = tuple(range(1, v_theta.dim()))
-    return (r * ((v_pos - u) ** 2).mean(dims) + (1 - r) * ((v_neg - u) ** 2).mean(dims)).mean()
 
 
 def old_policy_decay(step: int) -> float:

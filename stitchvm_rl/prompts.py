@@ -13,7 +13,7 @@ def read_prompt_file(path: str | Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"prompt file '{path}' does not exist; pass a UTF-8 text file with one prompt per line")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not part of the first prompt
     except UnicodeDecodeError as err:
         raise ValueError(f"prompt file '{path}' is not UTF-8 text (byte {err.start}); re-save it as UTF-8") from None
     prompts = [line.strip() for line in text.splitlines() if line.strip()]

@@ -4,6 +4,7 @@ No-grad by default; `reward(images, prompts, grad=True)` keeps the graph (guidan
 
     clip-family   CLIPScore (CLIP ViT-L/14), PickScore, HPSv2, DFN-CLIP, the toy CLIP:
                   `CLIPScore` = scale * cosine(image embedding, text embedding), transformers CLIPModel
+                  (PickScore: exp(logit_scale) of its checkpoint * cosine / 26, as Flow-GRPO reports it)
     aesthetic     LAION aesthetic predictor v2: an MLP on the CLIP ViT-L/14 image embedding
     analytic      redness, brightness (linear in the pixels), colour_match (non-linear; toy world)
     weighted sum  `WeightedReward` of any of the above
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from stitchvm_rl import toyworld, zoo
+from stitchvm_rl.config import ConfigError, check_names, did_you_mean
 
 RewardFn = Callable[..., torch.Tensor]
 
@@ -45,16 +47,19 @@ def clip_pixels(images: torch.Tensor, bundle: zoo.CLIPBundle) -> torch.Tensor:
 
 
 class CLIPScore:
-    """scale * cos(image, text) of a transformers CLIPModel (CLIPScore, PickScore, HPSv2, DFN-CLIP, toy)."""
+    """scale * cos(image, text) of a transformers CLIPModel (CLIPScore, PickScore, HPSv2, DFN-CLIP, toy).
 
-    def __init__(self, bundle: zoo.CLIPBundle, scale: float = 1.0):
+    `logit_scale=True` also multiplies by the checkpoint's own exp(logit_scale), the temperature its
+    logits were trained with (PickScore reports exp(logit_scale) * cos)."""
+
+    def __init__(self, bundle: zoo.CLIPBundle, scale: float = 1.0, logit_scale: bool = False):
         self.bundle = bundle
-        self.scale = scale
+        self.scale = scale * (bundle.model.logit_scale.exp().item() if logit_scale else 1.0)
         self._text_cache: dict[str, torch.Tensor] = {}
 
     @classmethod
-    def from_pretrained(cls, source: str, scale: float = 1.0, tokenizer: str | None = None, dtype: str = "float32", device: str = "cpu"):
-        return cls(zoo.load_clip(source, dtype=dtype, device=device, tokenizer_source=tokenizer), scale)
+    def from_pretrained(cls, source: str, scale: float = 1.0, tokenizer: str | None = None, dtype: str = "float32", device: str = "cpu", logit_scale: bool = False):
+        return cls(zoo.load_clip(source, dtype=dtype, device=device, tokenizer_source=tokenizer), scale, logit_scale)
 
     def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised projected image embeddings (B, P)."""
@@ -183,7 +188,9 @@ class RewardSpec:
     source: str
     """Hub id or local directory of a transformers CLIPModel."""
     scale: float = 1.0
-    """Multiplier on the cosine (PickScore: its logit scale / 26, as Flow-GRPO reports it)."""
+    """Multiplier on the cosine (PickScore: 1/26, as Flow-GRPO reports it)."""
+    logit_scale: bool = False
+    """Also multiply by the checkpoint's exp(logit_scale) (PickScore: exp(logit_scale) * cos / 26)."""
     tokenizer: str | None = None
     """Where the tokenizer lives when the model directory has none."""
     head: str | None = None
@@ -194,7 +201,7 @@ class RewardSpec:
 
 PUBLISHED = {
     "clipscore": RewardSpec("openai/clip-vit-large-patch14"),
-    "pickscore": RewardSpec("yuvalkirstain/PickScore_v1", scale=100.0 / 26, tokenizer="laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
+    "pickscore": RewardSpec("yuvalkirstain/PickScore_v1", scale=1 / 26, logit_scale=True, tokenizer="laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
     # OpenCLIP pickles, converted once by `jobs/convert_weights.py` into these directories:
     "hpsv2": RewardSpec("weights/hpsv2.1", convert="hpsv2"),
     "dfn_clip": RewardSpec("weights/dfn5b-clip-vit-h-14-378", convert="dfn_clip"),
@@ -205,24 +212,47 @@ PUBLISHED = {
 }
 
 
+REWARD_NAMES = (*PUBLISHED, *ANALYTIC)
+
+
+def _missing_conversion(name: str, source: str | None = None) -> str:
+    """Why published reward `name` cannot load yet (its converted weights are missing), else ''."""
+    spec = PUBLISHED[name]
+    converted = spec.head if spec.head is not None else (source or spec.source)
+    if spec.convert is None or Path(converted).exists():
+        return ""
+    return (
+        f"reward '{name}' needs converted weights at '{converted}', which do not exist; make them once with "
+        f"`python jobs/convert_weights.py kind={spec.convert} checkpoint=<published file> out=<path>` "
+        "and pass that path"
+    )
+
+
+def check_reward_weights(weights: dict[str, float], key: str = "rewards") -> None:
+    """A job's config check of `{name: weight}`, before Ray starts or a model loads: at least one
+    reward, every name known, converted weights in place (else the actors would fail loading them)."""
+    if not weights:
+        raise ConfigError(f"{key}: no reward given; name at least one, e.g. {key}={{toy_clip: 1.0}}")
+    check_names(key, weights, REWARD_NAMES, "reward")
+    for name in weights:
+        problem = _missing_conversion(name) if name in PUBLISHED else ""
+        if problem:
+            raise ConfigError(f"{key}: {problem}")
+
+
 def build_reward(name: str, source: str | None = None, device: str = "cpu", dtype: str = "float32") -> RewardFn:
     """One reward by name: a published model (optionally from another `source`) or an analytic one."""
     if name in ANALYTIC:
         return ANALYTIC[name]
     if name not in PUBLISHED:
-        known = ", ".join([*PUBLISHED, *ANALYTIC])
-        raise ValueError(f"unknown reward '{name}'; known rewards: {known}")
+        raise ValueError(f"unknown reward '{name}'; known rewards: {', '.join(REWARD_NAMES)}{did_you_mean(name, REWARD_NAMES)}")
     spec = PUBLISHED[name]
-    converted = spec.head if spec.head is not None else (source or spec.source)
-    if spec.convert is not None and not Path(converted).exists():
-        raise FileNotFoundError(
-            f"reward '{name}' needs converted weights at '{converted}', which do not exist; make them once with "
-            f"`python jobs/convert_weights.py kind={spec.convert} checkpoint=<published file> out=<path>` "
-            "and pass that path"
-        )
+    problem = _missing_conversion(name, source)
+    if problem:
+        raise FileNotFoundError(problem)
     if spec.head is not None:
         return AestheticScore.from_pretrained(source or spec.source, spec.head, dtype=dtype, device=device)
-    return CLIPScore.from_pretrained(source or spec.source, scale=spec.scale, tokenizer=spec.tokenizer, dtype=dtype, device=device)
+    return CLIPScore.from_pretrained(source or spec.source, scale=spec.scale, tokenizer=spec.tokenizer, dtype=dtype, device=device, logit_scale=spec.logit_scale)
 
 
 def build_rewards(weights: dict[str, float], sources: dict[str, str] | None = None, device: str = "cpu") -> WeightedReward:

@@ -26,16 +26,16 @@ import torch
 
 from stitchvm_rl import flow, rewards, zoo
 from stitchvm_rl.config import Range
+from stitchvm_rl.estimators import Estimator, Estimators
 from stitchvm_rl.policy import AdapterState, PromptEmbeds, SD3Policy
-
-ESTIMATORS = ("terminal", "stitchvm", "tweedie", "mc")
+from stitchvm_rl.stats import spearman
 
 
 @dataclass
 class RolloutConfig:
     """How rollouts are sampled and scored."""
 
-    estimator: Literal["terminal", "stitchvm", "tweedie", "mc"] = "stitchvm"
+    estimator: Estimator = "stitchvm"
     """terminal: full rollout + pixel reward (the Monte Carlo baseline); stitchvm / tweedie / mc: early stop."""
     group_size: Annotated[int, Range(2)] = 8
     """K images per prompt (advantages are centred within a group)."""
@@ -63,8 +63,6 @@ class RolloutConfig:
     """torch.compile each SD3 / CLIP block of the actor's models (GPU; its first rollout compiles them)."""
     async_: bool = False
     """`rollout.async`: sample epoch n + 1 while the learner trains on epoch n (staleness one version)."""
-    crash_on_call: int = -1
-    """Fault injection for tests: each actor dies hard once, in its n-th rollout call (-1: never)."""
 
 
 def check_rollout_config(cfg: RolloutConfig, value_models: list[str]) -> None:
@@ -90,21 +88,17 @@ class RolloutBatch:
     seconds_sample: float = 0.0  # actor-side time spent sampling
     seconds_score: float = 0.0  # actor-side time spent scoring
 
-    @property
-    def prompts(self) -> list[str]:
-        return [self.group_prompts[g] for g in self.groups.tolist()]
-
 
 class RolloutWorker:
     """Ray actor (`ray.remote(RolloutWorker).options(num_gpus=...)`): one policy replica with the
-    LoRA adapters, a reward and, for stitchvm, the value models (their scores are summed)."""
+    LoRA adapters, a reward and, for stitchvm, the value models (their scores are summed).
+    `crash_on_call` is fault injection for tests (`testing.crash_on_call` of jobs/nft.py)."""
 
-    def __init__(self, backbone: str, cfg: RolloutConfig, reward_weights: dict[str, float], value_models: list[str], device: str = "cpu"):
-        from stitchvm_rl.value.evaluate import Estimators, ValueEvalConfig
+    def __init__(self, backbone: str, cfg: RolloutConfig, reward_weights: dict[str, float], value_models: list[str], device: str = "cpu", crash_on_call: int = -1):
         from stitchvm_rl.value.model import StitchedValueModel
 
         check_rollout_config(cfg, value_models)
-        self.cfg = cfg
+        self.cfg, self.crash_on_call = cfg, crash_on_call
         self.policy = SD3Policy.from_pretrained(backbone, dtype=cfg.dtype, device=device)
         self.policy.add_lora(cfg.lora_rank, cfg.lora_alpha)
         self.version = 0  # a restarted actor is back at the base adapter: the learner sees it and re-syncs
@@ -112,8 +106,8 @@ class RolloutWorker:
         self.schedule = flow.sd3_sigmas(cfg.num_steps, scheduler_config=self.policy.pipe.scheduler.config)
         self.value_models = [StitchedValueModel.from_pretrained(d, device=device, dtype=cfg.dtype) for d in value_models]
         reward = rewards.build_rewards(reward_weights, device=device)  # stitchvm too: the drift watch needs it
-        scoring = ValueEvalConfig(steps=cfg.num_steps, cfg_scale=1.0, noise_level=cfg.noise_level, batch_size=cfg.batch_size)
-        self.estimators = Estimators(self.policy, self._value, reward, scoring)
+        # CFG-free, as the rollouts themselves: completions (mc) follow the rollout's own schedule
+        self.estimators = Estimators(self.policy, self._value, reward, cfg.num_steps, cfg_scale=1.0, noise_level=cfg.noise_level, batch_size=cfg.batch_size)
         if cfg.compile:  # after the LoRA layers are in: the compiled blocks include them
             zoo.compile_repeated_blocks(self.policy.transformer, *self.value_models, *reward.models())
 
@@ -131,7 +125,7 @@ class RolloutWorker:
     def rollout(self, prompts: list[str], seed: int) -> RolloutBatch:
         """Sample `group_size` images for each prompt with adapter "old" and score them."""
         self.calls += 1
-        if self.calls == self.cfg.crash_on_call and not _restarted():
+        if self.calls == self.crash_on_call and not _restarted():
             os._exit(1)  # fault injection: a hard death mid-epoch, as a preempted node
         cfg, gen = self.cfg, torch.Generator().manual_seed(seed)
         anchors, taus, scores = [], [], []
@@ -175,8 +169,6 @@ class RolloutWorker:
         """Full rollouts of the current `old` policy: the estimator's score at each group's stop against
         the terminal reward of the same trajectories (the value model is trained off-policy; watch it).
         Returns the mean within-group Spearman and both means."""
-        from stitchvm_rl.value.evaluate import spearman
-
         gen = torch.Generator().manual_seed(seed)
         rho, estimates, terminal = [], [], []
         with self.policy.adapter("old"):
@@ -184,7 +176,7 @@ class RolloutWorker:
                 latents, k = self._sample_group(prompt, gen, full=True)
                 group = [prompt] * self.cfg.group_size
                 estimate = self._score(latents[k], float(self.schedule[k]), group, seed=int(torch.randint(2**31, (1,), generator=gen)))
-                reward = self.estimators.reward(self.policy.decode(latents[-1]), group).float().cpu()
+                reward = self.estimators.terminal(latents[-1], group)
                 rho.append(spearman(estimate, reward))
                 estimates.append(estimate.mean().item())
                 terminal.append(reward.mean().item())
@@ -192,12 +184,7 @@ class RolloutWorker:
         return {"drift_spearman": sum(rho) / n, "drift_estimate_mean": sum(estimates) / n, "drift_terminal_mean": sum(terminal) / n}
 
     def _score(self, z: torch.Tensor, tau: float, prompts: list[str], seed: int) -> torch.Tensor:
-        est = self.estimators
-        if self.cfg.estimator == "terminal":
-            return est.reward(self.policy.decode(z), prompts).float().cpu()
-        if self.cfg.estimator == "mc":
-            return est.completions(z, tau, prompts, self.cfg.mc_k, seed)
-        return getattr(est, self.cfg.estimator)(z, tau, prompts)
+        return self.estimators.score(self.cfg.estimator, z, tau, prompts, self.cfg.mc_k, seed)
 
 
 def _restarted() -> bool:

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-# Single-machine defaults that Ray 2.60 needs on a laptop or CI box (feasibility notes §5): no token
+# Single-machine defaults that Ray 2.60 needs on a laptop or CI box: no token
 # auth, and loopback as the node address. Set before `ray` is imported; users can override them.
 LOCAL_RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
@@ -25,7 +25,7 @@ def init_ray(num_cpus: int = 8) -> None:
     """Join the cluster of a submitted job, or start a local one with `num_cpus` logical CPUs.
 
     More logical CPUs than cores lets rollout actors, learner workers and Ray Data share a 2-core
-    machine; with too few, Ray Data can wait forever for a CPU (feasibility notes §5.6).
+    machine; with too few, Ray Data can wait forever for a CPU (no error, no progress).
     """
     import ray
 
@@ -179,16 +179,6 @@ def verify_checkpoint(directory: str | Path, name: str = "") -> None:
                     f"checkpoint {name or directory}: file '{rel}' is missing, truncated or corrupted (sha256 mismatch); "
                     "delete that checkpoint directory to resume from the one before it"
                 )
-
-
-def crash_once(marker: Path) -> None:
-    """Fault injection for tests: a hard worker death (as a preempted node), once per run (`marker`
-    remembers it). The pause lets the controller commit the previous epoch's checkpoint first, as in
-    a real run where preemptions do not come right after a report."""
-    if not marker.exists():
-        marker.touch()
-        time.sleep(3)
-        os._exit(1)
 
 
 def _sha256(path: Path) -> str:

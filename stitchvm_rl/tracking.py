@@ -40,6 +40,12 @@ class RunDir:
         return target
 
 
+def append_jsonl(path: Path, record: dict) -> None:
+    """One JSON line more (metrics.jsonl, eval_rewards.jsonl: a run's history, read back by the jobs and the report)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 @dataclass
 class WandbConfig:
     """Weights & Biases tracking, owned by one process (learner rank 0)."""

@@ -319,10 +319,12 @@ def resolve(source: str) -> str:
         raise ModelSourceError(f"model source '{source}' is a file; pass the directory `save_pretrained` wrote")
     if HUB_ID.match(source) and not source.startswith((".", "/", "~")):
         return source
-    names = ", ".join([*TOYWORLD_NAMES, *TINY_BUILDS])
+    from stitchvm_rl.config import did_you_mean
+
+    names = [*TOYWORLD_NAMES, *TINY_BUILDS]
     raise ModelSourceError(
         f"model source '{source}' is neither an existing directory nor a hub id 'org/name'; "
-        f"pass a local directory, a hub id, or one of: {names}"
+        f"pass a local directory, a hub id, or one of: {', '.join(names)}{did_you_mean(source, names)}"
     )
 
 

@@ -3,6 +3,7 @@ connection to a non-loopback address fails the test that made it."""
 
 import os
 import socket
+import sys
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,6 +42,56 @@ def toy_policy():
     return SD3Policy.from_pretrained("toyworld")
 
 
+@pytest.fixture(scope="session")
+def toy_value_dir():
+    """The toy world's committed value model (what jobs fall back on; built by `python jobs/stitch.py`)."""
+    from stitchvm_rl.value import default_value_model
+
+    return default_value_model("toyworld")
+
+
+# jobs/nft.py at tiny sizes: 2 prompt groups of 2 images, 4 DPM-2 steps, LoRA rank 4, terminal
+NFT_TINY = [
+    "rollout.estimator=terminal",
+    "groups_per_epoch=2",
+    "rollout.group_size=2",
+    "rollout.num_steps=4",
+    "rollout.stop_min=2",
+    "rollout.stop_max=3",
+    "rollout.lora_rank=4",
+    "rollout.lora_alpha=8",
+    "eval_prompts=4",
+    "eval_every=2",
+    "drift_every=0",
+    "train.lr=1e-2",
+]
+
+
+@pytest.fixture(scope="session")
+def nft_out(tmp_path_factory):
+    """output_dir of the NFT runs the session shares (baselines and the runs compared with them)."""
+    return tmp_path_factory.mktemp("nft")
+
+
+@pytest.fixture(scope="session")
+def bridge_args(toy_value_dir) -> list[str]:
+    """The async, bridge-anchored mode: rollouts stop at z_tau and are scored by the value model."""
+    return ["rollout.estimator=stitchvm", "rollout.async=true", f"value_models=[{toy_value_dir}]"]
+
+
+@pytest.fixture(scope="session")
+def straight(nft_out) -> dict:
+    """The synchronous terminal baseline, 4 epochs uninterrupted (<nft_out>/straight); every sync
+    resume and crash run is compared with it."""
+    return load_job("nft").main([f"output_dir={nft_out}", "run_name=straight", "epochs=4", *NFT_TINY])
+
+
+@pytest.fixture(scope="session")
+def straight_bridge(nft_out, bridge_args) -> dict:
+    """The async stitchvm baseline, 4 epochs uninterrupted (<nft_out>/straight_bridge)."""
+    return load_job("nft").main([f"output_dir={nft_out}", "run_name=straight_bridge", "epochs=4", *NFT_TINY, *bridge_args])
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _shutdown_ray_at_exit():
     """Jobs run in-process start one local Ray cluster; it is shared and stopped once at the end."""
@@ -59,5 +110,6 @@ def load_job(name: str):
     path = Path(__file__).resolve().parents[1] / "jobs" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"{name}_job", path)
     job = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = job  # dataclasses and pickling look a module's classes up by name
     spec.loader.exec_module(job)
     return job

@@ -96,14 +96,16 @@ def test_bad_config_files(tmp_path):
 
 def _job_configs():
     """Every config dataclass of every job script and of the package."""
+    from stitchvm_rl.faults import NFTFaults, StitchFaults
     from stitchvm_rl.learner import NFTTrainConfig
     from stitchvm_rl.rollout import RolloutConfig
     from stitchvm_rl.toyworld import ToyWorldConfig
     from stitchvm_rl.tracking import WandbConfig
+    from stitchvm_rl.value.build import StitchConfig
     from stitchvm_rl.value.evaluate import ValueEvalConfig
     from stitchvm_rl.value.train import StitchDataConfig, StitchTrainConfig
 
-    found = [ToyWorldConfig, ValueEvalConfig, StitchDataConfig, StitchTrainConfig, RolloutConfig, NFTTrainConfig, WandbConfig]
+    found = [ToyWorldConfig, ValueEvalConfig, StitchDataConfig, StitchTrainConfig, StitchConfig, RolloutConfig, NFTTrainConfig, WandbConfig, NFTFaults, StitchFaults]
     for script in sorted((ROOT / "jobs").glob("*.py")):
         spec = importlib.util.spec_from_file_location(f"job_{script.stem}", script)
         module = importlib.util.module_from_spec(spec)
@@ -131,6 +133,27 @@ def test_shipped_configs_load_into_their_job(path):
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
-    (cls,) = [v for k, v in vars(module).items() if k.endswith("Config") and dataclasses.is_dataclass(v) and v.__module__ == module.__name__]
+    (cls,) = [v for k, v in vars(module).items() if k.lower() == f"{job}config" and dataclasses.is_dataclass(v)]  # the job's own config, wherever defined
     cfg = load_config(cls, ["--config", str(path)])
     assert cfg.run_name == path.stem
+
+
+def test_configuration_page_is_generated_from_the_configs_and_current():
+    """docs/configuration.md is `python jobs/config_reference.py`'s output for today's configs, and
+    every job that takes key=value arguments has its section."""
+    import re
+
+    reference = _load_script("config_reference")
+    takes_config = {p.stem for p in (ROOT / "jobs").glob("*.py") if re.search(r"\bload_config\(", p.read_text())}
+    assert takes_config == set(reference.JOB_CONFIGS)
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    assert page == reference.render(), "docs/configuration.md is stale: run `python jobs/config_reference.py`"
+    assert "| `rollout.async` | `false` | bool |" in page  # a keyword key is written as users type it
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

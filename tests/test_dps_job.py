@@ -6,11 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from stitchvm_rl import toyworld
 from stitchvm_rl.config import ConfigError
-from stitchvm_rl.value.search import build_value_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,16 +20,9 @@ def load_job():
     return module
 
 
-@pytest.fixture(scope="module")
-def value_dir(tmp_path_factory):
-    gen = torch.Generator().manual_seed(0)
-    model, _ = build_value_model("toyworld", "toyworld-clip", toyworld.render(toyworld.random_captions(64, gen), gen))
-    return str(model.save(tmp_path_factory.mktemp("vm") / "value_model"))
-
-
-def test_dps_job_runs_every_method_in_its_own_process(tmp_path, value_dir):
+def test_dps_job_runs_every_method_in_its_own_process(tmp_path, toy_value_dir):
     methods = ["none", "tweedie", "stitchvm", "fk_tweedie", "fk_stitchvm"]
-    args = [f"output_dir={tmp_path}", f"value_model={value_dir}", f"methods=[{','.join(methods)}]", "prompts=[a red circle on the left, a green triangle on the right]",
+    args = [f"output_dir={tmp_path}", f"value_model={toy_value_dir}", f"methods=[{','.join(methods)}]", "prompts=[a red circle on the left, a green triangle on the right]",
             "images_per_prompt=2", "guidance.num_steps=6", "guidance.particles=2", "guidance.resample_every=2"]
     summary = load_job().main(args)
     rows = summary["methods"]

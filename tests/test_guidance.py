@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from stitchvm_rl import rewards, toyworld
-from stitchvm_rl.guidance import GuidanceConfig, StitchValue, TweedieValue, build_value, dps_sample, fk_steer
+from stitchvm_rl.guidance import GuidanceConfig, StitchValue, TweedieValue, build_value, dps_sample, fk_resample, fk_steer
 from stitchvm_rl.value.search import build_value_model
 
 PROMPTS = ["a red circle on the left", "a blue square on the right"]
@@ -128,6 +128,52 @@ def test_fk_steering_selects_towards_higher_value(tiny_policy, proposals):
     assert (value.value(steered, None, PROMPTS) > value.value(plain, None, PROMPTS)).all()
 
 
+def test_fk_resampling_keeps_each_prompts_particles_whose_value_rose_most():
+    """Weights exp(lambda dV) within each prompt: a sharp potential keeps only the particle whose
+    value rose most (not the highest value, not another prompt's); a flat one keeps a mixture."""
+    z = torch.arange(8.0).view(8, 1, 1, 1)  # row n is particle n; prompts 0 and 1 own rows 0-3 and 4-7
+    last = torch.tensor([0.0, 0.0, 0.0, 5.0, 0.0, 0.0, 0.0, 0.0])
+    now = torch.tensor([0.1, 0.9, 0.2, 5.5, 0.3, 0.0, 0.2, 0.1])  # rises: prompt 0 -> particle 1 (+0.9), prompt 1 -> 4
+    gen = torch.Generator().manual_seed(0)
+    kept, values = fk_resample(z, now, last, 4, 1e3, gen)
+    assert kept.flatten().tolist() == [1.0] * 4 + [4.0] * 4 and values.tolist() == pytest.approx([0.9] * 4 + [0.3] * 4)
+    flat, _ = fk_resample(z, now, last, 4, 0.0, gen)
+    assert set(flat.flatten()[:4].tolist()) <= {0.0, 1.0, 2.0, 3.0} and set(flat.flatten()[4:].tolist()) <= {4.0, 5.0, 6.0, 7.0}
+    counts = torch.bincount(torch.cat([fk_resample(z, now, last, 4, 0.0, gen)[0].flatten() for _ in range(200)]).long(), minlength=8)
+    assert counts.min() > 150  # uniform: 200 draws x 4 picks / 4 particles = 200 each
+
+
+class RecordingValue:
+    """V(z) = mean(z); remembers every batch of particles it scores."""
+
+    def __init__(self):
+        self.seen = []
+
+    def value(self, z, t, prompts):
+        self.seen.append(z.clone())
+        return z.flatten(1).mean(1)
+
+
+def test_fk_steering_resamples_inside_its_window(tiny_policy):
+    """With a sharp potential and a deterministic sampler (noise_level 0), a resampling collapses each
+    prompt's particles onto one, so the value's next look sees identical particles -- only if the
+    sampler resampled (outside the window it never does)."""
+    noise = tiny_policy.initial_noise(2 * 4, torch.Generator().manual_seed(0))
+
+    def steer(window):
+        value = RecordingValue()
+        cfg = GuidanceConfig(num_steps=6, particles=4, resample_every=1, resample_window=window, potential_scale=1e4, noise_level=0.0)
+        fk_steer(tiny_policy, PROMPTS, value, cfg, noise, torch.Generator().manual_seed(1))
+        return value.seen  # the initial values, one look per resampling step, the final choice
+
+    def collapsed(batch):
+        return all(torch.equal(row, group[0]) for group in batch.view(2, 4, -1) for row in group)
+
+    seen = steer((0.0, 1.0))
+    assert not collapsed(seen[0]) and collapsed(seen[2]) and collapsed(seen[-1])
+    assert not collapsed(steer((0.0, 0.0))[-1])
+
+
 def test_guidance_outside_its_window_is_plain_sampling(tiny_policy):
     noise = tiny_policy.initial_noise(2, torch.Generator().manual_seed(0))
     plain = dps_sample(tiny_policy, PROMPTS, build_value("none", tiny_policy), GuidanceConfig(num_steps=4), noise, torch.Generator().manual_seed(1))
@@ -143,6 +189,29 @@ class DistanceValueGrad:
     def velocity_and_gradient(self, policy, z, t, cond, prompts, cfg_scale):
         with torch.no_grad():
             return policy.velocity(z, t, cond, cfg_scale), -2 * z, -(z**2).flatten(1).sum(1)
+
+
+class TargetValueGrad:
+    """V = -||z - target||^2 with its exact gradient: DPS must end nearer the target than plain sampling."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def velocity_and_gradient(self, policy, z, t, cond, prompts, cfg_scale):
+        with torch.no_grad():
+            return policy.velocity(z, t, cond, cfg_scale), -2 * (z - self.target), -((z - self.target) ** 2).flatten(1).sum(1)
+
+
+def test_dps_steps_up_the_value_gradient(tiny_policy):
+    noise = tiny_policy.initial_noise(2, torch.Generator().manual_seed(0))
+    target = torch.full_like(noise, 2.0)
+    plain = dps_sample(tiny_policy, PROMPTS, build_value("none", tiny_policy), GuidanceConfig(num_steps=6), noise, torch.Generator().manual_seed(1))
+    guided = dps_sample(tiny_policy, PROMPTS, TargetValueGrad(target), GuidanceConfig(num_steps=6, scale=0.3), noise, torch.Generator().manual_seed(1))
+
+    def distance(z):
+        return (z - target).flatten(1).norm(dim=1)
+
+    assert (distance(guided) < 0.9 * distance(plain)).all()
 
 
 def test_unknown_method_and_missing_value_model_are_clear_errors(tiny_policy):

@@ -1,4 +1,4 @@
-"""The NFT loss and the reward normalisation, against the formulas in algorithms-notes §1.9 and §2."""
+"""The NFT loss and the reward normalisation, against the formulas of DiffusionNFT (the paper's plain form, the official code's x0-space form) and the bridge of V-NFT."""
 
 import pytest
 import torch
@@ -17,10 +17,17 @@ def _batch(n=6, seed=0, tau=None):
     return anchor, z_t, u, t, tau, v_old, g
 
 
+def nft_loss_plain(v_theta, v_old, u, r, beta):
+    """The paper's form: mean over samples of r ||v+ - u||^2 + (1 - r) ||v- - u||^2 (per-dim mean)."""
+    v_pos, v_neg = nft.implicit_policies(v_theta, v_old, beta)
+    dims = tuple(range(1, v_theta.dim()))
+    return (r * ((v_pos - u) ** 2).mean(dims) + (1 - r) * ((v_neg - u) ** 2).mean(dims)).mean()
+
+
 def test_plain_form_with_r_one_and_beta_one_is_flow_matching():
     anchor, z_t, u, t, tau, v_old, g = _batch()
     v_theta = torch.randn(v_old.shape, generator=g)
-    loss = nft.nft_loss_plain(v_theta, v_old, u, torch.ones(len(u)), beta=1.0)
+    loss = nft_loss_plain(v_theta, v_old, u, torch.ones(len(u)), beta=1.0)
     assert torch.allclose(loss, ((v_theta - u) ** 2).mean(), rtol=1e-6)
 
 
@@ -54,7 +61,7 @@ def test_official_form_descends_the_same_way_as_the_plain_form(tau):
         v_theta = (v_old + offset * torch.randn(v_old.shape, generator=g)).requires_grad_(True)
         loss, _ = nft.nft_loss(v_theta, v_old, v_old, z_t, anchor, t, tau_t, r, beta=1.0, kl_weight=0.0)
         (grad_official,) = torch.autograd.grad(loss, v_theta)
-        (grad_plain,) = torch.autograd.grad(nft.nft_loss_plain(v_theta, v_old, u, r, beta=1.0), v_theta)
+        (grad_plain,) = torch.autograd.grad(nft_loss_plain(v_theta, v_old, u, r, beta=1.0), v_theta)
         cos = torch.nn.functional.cosine_similarity(grad_official.flatten(1), grad_plain.flatten(1))
         assert bool((cos > min_cos).all()), (offset, cos)
 
@@ -85,12 +92,13 @@ def test_normalisation_clips_outliers_and_refuses_nan():
 
 
 def test_evaluation_noise_seeds_are_never_rollout_seeds():
-    from stitchvm_rl.learner import EVAL_NOISE_SEED, _epoch_seed
+    from stitchvm_rl.evaluator import EVAL_NOISE_SEED
+    from stitchvm_rl.prompt_schedule import epoch_seed
 
-    # request n of epoch e draws its noise from _epoch_seed + n; the evaluation from EVAL_NOISE_SEED + seed
-    highest_rollout_seed = _epoch_seed({"seed": 10**7 - 1}, 10**6) + 10**6
+    # request n of epoch e draws its noise from epoch_seed + n; the evaluation from EVAL_NOISE_SEED + seed
+    highest_rollout_seed = epoch_seed(10**7 - 1, 10**6) + 10**6
     assert highest_rollout_seed < EVAL_NOISE_SEED
-    assert _epoch_seed({"seed": 0}, 0) != EVAL_NOISE_SEED + 0  # the collision the held-out stream removed
+    assert epoch_seed(0, 0) != EVAL_NOISE_SEED + 0  # the collision the held-out stream removed
 
 
 def test_old_policy_decay_schedule():
@@ -172,3 +180,19 @@ def test_a_compiled_learner_gives_the_same_loss_and_lora_gradients(monkeypatch):
     assert eager_grads.keys() == compiled_grads.keys() and len(eager_grads) > 0
     for name in eager_grads:
         torch.testing.assert_close(compiled_grads[name], eager_grads[name], rtol=1e-4, atol=1e-7)
+
+
+def test_training_timesteps_lie_strictly_above_the_anchors_noise_level():
+    """The bridge-anchored loss trains at the schedule's noise levels t > tau, never at t = tau (its
+    target grows like 1/sigma there); for a clean anchor (tau = 0) every level but the final 0."""
+    from stitchvm_rl.learner import train_timesteps
+
+    schedule = flow.sd3_sigmas(10)
+    for k in (3, 6):
+        tau = float(schedule[k])
+        picked = train_timesteps(schedule, tau, 100, torch.Generator().manual_seed(0))
+        assert sorted(picked.tolist(), reverse=True) == schedule[:k].tolist()  # all of them, and only them
+    clean = train_timesteps(schedule, 0.0, 100, torch.Generator().manual_seed(0))
+    assert sorted(clean.tolist(), reverse=True) == schedule[:-1].tolist()
+    some = [train_timesteps(schedule, 0.0, 3, torch.Generator().manual_seed(s)).tolist() for s in range(4)]
+    assert all(len(s) == 3 and len(set(s)) == 3 for s in some) and len({tuple(s) for s in some}) > 1  # a random draw without repeats

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import load_job
@@ -86,6 +86,12 @@ def test_bad_input_stops_with_one_clear_message_before_any_work(inputs, tmp_path
         load_job(job).main([f"output_dir={out}", *(a.format(d=inputs) for a in args)])
     assert message in str(err.value)
     assert not out.exists()  # refused before the run directory (or anything else) was made
+
+
+def test_a_prompt_file_with_a_byte_order_mark_and_crlf_reads_as_plain_prompts(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("\ufeffa red circle on the left\r\n\r\na blue square on the right\r\n".encode())
+    assert prompts.read_prompt_file(path) == ["a red circle on the left", "a blue square on the right"]
 
 
 def test_broken_images_are_skipped_and_counted_when_allowed(inputs):
@@ -209,7 +215,16 @@ def test_cluster_dashboards_listen_on_loopback_only():
 _text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Example counts: what still finds a bug in seconds (the inputs below are the hard cases, kept explicit).
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(key="epochs", value="1e3")  # YAML reads a float: an int field refuses it
+@example(key="train.lr", value="1e-4")  # YAML 1.1 reads a string: a float field converts it
+@example(key="train.lr", value=".nan")
+@example(key="epochs", value="yes")  # YAML 1.1 reads a bool: never an int
+@example(key="rewards", value="{a: [1, 2]}")
+@example(key="train", value="{lr: x}")
+@example(key="prompts", value="")
+@example(key="rollout.async", value="null")
 @given(key=st.sampled_from(["epochs", "train.lr", "rollout.group_size", "rollout.estimator", "rewards", "prompts", "rollout.async", "wandb.mode", "seeds", "nosuch", "train", ""]), value=_text)
 def test_fuzz_config_overrides_parse_or_refuse_clearly(key, value):
     """Any `key=value` either loads into a valid config or raises ConfigError -- nothing else."""
@@ -222,7 +237,11 @@ def test_fuzz_config_overrides_parse_or_refuse_clearly(key, value):
         assert isinstance(cfg.epochs, int) and cfg.epochs >= 1 and isinstance(cfg.train.lr, float)
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@example(body="- a\n- b")  # a list, not a mapping
+@example(body="epochs: [")  # broken YAML
+@example(body="!!python/object/apply:os.system ['true']")  # safe_load refuses code
+@example(body="train: 3")  # a value where a section belongs
 @given(body=st.text(max_size=200))
 def test_fuzz_yaml_config_files_load_or_refuse_clearly(tmp_path, body):
     path = tmp_path / "c.yaml"
@@ -233,7 +252,11 @@ def test_fuzz_yaml_config_files_load_or_refuse_clearly(tmp_path, body):
         pass
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@example(data=b"\xef\xbb\xbfa prompt\r\n")  # a BOM and CRLF
+@example(data="a\u2028b\x85c\x1cd".encode())  # line breaks splitlines knows and "\n" does not
+@example(data=b"\xff\xfe")  # not UTF-8
+@example(data=b" \t\n\x0b\x0c")  # only white space
 @given(data=st.one_of(st.binary(max_size=300), st.text(max_size=300).map(lambda s: s.encode("utf-8", "surrogatepass"))))
 def test_fuzz_prompt_file_reader(tmp_path, data):
     """Any bytes: a list of non-blank, stripped prompts -- or a ValueError naming the file."""
@@ -270,7 +293,7 @@ def test_a_sync_whose_answer_differs_from_what_was_sent_stops_the_run():
     import ray
 
     from stitchvm_rl import benchmark, runtime
-    from stitchvm_rl.learner import _push_adapter
+    from stitchvm_rl.weight_sync import push_adapter
 
     runtime.init_ray(4)
     shapes = {"a.lora_A.weight": (4, 8), "a.lora_B.weight": (8, 4)}
@@ -278,9 +301,9 @@ def test_a_sync_whose_answer_differs_from_what_was_sent_stops_the_run():
     sink = ray.remote(benchmark.AdapterSink).options(num_cpus=0)
     good, lossy = sink.remote(shapes, "float32"), sink.remote(shapes, "float16")
     try:
-        _push_adapter(state, [good])  # the same bytes come back: no error
+        push_adapter(state, [good])  # the same bytes come back: no error
         with pytest.raises(RuntimeError, match=r"adapter sync failed: sent version 7 .* actors answered"):
-            _push_adapter(state, [good, lossy])
+            push_adapter(state, [good, lossy])
     finally:
         ray.kill(good), ray.kill(lossy)
 

@@ -1,10 +1,14 @@
 
+import copy
+import dataclasses
+import json
 import math
 
 import pytest
 import torch
+from transformers import CLIPModel
 
-from stitchvm_rl import convert, rewards, toyworld
+from stitchvm_rl import convert, rewards, toyworld, zoo
 
 
 @pytest.fixture(scope="module")
@@ -115,17 +119,75 @@ def _to_open_clip(state: dict) -> dict:
     return {"state_dict": {"module." + k: v.clone() for k, v in out.items()}}
 
 
-def test_open_clip_checkpoint_converts_to_an_equal_transformers_model(tmp_path, tiny_clip):
+def _open_clip_config(path, quick_gelu: bool, vision_heads: int = 2, text_heads: int = 2) -> None:
+    """The open_clip_config.json an OpenCLIP hub repo ships beside its weights, for the tiny CLIP."""
+    model_cfg = {"embed_dim": 32, "quick_gelu": quick_gelu, "vision_cfg": {"image_size": 32, "layers": 4, "width": 32, "head_width": 32 // vision_heads, "patch_size": 8}, "text_cfg": {"width": 32, "heads": text_heads, "layers": 4}}
+    path.write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {"mean": zoo.CLIP_MEAN, "std": zoo.CLIP_STD}}))
+
+
+def test_open_clip_checkpoint_converts_to_an_equal_transformers_model_with_its_shipped_activation(tmp_path, tiny_clip):
     model = tiny_clip.bundle.model
-    torch.save(_to_open_clip(model.state_dict()), tmp_path / "hps.pt")
-    out = convert.convert_open_clip(str(tmp_path / "hps.pt"), model.config, str(tmp_path / "hps"), tokenizer="tiny-clip")
+    assert model.config.vision_config.hidden_act == "quick_gelu"  # as DFN5B-CLIP's
+    torch.save(_to_open_clip(model.state_dict()), tmp_path / "dfn.bin")
+    _open_clip_config(tmp_path / "open_clip_config.json", quick_gelu=True)
+    # a config that says GELU (as zoo_configs/clip_vit_h14_378.json once did): the shipped file decides
+    gelu = copy.deepcopy(model.config)
+    gelu.text_config.hidden_act = gelu.vision_config.hidden_act = "gelu"
+    out = convert.convert_open_clip(str(tmp_path / "dfn.bin"), gelu, str(tmp_path / "dfn"), tokenizer="tiny-clip")
     assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
     converted = rewards.CLIPScore.from_pretrained(str(out))
+    assert converted.bundle.model.config.vision_config.hidden_act == "quick_gelu"
     images, prompts = torch.rand(2, 3, 32, 32), ["a red circle on the left", "a cyan square on the right"]
     assert torch.allclose(converted(images, prompts), tiny_clip(images, prompts), atol=1e-6)
-    torch.save({"state_dict": {"visual.conv1.weight": torch.zeros(1)}}, tmp_path / "bad.pt")
+    # what the shipped file says and the weights cannot show must match: the activation, the head counts
+    with pytest.raises(ValueError, match="architecture 'ViT-H-14' uses gelu but the open_clip_config.json beside .* says quick_gelu"):
+        convert.convert_open_clip(str(tmp_path / "dfn.bin"), gelu, str(tmp_path / "x"), tokenizer="tiny-clip", architecture="ViT-H-14")
+    _open_clip_config(tmp_path / "open_clip_config.json", quick_gelu=True, text_heads=4)
+    with pytest.raises(ValueError, match="gives text_cfg 4 attention heads, the architecture 2"):
+        convert.convert_open_clip(str(tmp_path / "dfn.bin"), gelu, str(tmp_path / "x"), tokenizer="tiny-clip")
+    (tmp_path / "bad").mkdir()
+    torch.save({"state_dict": {"visual.conv1.weight": torch.zeros(1)}}, tmp_path / "bad" / "bad.pt")
     with pytest.raises(KeyError):
-        convert.convert_open_clip(str(tmp_path / "bad.pt"), model.config, str(tmp_path / "bad"), tokenizer="tiny-clip")
+        convert.convert_open_clip(str(tmp_path / "bad" / "bad.pt"), model.config, str(tmp_path / "bad" / "out"), tokenizer="tiny-clip", architecture="ViT-H-14-quickgelu")
+
+
+def test_open_clip_activation_comes_from_a_known_name_or_is_refused(tmp_path, tiny_clip):
+    # HPSv2 ships a lone .pt of OpenCLIP's ViT-H-14: plain GELU
+    gelu = copy.deepcopy(tiny_clip.bundle.model.config)
+    gelu.text_config.hidden_act = gelu.vision_config.hidden_act = "gelu"
+    original = CLIPModel(gelu).eval()
+    original.load_state_dict(tiny_clip.bundle.model.state_dict())
+    torch.save(_to_open_clip(original.state_dict()), tmp_path / "hps.pt")
+    out = convert.convert_open_clip(str(tmp_path / "hps.pt"), tiny_clip.bundle.model.config, str(tmp_path / "hps"), tokenizer="tiny-clip", architecture="ViT-H-14")
+    images, prompts = torch.rand(2, 3, 32, 32), ["a red circle on the left", "a cyan square on the right"]
+    assert torch.allclose(rewards.CLIPScore.from_pretrained(str(out))(images, prompts), rewards.CLIPScore(dataclasses.replace(tiny_clip.bundle, model=original))(images, prompts), atol=1e-6)
+    # the published kinds: HPSv2 is ViT-H-14 when nothing ships beside it; DFN reads its shipped file
+    config, name = convert.kind_architecture("hpsv2", tmp_path / "hps.pt")
+    assert name == "ViT-H-14" and convert.open_clip_activation(tmp_path / "hps.pt", name) == "gelu" and config.vision_config.image_size == 224
+    (tmp_path / "dfn").mkdir(exist_ok=True)
+    _open_clip_config(tmp_path / "dfn" / "open_clip_config.json", quick_gelu=True)
+    config, name = convert.kind_architecture("dfn_clip", tmp_path / "dfn" / "open_clip_pytorch_model.bin")
+    assert name == "" and config.vision_config.image_size == 378
+    assert convert.open_clip_activation(tmp_path / "dfn" / "open_clip_pytorch_model.bin", name) == "quick_gelu"
+    # neither a shipped file nor a known name: refused, never guessed
+    with pytest.raises(ValueError, match="cannot tell whether .* uses GELU or QuickGELU"):
+        convert.convert_open_clip(str(tmp_path / "hps.pt"), gelu, str(tmp_path / "x"), tokenizer="tiny-clip")
+    with pytest.raises(ValueError, match="unknown OpenCLIP architecture 'ViT-H-14-378'; .* did you mean 'ViT-H-14-378-quickgelu'"):
+        convert.convert_open_clip(str(tmp_path / "hps.pt"), gelu, str(tmp_path / "x"), tokenizer="tiny-clip", architecture="ViT-H-14-378")
+    assert not (tmp_path / "x").exists()
+
+
+def test_pickscore_is_its_checkpoints_logit_scale_times_the_cosine_over_26(tmp_path, monkeypatch):
+    model, tokenizer = zoo.random_clip(zoo.CLIPSizes())
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(50.0))  # not CLIP's clamp of 100, so a hard-coded 100 shows
+    zoo.save_clip(model, tokenizer, tmp_path / "pickscore")
+    # the published spec, with this model as its source and its own tokenizer (offline)
+    spec = dataclasses.replace(rewards.PUBLISHED["pickscore"], source=str(tmp_path / "pickscore"), tokenizer=None)
+    monkeypatch.setitem(rewards.PUBLISHED, "pickscore", spec)
+    images, prompts = torch.rand(2, 3, 32, 32), ["a red circle on the left", "a cyan square on the right"]
+    cosine = rewards.CLIPScore.from_pretrained(str(tmp_path / "pickscore"))(images, prompts)
+    assert torch.allclose(rewards.build_reward("pickscore")(images, prompts), 50.0 / 26 * cosine, atol=1e-5)
 
 
 def test_aesthetic_head_converts_and_scores(tmp_path, tiny_clip):

@@ -22,6 +22,11 @@ def value_dir(tmp_path_factory):
     return str(model.save(tmp_path_factory.mktemp("vm") / "value_model"))
 
 
+def _prompts(batch):
+    """The prompt of every sample of a batch."""
+    return [batch.group_prompts[g] for g in batch.groups.tolist()]
+
+
 def _actor(estimator, value_models=()):
     import ray
 
@@ -35,11 +40,11 @@ def test_terminal_rollouts_are_clean_samples_scored_by_the_pixel_reward():
     a, b = _actor("terminal"), _actor("terminal")
     batch, again = ray.get([a.rollout.remote(PROMPTS, 11), b.rollout.remote(PROMPTS, 11)])
     assert batch.anchors.shape == (6, 16, 8, 8) and bool((batch.tau == 0).all()) and batch.version == 0
-    assert batch.prompts == [PROMPTS[0]] * 3 + [PROMPTS[1]] * 3
+    assert _prompts(batch) == [PROMPTS[0]] * 3 + [PROMPTS[1]] * 3
     assert torch.equal(batch.anchors, again.anchors) and torch.equal(batch.scores, again.scores)  # any actor can redo it
     policy = SD3Policy.from_pretrained("toyworld")
     with torch.no_grad():
-        expected = rewards.build_reward("toy_clip")(policy.decode(batch.anchors), batch.prompts)
+        expected = rewards.build_reward("toy_clip")(policy.decode(batch.anchors), _prompts(batch))
     assert torch.allclose(batch.scores, expected, atol=1e-5)
     assert not torch.equal(batch.anchors, ray.get(a.rollout.remote(PROMPTS, 12)).anchors)
     r = nft.optimality_probability(batch.scores, batch.groups)
@@ -57,8 +62,18 @@ def test_stitchvm_rollouts_stop_early_per_group_and_carry_the_value(value_dir):
         assert len(set(taus.tolist())) == 1 and round(float(taus[0]), 6) in allowed  # one stop per group
     value = StitchedValueModel.from_pretrained(value_dir)
     with torch.no_grad():
-        expected = value(batch.anchors, batch.tau, batch.prompts)
+        expected = value(batch.anchors, batch.tau, _prompts(batch))
     assert torch.allclose(batch.scores, expected, atol=1e-5)
+    # the anchors are the sampler's own latents at step k, whose noise level is tau = sigma_k: the
+    # first group redone from the request's seed (noise first, then k ~ U{stop_min..stop_max})
+    policy = SD3Policy.from_pretrained("toyworld")
+    gen = torch.Generator().manual_seed(5)
+    noise = policy.initial_noise(3, gen)
+    k = int(torch.randint(2, 5, (1,), generator=gen))
+    with torch.no_grad():
+        trajectory = policy.sample([PROMPTS[0]] * 3, 6, 1.0, "dpm2", noise=noise).latents
+    assert torch.allclose(batch.anchors[:3], trajectory[k], atol=1e-5) and not torch.allclose(batch.anchors[:3], trajectory[k + 1], atol=1e-3)
+    assert batch.tau[0] == pytest.approx(float(sigmas[k]))
 
 
 def test_adapter_sync_answers_version_and_checksum_and_changes_the_samples():

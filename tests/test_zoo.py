@@ -57,11 +57,20 @@ def test_published_configs_instantiate_on_meta_with_their_parameter_counts():
     assert out.shape == (1, 16, 128, 128)
 
 
+def test_published_clip_configs_have_the_activation_of_their_open_clip_models():
+    # OpenAI's CLIP and DFN5B-CLIP (ViT-H-14-378-quickgelu) use QuickGELU; HPSv2's ViT-H-14 (LAION) plain GELU
+    expected = {"clip_vit_l14_336": "quick_gelu", "clip_vit_h14": "gelu", "clip_vit_h14_378": "quick_gelu"}
+    for name, act in expected.items():
+        config = zoo.clip_config(name)
+        assert (config.text_config.hidden_act, config.vision_config.hidden_act) == (act, act), name
+
+
 @pytest.mark.parametrize(
     "source, message",
     [
         ("/no/such/dir", "neither an existing directory nor a hub id"),
         ("./relative/missing", "neither an existing directory nor a hub id"),
+        ("tiny_clip", "did you mean 'tiny-clip'?"),
     ],
 )
 def test_bad_sources_fail_early_with_the_fix(source, message):

@@ -1,12 +1,9 @@
 """Value accuracy against noise level: StitchVM vs Tweedie vs Monte Carlo, on policy rollouts.
 
-For each sigma: groups of `group_size` ODE rollouts per prompt are stopped at z_sigma; three
-estimators of E[r(z0) | z_sigma] are compared with a reference, the mean terminal reward of
-`reference_k` independent SDE completions:
-    stitchvm  V(z_sigma)                             (head blocks + stitch + tail; no decode)
-    tweedie   r(Dec(z_sigma - sigma v))              (one transformer pass, decode, reward)
-    mc        mean of r over `mc_k` SDE completions  (mc_k x remaining steps, decodes, rewards)
-Within-group Spearman is what advantage estimation needs (it ranks samples of one prompt).
+For each sigma: groups of `group_size` ODE rollouts per prompt are stopped at z_sigma; the three
+early-stopped estimators of `stitchvm_rl.estimators` are compared with a reference, the mean
+terminal reward of `reference_k` independent SDE completions. Within-group Spearman is what
+advantage estimation needs (it ranks samples of one prompt).
 """
 
 from __future__ import annotations
@@ -18,12 +15,12 @@ from typing import Annotated
 
 import torch
 
-from stitchvm_rl import flow, rewards, toyworld, zoo
+from stitchvm_rl import rewards, toyworld, zoo
 from stitchvm_rl.config import Range
 from stitchvm_rl.costs import count_flops
+from stitchvm_rl.estimators import EARLY_STOPPED, Estimators
 from stitchvm_rl.policy import SD3Policy
-
-ESTIMATORS = ("stitchvm", "tweedie", "mc")
+from stitchvm_rl.stats import pearson, spearman
 
 
 @dataclass
@@ -52,20 +49,6 @@ class ValueEvalConfig:
     """Latents per forward batch."""
 
 
-def ranks(x: torch.Tensor) -> torch.Tensor:
-    return x.argsort().argsort().double()
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
-    denom = (a.norm() * b.norm()).item()
-    return float((a * b).sum().item() / denom) if denom > 0 else 0.0
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    return pearson(ranks(a), ranks(b))
-
-
 def agreement(estimate: torch.Tensor, reference: torch.Tensor, groups: int) -> dict:
     """Spearman within each prompt's group (averaged) and pooled, Pearson and MSE."""
     within = [spearman(e, r) for e, r in zip(estimate.view(groups, -1), reference.view(groups, -1))]
@@ -75,56 +58,6 @@ def agreement(estimate: torch.Tensor, reference: torch.Tensor, groups: int) -> d
         "pearson": pearson(estimate, reference),
         "mse": float(((estimate - reference) ** 2).mean()),
     }
-
-
-class Estimators:
-    """The three value estimators over one policy, one value model and one clean reward."""
-
-    def __init__(self, policy: SD3Policy, value_model, reward, cfg: ValueEvalConfig):
-        self.policy, self.value_model, self.reward, self.cfg = policy, value_model, reward, cfg
-        self.schedule = flow.sd3_sigmas(cfg.steps, scheduler_config=policy.pipe.scheduler.config)
-
-    def _batched(self, fn, z: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        b = self.cfg.batch_size
-        return torch.cat([fn(z[i : i + b], prompts[i : i + b]) for i in range(0, len(z), b)])
-
-    @torch.no_grad()
-    def stitchvm(self, z: torch.Tensor, sigma: float, prompts: list[str]) -> torch.Tensor:
-        def one(zz, pp):
-            return self.value_model(zz, torch.full((len(zz),), sigma), pp, cond=self.policy.encode_prompts(pp)).float().cpu()
-
-        return self._batched(one, z, prompts)
-
-    @torch.no_grad()
-    def tweedie(self, z: torch.Tensor, sigma: float, prompts: list[str]) -> torch.Tensor:
-        def one(zz, pp):
-            t = torch.full((len(zz),), sigma)
-            v = self.policy.velocity(zz, t, self.policy.encode_prompts(pp), self.cfg.cfg_scale)
-            return self.reward(self.policy.decode(flow.tweedie_x0(zz, sigma, v)), pp).float().cpu()
-
-        return self._batched(one, z, prompts)
-
-    @torch.no_grad()
-    def completions(self, z: torch.Tensor, sigma: float, prompts: list[str], k: int, seed: int) -> torch.Tensor:
-        """Mean terminal reward of k SDE completions from each latent."""
-        rest = torch.cat([torch.tensor([sigma]), self.schedule[self.schedule < sigma]])
-        zk, pk = z.repeat_interleave(k, 0), [p for p in prompts for _ in range(k)]
-        gen = torch.Generator().manual_seed(seed)
-
-        def one(zz, pp):
-            fn = self.policy.velocity_fn(self.policy.encode_prompts(pp), self.cfg.cfg_scale)
-            z0 = flow.flow_sde(fn, zz, rest, noise_level=self.cfg.noise_level, generator=gen).final
-            return self.reward(self.policy.decode(z0), pp).float().cpu()
-
-        return self._batched(one, zk, pk).view(len(z), k).mean(1)
-
-    @torch.no_grad()
-    def rollouts_to(self, sigma: float, prompts: list[str], seed: int) -> torch.Tensor:
-        """ODE (DPM-2) rollouts from pure noise that stop exactly at `sigma`."""
-        path = torch.cat([self.schedule[self.schedule > sigma], torch.tensor([sigma])])
-        noise = self.policy.initial_noise(len(prompts), torch.Generator().manual_seed(seed))
-        fn = self.policy.velocity_fn(self.policy.encode_prompts(prompts), self.cfg.cfg_scale)
-        return flow.dpm2(fn, noise, path).final
 
 
 def evaluate_value_accuracy(value_dir: str | Path, cfg: ValueEvalConfig, analytic_reward: str = "", seed: int = 0) -> dict:
@@ -137,20 +70,17 @@ def evaluate_value_accuracy(value_dir: str | Path, cfg: ValueEvalConfig, analyti
         reward = rewards.ANALYTIC[analytic_reward]
     else:
         reward = rewards.CLIPScore(zoo.load_clip(value_model.config.reward_model), scale=value_model.config.score_scale)
-    est = Estimators(policy, value_model, reward, cfg)
+    est = Estimators(policy, value_model, reward, cfg.steps, cfg.cfg_scale, cfg.noise_level, cfg.batch_size)
     base = cfg.prompt_list or toyworld.CAPTIONS[: cfg.prompts]
     prompts = [p for p in base for _ in range(cfg.group_size)]
-    table, seconds = [], {name: 0.0 for name in ESTIMATORS}
+    table, seconds = [], {name: 0.0 for name in EARLY_STOPPED}
     for n, sigma in enumerate(cfg.sigmas):
         z = est.rollouts_to(sigma, prompts, seed + n)
         reference = est.completions(z, sigma, prompts, cfg.reference_k, seed=10_000 + n)
         values = {}
-        for name in ESTIMATORS:
+        for name in EARLY_STOPPED:
             mark = time.perf_counter()
-            if name == "mc":
-                values[name] = est.completions(z, sigma, prompts, cfg.mc_k, seed=20_000 + n)
-            else:
-                values[name] = getattr(est, name)(z, sigma, prompts)
+            values[name] = est.score(name, z, sigma, prompts, cfg.mc_k, seed=20_000 + n)
             seconds[name] += time.perf_counter() - mark
         for name, value in values.items():
             table.append({"sigma": sigma, "estimator": name, **agreement(value, reference, len(base))})
@@ -158,11 +88,9 @@ def evaluate_value_accuracy(value_dir: str | Path, cfg: ValueEvalConfig, analyti
     cost = {
         name: {
             "seconds_per_estimate": seconds[name] / (len(prompts) * len(cfg.sigmas)),
-            "flops_per_estimate_at_mid_sigma": count_flops(
-                (lambda: est.completions(one_z, mid, one_p, cfg.mc_k, 0)) if name == "mc" else (lambda name=name: getattr(est, name)(one_z, mid, one_p))
-            ),
+            "flops_per_estimate_at_mid_sigma": count_flops(lambda name=name: est.score(name, one_z, mid, one_p, cfg.mc_k, seed=0)),
         }
-        for name in ESTIMATORS
+        for name in EARLY_STOPPED
     }
     return {"table": table, "cost": cost, "config": {"prompts": len(base), "group_size": cfg.group_size, "mc_k": cfg.mc_k, "reference_k": cfg.reference_k}}
 
@@ -175,7 +103,7 @@ def plot_accuracy(accuracy: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for name in ESTIMATORS:
+    for name in EARLY_STOPPED:
         rows = [r for r in accuracy["table"] if r["estimator"] == name]
         sig = [r["sigma"] for r in rows]
         axes[0].plot(sig, [r["spearman_within"] for r in rows], marker="o", label=name)

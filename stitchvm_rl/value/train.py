@@ -98,8 +98,6 @@ class StitchTrainConfig:
     """Checkpoint every this many epochs (and after the last)."""
     max_failures: Annotated[int, Range(-1)] = 2
     """Worker-group restarts Ray Train may make (FailureConfig)."""
-    crash_after_epoch: int = -1
-    """Fault injection for tests: rank 1 dies once, mid-way through the epoch after this one (-1: never)."""
 
 
 def _device() -> str:
@@ -244,7 +242,8 @@ def lr_factor(step: int, train: StitchTrainConfig, total_steps: int) -> float:
 
 def train_loop(loop_config: dict) -> None:
     """Ray Train worker: DeepSpeed engine over the value model's trainable parts."""
-    from stitchvm_rl.runtime import crash_once, deepspeed_config, report_checkpoint, resume_epoch, setup_deepspeed
+    from stitchvm_rl.faults import crash_once
+    from stitchvm_rl.runtime import deepspeed_config, report_checkpoint, resume_epoch, setup_deepspeed
 
     device = setup_deepspeed()  # before deepspeed is imported: it picks its accelerator on import
     import deepspeed
@@ -253,7 +252,7 @@ def train_loop(loop_config: dict) -> None:
     from stitchvm_rl.value.model import StitchedValueModel
 
     train = from_dict(StitchTrainConfig, loop_config["train"])
-    seed = loop_config["seed"]
+    seed, crash_after_epoch = loop_config["seed"], loop_config["crash_after_epoch"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(seed)
@@ -300,7 +299,7 @@ def train_loop(loop_config: dict) -> None:
             engine.backward(loss)
             engine.step()
             steps += 1
-            if train.crash_after_epoch >= 0 and epoch == train.crash_after_epoch + 1 and rank == min(1, world - 1):
+            if crash_after_epoch >= 0 and epoch == crash_after_epoch + 1 and rank == min(1, world - 1):
                 crash_once(Path(loop_config["run_dir"]) / ".crash-injected")
             for k, v in {"loss": loss.item(), **parts}.items():
                 totals[k] = totals.get(k, 0.0) + v
@@ -313,13 +312,17 @@ def train_loop(loop_config: dict) -> None:
             ray.train.report(metrics)
 
 
-def run_training(init_dir: Path, run_dir: Path, storage_path: str, run_name: str, train: StitchTrainConfig, dataset, seed: int, backbone: str, prompts: list[str]):
+def run_training(
+    init_dir: Path, run_dir: Path, storage_path: str, run_name: str, train: StitchTrainConfig, dataset, seed: int, backbone: str, prompts: list[str], crash_after_epoch: int = -1
+):
     """One TorchTrainer.fit(); returns the ray.train Result (its checkpoint holds the value model).
-    `prompts`: every prompt the dataset's rows carry (a prompt-conditioned head reads their embeddings)."""
+    `prompts`: every prompt the dataset's rows carry (a prompt-conditioned head reads their embeddings);
+    `crash_after_epoch`: fault injection for tests (`StitchFaults`)."""
     from stitchvm_rl.runtime import fit, torch_trainer
 
     # Each rank gets ~1/num_workers of the rows and drops its last partial batch (the decay's horizon).
     total_steps = train.epochs * (dataset.count() // train.num_workers // train.batch_size)
-    loop_config = {"train": to_dict(train), "seed": seed, "total_steps": total_steps, "init_dir": str(init_dir), "run_dir": str(run_dir), "backbone": backbone, "prompts": prompts}
+    loop_config = {"train": to_dict(train), "seed": seed, "total_steps": total_steps, "init_dir": str(init_dir), "run_dir": str(run_dir), "backbone": backbone, "prompts": prompts,
+                   "crash_after_epoch": crash_after_epoch}
     trainer = torch_trainer(train_loop, loop_config, train.num_workers, train.use_gpu, train.max_failures, storage_path, run_name, datasets={"train": dataset})
     return fit(trainer, "stage 2 (stitch finetuning)")
