@@ -92,6 +92,15 @@ def straight_bridge(nft_out, bridge_args) -> dict:
     return load_job("nft").main([f"output_dir={nft_out}", "run_name=straight_bridge", "epochs=4", *NFT_TINY, *bridge_args])
 
 
+@pytest.fixture(scope="session")
+def real_scale_costs() -> dict:
+    """jobs/bench.py's real_scale section in quick mode (SD3.5-M + CLIP-L on `meta`, 512^2): ~30 s of
+    FLOP counting, shared by the cost-model and the bench tests."""
+    from stitchvm_rl.bench_sections import bench_real_scale
+
+    return bench_real_scale(load_job("bench").BenchConfig(quick=True))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _shutdown_ray_at_exit():
     """Jobs run in-process start one local Ray cluster; it is shared and stopped once at the end."""

@@ -6,16 +6,18 @@ import json
 import pytest
 import torch
 
+from conftest import load_job
 from stitchvm_rl import benchmark
 from stitchvm_rl.policy import LORA_TARGETS, SD3Policy
-from test_jobs import run_job
 
 
-def test_quick_bench_runs_every_cpu_section(tmp_path):
-    result = run_job("quick=true", f"output_dir={tmp_path}", cwd=tmp_path, job="bench.py", timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads((tmp_path / "bench" / "bench.json").read_text())
-    assert {"nft_epoch", "nft_reach", "dps", "value", "rollout_scaling", "weight_sync", "real_scale"} <= set(out)
+def test_quick_bench_runs_every_cpu_section(tmp_path, real_scale_costs):
+    """Every CPU section in quick mode, in this process (real_scale, the slow one, is the session's
+    shared run of the same section)."""
+    sections = ["nft_epoch", "nft_reach", "dps", "value", "rollout_scaling", "weight_sync"]
+    out = load_job("bench").main(["quick=true", f"output_dir={tmp_path}", f"sections=[{','.join(sections)}]"])
+    assert set(sections) <= set(out) and set(out["section_seconds"]) == set(sections)
+    assert json.loads((tmp_path / "bench" / "bench.json").read_text()).keys() == out.keys()
 
     # toy rollouts: 10 DPM-2 steps; stitchvm stops at k ~ U{4..7}; training takes 3 forwards (old, ref,
     # current) at int(0.99 * 10) = 9 timesteps (terminal) or int(0.99 * 4) = 3 (stitchvm)
@@ -34,16 +36,18 @@ def test_quick_bench_runs_every_cpu_section(tmp_path):
     assert set(out["rollout_scaling"]["samples_per_second"]) == {"in_process", "1_actors", "2_actors"}
     assert out["rollout_scaling"]["samples"] == 16
     assert set(out["weight_sync"]["seconds"]) == {"1_actors", "2_actors"}
+    assert "machine:" in (tmp_path / "bench" / "bench.md").read_text()
 
+
+def test_real_scale_section_bounds_the_guided_steps_and_counts_nft_work(real_scale_costs):
     # real scale (meta): the unguided step is a lower bound of both guided ones
-    for step in out["real_scale"]["dps_step"].values():
+    for step in real_scale_costs["dps_step"].values():
         flops = {m: s["flops"] for m, s in step["step"].items()}
         assert flops["none"] < flops["stitchvm"] < flops["tweedie"]
         if step["cfg"]:  # the head taken from CFG's unconditional pass saves its forward
             assert flops["none"] < flops["stitchvm_shared"] < flops["stitchvm"]
-    nft_real = out["real_scale"]["nft_epoch"]["per_sample"]
+    nft_real = real_scale_costs["nft_epoch"]["per_sample"]
     assert nft_real["terminal"]["train_forward_equivalents"] == 24 * 5 and nft_real["stitchvm"]["train_forward_equivalents"] == 11 * 5
-    assert "machine:" in (tmp_path / "bench" / "bench.md").read_text()
 
 
 def test_lora_shapes_match_what_peft_creates():

@@ -24,10 +24,8 @@ def test_real_scale_value_model_is_a_fraction_of_tweedie_scoring():
     assert sd35m_value_model_costs(i=8, j=1, resolution=1024)["forward_flops"]["stitchvm"] > flops["stitchvm"]
 
 
-def test_a_stitchvm_dps_step_costs_less_than_a_tweedie_one_at_real_scale():
-    from stitchvm_rl.costs import sd35m_guidance_step_costs
-
-    costs = sd35m_guidance_step_costs(i=4, j=1, resolution=512)
+def test_a_stitchvm_dps_step_costs_less_than_a_tweedie_one_at_real_scale(real_scale_costs):
+    costs = real_scale_costs["dps_step"]["512_cfg1"]  # costs.sd35m_guidance_step_costs(i=4, j=1, resolution=512)
     step = costs["step"]
     assert step["none"]["backward_activation_gib"] == 0  # no autograd, nothing saved
     # stitchvm = the unguided step + one value-model forward and backward; tweedie differentiates it all
@@ -38,7 +36,7 @@ def test_a_stitchvm_dps_step_costs_less_than_a_tweedie_one_at_real_scale():
     assert step["stitchvm"]["flops"] - step["stitchvm_shared"]["flops"] == head > 0
     assert step["stitchvm_shared"]["backward_activation_gib"] == pytest.approx(step["stitchvm"]["backward_activation_gib"], rel=0.01)
     assert costs["flops_ratio_tweedie_over_stitchvm_shared"] == step["tweedie"]["flops"] / step["stitchvm_shared"]["flops"]
-    assert "stitchvm_shared" not in sd35m_guidance_step_costs(i=4, j=1, resolution=512, cfg=False)["step"]  # no unconditional pass to share
+    assert "stitchvm_shared" not in real_scale_costs["dps_step"]["512_cfg0"]["step"]  # without CFG: no unconditional pass to share
 
 
 def test_a_real_scale_nft_group_does_the_learner_and_rollout_work_of_its_estimator(monkeypatch):

@@ -81,7 +81,7 @@ def test_report_numbers_are_the_runs_own_and_the_speedup_follows(two_runs, tmp_p
             assert row["speedup_seconds"] is None
     assert report["baseline"] == "terminal"
     # the wandb Report of the same comparison, built offline (not saved): one run set per estimator
-    assert saved["wandb_report"]["group"] == "straight" and saved["wandb_report"]["runsets"] == ["terminal", "stitchvm"] and saved["wandb_report"]["url"] is None
+    assert saved["wandb_report"]["group"] == "terminal" and saved["wandb_report"]["runsets"] == ["terminal", "stitchvm"] and saved["wandb_report"]["url"] is None
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 4 and "Time to reach the baseline" in html
     # each run's paired gain over the base policy, recomputed from its per-image evaluation rewards

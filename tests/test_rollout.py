@@ -76,6 +76,23 @@ def test_stitchvm_rollouts_stop_early_per_group_and_carry_the_value(value_dir):
     assert batch.tau[0] == pytest.approx(float(sigmas[k]))
 
 
+def test_an_actor_answers_with_the_checksum_of_the_adapter_it_holds_not_the_one_it_was_sent():
+    """The answer is read back from the actor's model: one holding its weights in bfloat16 answers
+    the checksum of the rounded adapter, which the learner's check then refuses as a different one."""
+    import ray
+
+    from stitchvm_rl.policy import tensor_checksum
+
+    runtime.init_ray()
+    actor = ray.remote(RolloutWorker).remote("toyworld", RolloutConfig(estimator="terminal", dtype="bfloat16", **CFG), {"toy_clip": 1.0}, [])
+    learner = SD3Policy.from_pretrained("toyworld")
+    learner.add_lora(CFG["lora_rank"], CFG["lora_alpha"])
+    state = learner.export_adapter("default", version=3)
+    version, checksum = ray.get(actor.load_adapter.remote(state))
+    assert version == 3 and checksum == tensor_checksum({k: v.to(torch.bfloat16) for k, v in state.tensors.items()}) != state.checksum
+    ray.kill(actor)
+
+
 def test_adapter_sync_answers_version_and_checksum_and_changes_the_samples():
     import ray
 

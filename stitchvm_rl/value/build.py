@@ -29,7 +29,7 @@ from stitchvm_rl.value.train import PolicyImages, StitchDataConfig, StitchTrainC
 
 @dataclass
 class StitchConfig:
-    """A stitched value model to build (jobs/stitch.py; its defaults are `stitchvm_rl.value.default_value_model`)."""
+    """A stitched value model to build (jobs/stitch.py; its defaults built the toy world's committed one, `stitchvm_rl.value.default_value_model()`)."""
 
     run_name: str = "stitch"
     """Name of the run folder (and of the Ray Train run: re-running the same name resumes)."""
