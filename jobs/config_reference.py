@@ -50,7 +50,7 @@ def render() -> str:
         module = load_job(job)
         summary = " ".join((module.__doc__ or "").strip().split("\n\n")[0].split())  # its first paragraph
         parts += [f"## `jobs/{job}.py`", "", summary, "", format_markdown(getattr(module, config)), ""]
-    return "\n".join(parts)
+    return "\n".join(parts).replace(f"{ROOT}/", "")  # a default inside the checkout, as a path relative to it
 
 
 def main() -> None:
