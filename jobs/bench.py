@@ -71,7 +71,7 @@ class BenchConfig:
     rewards: dict[str, float] = field(default_factory=lambda: {"toy_clip": 1.0})
     """Pixel rewards {name: weight} (terminal, Tweedie, MC)."""
     value_model: str = ""
-    """Value-model directory (empty: the toy world's committed one; quick: a closed-form stitch)."""
+    """Value-model directory (empty: the backbone's default, the toy world's committed one)."""
     groups: Annotated[int, Range(1)] = 4
     """Prompt groups (of rollout.group_size = 8 images) per NFT epoch, rollout and DPS batch."""
     reach_epochs: Annotated[int, Range(1)] = 20
@@ -90,6 +90,10 @@ class BenchConfig:
     """Logical CPUs of a local Ray cluster."""
 
 
+VALUE_SECTIONS = {"nft_epoch", "nft_reach", "dps", "value", "rollout_scaling"}
+"""The sections that score with a value model."""
+
+
 def check(cfg: BenchConfig) -> None:
     zoo.check_source(cfg.backbone, "backbone")
     rewards.check_reward_weights(cfg.rewards, "rewards")
@@ -104,6 +108,8 @@ def check(cfg: BenchConfig) -> None:
         raise ConfigError("device=cuda but torch sees no GPU; use device=cpu")
     if cfg.value_model:
         check_value_model_dir(cfg.value_model, cfg.backbone)
+    elif VALUE_SECTIONS & set(cfg.sections):
+        sections.value_model_dir(cfg)  # refuses a backbone that has no default value model
 
 
 def load_job(name: str):
@@ -123,8 +129,7 @@ def main(argv: list[str]) -> dict:
     results = {"machine": benchmark.machine(cfg.device), "quick": cfg.quick, "repeats": cfg.repeats}
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        needs_value = {"nft_epoch", "nft_reach", "dps", "value", "rollout_scaling"} & set(cfg.sections)
-        value_dir = sections.value_model_dir(cfg, scratch) if needs_value else ""
+        value_dir = sections.value_model_dir(cfg) if VALUE_SECTIONS & set(cfg.sections) else ""
         run_section = {
             "nft_epoch": lambda: sections.bench_nft_epoch(cfg, value_dir),
             "nft_reach": lambda: sections.bench_nft_reach(cfg, value_dir, scratch, load_job("nft").main),

@@ -18,18 +18,9 @@ from stitchvm_rl.value import default_value_model
 from stitchvm_rl.weight_sync import push_adapter
 
 
-def value_model_dir(cfg, scratch: Path) -> str:
-    """The value model every stitchvm section uses. Its accuracy matters only to nft_reach; quick runs
-    use stage 1 alone (a closed-form stitch, seconds), whose cost is that of the finished model."""
-    if cfg.value_model:
-        return cfg.value_model
-    if not cfg.quick:
-        return default_value_model(cfg.backbone)
-    from stitchvm_rl.value.search import build_value_model
-
-    gen = torch.Generator().manual_seed(0)
-    model, _ = build_value_model(cfg.backbone, "toyworld-clip", toyworld.render(toyworld.random_captions(64, gen), gen))
-    return str(model.save(scratch / "value_model"))
+def value_model_dir(cfg) -> str:
+    """The value model every stitchvm section uses: the one given, or the backbone's default."""
+    return cfg.value_model or default_value_model(cfg.backbone)
 
 
 def bench_nft_epoch(cfg, value_dir: str) -> dict:

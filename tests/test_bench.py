@@ -11,10 +11,11 @@ from stitchvm_rl import benchmark
 from stitchvm_rl.policy import LORA_TARGETS, SD3Policy
 
 
-def test_quick_bench_runs_every_cpu_section(tmp_path, real_scale_costs):
-    """Every CPU section in quick mode, in this process (real_scale, the slow one, is the session's
-    shared run of the same section)."""
-    sections = ["nft_epoch", "nft_reach", "dps", "value", "rollout_scaling", "weight_sync"]
+def test_quick_bench_runs_every_cpu_section(tmp_path):
+    """Every CPU section in quick mode, in this process. Two are tested apart on what the session has
+    already run: real_scale (the session's shared run of it) and nft_reach (its two NFT jobs are the
+    session's baselines, below)."""
+    sections = ["nft_epoch", "dps", "value", "rollout_scaling", "weight_sync"]
     returned = load_job("bench").main(["quick=true", f"output_dir={tmp_path}", f"sections=[{','.join(sections)}]"])
     out = json.loads((tmp_path / "bench" / "bench.json").read_text())  # what a reader of the run gets
     assert out.keys() == returned.keys() and set(sections) <= set(out) and set(out["section_seconds"]) == set(sections)
@@ -27,16 +28,34 @@ def test_quick_bench_runs_every_cpu_section(tmp_path, real_scale_costs):
     assert nft["terminal"]["train_forwards_per_sample"] == 27 and nft["stitchvm"]["train_forwards_per_sample"] == 9
     assert nft["samples_per_epoch"] == 8 and nft["step_count_prediction"] == pytest.approx(10 / 5.5)
 
-    reach = out["nft_reach"]
-    assert reach["epochs"] == {"terminal": 2, "stitchvm": 4}  # stitchvm runs on, so its curve can cross the target
-    assert set(reach["terminal"]["eval_reward"]) == {"0", "2"} and set(reach["stitchvm"]["eval_reward"]) == {"0", "2", "4"}
-    assert reach["speedups"]["target_reward"] == reach["terminal"]["eval_reward"]["2"]
     assert out["dps"]["samples"] == 8 and set(out["dps"]["seconds_per_sample"]) == {"none", "tweedie", "stitchvm"}
     assert set(out["value"]["seconds_per_estimate"]) == {"stitchvm", "tweedie", "mc4"}
     assert set(out["rollout_scaling"]["samples_per_second"]) == {"in_process", "1_actors", "2_actors"}
     assert out["rollout_scaling"]["samples"] == 16
     assert set(out["weight_sync"]["seconds"]) == {"1_actors", "2_actors"}
     assert "machine:" in (tmp_path / "bench" / "bench.md").read_text()
+
+
+def test_nft_reach_trains_both_estimators_and_times_them_to_the_baselines_final_reward(nft_out, straight, straight_bridge, toy_value_dir):
+    """bench_nft_reach asks jobs/nft.py for a terminal and a stitchvm run (here answered by the
+    session's two baselines, 4 epochs each, evaluated every 2nd) and reads the speedup off their curves."""
+    from stitchvm_rl import bench_sections
+
+    calls, dirs, summaries = [], {"terminal": "straight", "stitchvm": "straight_bridge"}, {"terminal": straight, "stitchvm": straight_bridge}
+
+    def nft_main(args: list[str]) -> dict:
+        calls.append(args)
+        estimator = next(a for a in args if a.startswith("compare="))[len("compare=["):-1]
+        return {"runs": {dirs[estimator]: summaries[estimator]}, "run_dirs": [str(nft_out / dirs[estimator])]}
+
+    cfg = load_job("bench").BenchConfig(quick=True)
+    reach = bench_sections.bench_nft_reach(cfg, toy_value_dir, nft_out, nft_main)
+    assert [next(a for a in c if a.startswith("epochs=")) for c in calls] == ["epochs=2", "epochs=4"]  # stitchvm runs on, so its curve can cross the target
+    assert all(f"value_models=[{toy_value_dir}]" in c and "drift_every=0" in c for c in calls)
+    assert reach["epochs"] == {"terminal": 2, "stitchvm": 4}
+    assert set(reach["terminal"]["eval_reward"]) == set(reach["stitchvm"]["eval_reward"]) == {0, 2, 4}
+    assert reach["speedups"]["target_reward"] == reach["terminal"]["eval_reward"][4]  # the baseline's final evaluation
+    assert reach["seconds_per_epoch_ratio"] == pytest.approx(straight["seconds_per_epoch"] / straight_bridge["seconds_per_epoch"])
 
 
 def test_real_scale_section_bounds_the_guided_steps_and_counts_nft_work(real_scale_costs):

@@ -50,7 +50,7 @@ def test_a_real_scale_nft_group_does_the_learner_and_rollout_work_of_its_estimat
         return model
 
     monkeypatch.setattr(zoo, "published_model", published_model)
-    groups = costs.sd35m_nft_groups(group=4, resolution=128, num_steps=3, stop=1, train_timesteps={"terminal": 2, "stitchvm": 1}, micro_batch=2)
+    groups = costs.sd35m_nft_groups(group=4, resolution=64, num_steps=3, stop=1, train_timesteps={"terminal": 2, "stitchvm": 1}, micro_batch=4)
     transformer, decoder = built["sd35_medium_transformer"], built["sd35_medium_vae"].decoder
     lora_layer = next(m for m in transformer.modules() if hasattr(m, "lora_A"))
     calls = {"velocity": [], "decode": 0}  # velocity: (batch, adapter on) per transformer call
@@ -61,10 +61,10 @@ def test_a_real_scale_nft_group_does_the_learner_and_rollout_work_of_its_estimat
         calls["velocity"], calls["decode"] = [], 0
         flops[estimator] = count_flops(run)
         steps, timesteps = (3, 2) if estimator == "terminal" else (1, 1)
-        # sampling: the whole group per step with the LoRA; training, per micro-batch of 2: the old
-        # velocity (LoRA), the reference's (adapter off) and the current one (LoRA, with autograd)
-        assert calls["velocity"] == [(4, True)] * steps + [(2, True), (2, False), (2, True)] * (timesteps * 2)
-        assert calls["decode"] == (2 if estimator == "terminal" else 0)  # stitchvm scores z_tau without decoding
+        # sampling: the whole group per step with the LoRA; training, per micro-batch (here the group):
+        # the old velocity (LoRA), the reference's (adapter off) and the current one (LoRA, with autograd)
+        assert calls["velocity"] == [(4, True)] * steps + [(4, True), (4, False), (4, True)] * timesteps
+        assert calls["decode"] == (1 if estimator == "terminal" else 0)  # one micro-batch; stitchvm scores z_tau without decoding
     lora = [p for n, p in transformer.named_parameters() if "lora" in n]
     assert lora and all(p.grad is not None for p in lora) and all(p.grad is None for n, p in transformer.named_parameters() if "lora" not in n)
     assert flops["terminal"] > 1.5 * flops["stitchvm"]

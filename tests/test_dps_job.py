@@ -21,7 +21,7 @@ def load_job():
 
 
 def test_dps_job_runs_every_method_in_its_own_process(tmp_path, toy_value_dir):
-    methods = ["none", "tweedie", "stitchvm", "fk_tweedie", "fk_stitchvm"]
+    methods = ["none", "tweedie", "stitchvm", "fk_stitchvm"]
     args = [f"output_dir={tmp_path}", f"value_model={toy_value_dir}", f"methods=[{','.join(methods)}]", "prompts=[a red circle on the left, a green triangle on the right]",
             "images_per_prompt=2", "guidance.num_steps=6", "guidance.particles=2", "guidance.resample_every=2"]
     summary = load_job().main(args)

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from conftest import NFT_TINY as TINY
 from conftest import load_job
+from stitchvm_rl import runtime
 from stitchvm_rl.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,28 +75,6 @@ def test_nft_job_trains_evaluates_and_exports_a_lora_diffusers_samples_from(nft_
     assert tuned["rewards"]["toy_clip"] != base["rewards"]["toy_clip"]
 
 
-def test_dead_rollout_actors_and_a_learner_killed_mid_checkpoint_change_nothing(nft_out, straight):
-    """Each rollout actor dies hard in its 2nd call (Ray restarts it and retries; the learner sees the
-    restarted actor's stale adapter and redoes those groups), and rank 1 dies while writing epoch 1's
-    checkpoint (Ray Train restarts the group from epoch 0's; the half-written one was never
-    registered): the run ends as the uninterrupted one. Then a truncated checkpoint file is found by
-    its checksum, never loaded."""
-    job = load_job("nft")
-    job.main([f"output_dir={nft_out}", "run_name=faults", "epochs=3", "testing.crash_on_call=2", "testing.crash_in_checkpoint=1", *TINY])
-    assert (nft_out / "faults" / ".crash-injected").is_file()
-    lines = _epochs(nft_out / "faults")
-    assert [m["epoch"] for m in lines] == [0, 1, 1, 2]  # epoch 1 ran again after the restart
-    assert lines[-1]["resumed_from_epoch"] == 1
-    assert sum(m["rollouts_redone"] for m in lines) >= 1 and all(m["samples"] == 4 for m in lines)
-    _assert_same_training(lines, _epochs(nft_out / "straight"))
-
-    checkpoints = sorted(p.parent for p in (nft_out / "ray" / "faults").rglob("checksums-rank0.json"))
-    victim = max((p for p in checkpoints[-1].rglob("*") if p.is_file() and p.suffix == ".pt"), key=lambda p: p.stat().st_size)
-    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # a torn write / a full disk
-    with pytest.raises(RuntimeError, match="sha256 mismatch"):
-        job.main([f"output_dir={nft_out}", "run_name=faults", "epochs=4", "train.max_failures=0", *TINY])
-
-
 def test_a_killed_driver_is_resumed_by_running_the_same_command_again(nft_out, straight):
     """The whole driver (and the local Ray cluster it started) dies with SIGKILL after a checkpoint;
     the same command again resumes the run and ends as the uninterrupted one: same losses, same
@@ -131,20 +110,50 @@ def test_a_killed_driver_is_resumed_by_running_the_same_command_again(nft_out, s
     assert len(ids) == 1 and lines[0]["wandb_run_id"] and list((nft_out / "driver" / "wandb").glob(f"offline-run-*-{lines[0]['wandb_run_id']}"))
 
 
-def test_async_bridge_rollouts_lag_one_version_and_a_restarted_learner_replays_exactly(nft_out, bridge_args, straight_bridge):
+def test_async_bridge_run_survives_dead_rollout_actors_and_a_learner_killed_mid_checkpoint(nft_out, bridge_args, straight_bridge):
     """rollout.async + stitchvm: epoch n + 1 is sampled with v_n while epoch n trains, anchored at
-    z_tau (tau > 0). Rank 1 dies while writing epoch 1's checkpoint: the group restarts from epoch
-    0's, replays epoch 1 with the adapter it was sampled with (v_0, kept in the checkpoint), and
-    every epoch equals the uninterrupted run."""
+    z_tau (tau > 0). Each rollout actor dies hard in its 5th call, an epoch sampled with v_1 or later
+    (Ray restarts it and retries; the learner sees the restarted actor's stale v_0 and redoes those
+    groups; a death in an epoch sampled with v_0 would need no redo), and rank 1 dies while
+    writing epoch 1's checkpoint (Ray Train restarts the group from epoch 0's; the half-written one
+    was never registered): the group replays epoch 1 with the adapter it was sampled with (v_0, kept
+    in the checkpoint), and every epoch equals the uninterrupted run. Then a truncated checkpoint
+    file is found by its checksum."""
     straight = _epochs(nft_out / "straight_bridge")
     assert [m["version_lag"] for m in straight] == [0, 1, 1, 1]
     assert straight_bridge["estimator"] == "stitchvm" and all(m["rollouts_redone"] == 0 for m in straight)
     assert (nft_out / "straight_bridge" / "config.yaml").read_text().count("async: true") == 1
-    load_job("nft").main([f"output_dir={nft_out}", "run_name=bridge_crash", "epochs=4", "testing.crash_in_checkpoint=1", *TINY, *bridge_args])
+    args = ["testing.crash_on_call=5", "testing.crash_in_checkpoint=1", *TINY, *bridge_args]
+    load_job("nft").main([f"output_dir={nft_out}", "run_name=bridge_crash", "epochs=4", *args])
+    assert (nft_out / "bridge_crash" / ".crash-injected").is_file()
     lines = _epochs(nft_out / "bridge_crash")
     assert [m["epoch"] for m in lines] == [0, 1, 1, 2, 3] and lines[-1]["resumed_from_epoch"] == 1
     assert [m["version_lag"] for m in lines] == [0, 1, 1, 1, 1]
+    assert sum(m["rollouts_redone"] for m in lines) >= 1 and all(m["samples"] == 4 for m in lines)
     _assert_same_training(lines, straight)
+
+    checkpoints = sorted(p.parent for p in (nft_out / "ray" / "bridge_crash").rglob("checksums-rank0.json"))
+    victim = max((p for p in checkpoints[-1].rglob("*") if p.is_file() and p.suffix == ".pt"), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # a torn write / a full disk
+    with pytest.raises(ValueError, match="sha256 mismatch"):
+        runtime.verify_checkpoint(checkpoints[-1])
+
+
+def test_a_checkpoint_that_fails_its_checksum_is_never_loaded(tmp_path, monkeypatch):
+    """resume_state checks the manifest before DeepSpeed reads a byte of the checkpoint."""
+    import ray.train
+
+    (tmp_path / "engine").mkdir()
+    (tmp_path / "engine" / "mp_rank_00_model_states.pt").write_bytes(b"the whole file")
+    (tmp_path / "checksums-rank0.json").write_text(json.dumps({"engine/mp_rank_00_model_states.pt": runtime._sha256(tmp_path / "engine" / "mp_rank_00_model_states.pt")}))
+    loaded = []
+    engine = type("Engine", (), {"load_checkpoint": lambda self, d, **kw: loaded.append(d) or (None, {"epoch": 3})})()
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint.from_directory(str(tmp_path)))
+    assert runtime.resume_epoch(engine) == 4 and len(loaded) == 1
+    (tmp_path / "engine" / "mp_rank_00_model_states.pt").write_bytes(b"the whole")  # truncated
+    with pytest.raises(ValueError, match="sha256 mismatch"):
+        runtime.resume_epoch(engine)
+    assert len(loaded) == 1
 
 
 @pytest.mark.parametrize(

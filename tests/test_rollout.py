@@ -34,10 +34,16 @@ def _actor(estimator, value_models=()):
     return ray.remote(RolloutWorker).remote("toyworld", RolloutConfig(estimator=estimator, **CFG), {"toy_clip": 1.0}, list(value_models))
 
 
-def test_terminal_rollouts_are_clean_samples_scored_by_the_pixel_reward():
+@pytest.fixture(scope="module")
+def terminal_actors():
+    """Two terminal actors, shared: the rollout test reads them at version 0, then the sync test loads an adapter."""
+    return _actor("terminal"), _actor("terminal")
+
+
+def test_terminal_rollouts_are_clean_samples_scored_by_the_pixel_reward(terminal_actors):
     import ray
 
-    a, b = _actor("terminal"), _actor("terminal")
+    a, b = terminal_actors
     batch, again = ray.get([a.rollout.remote(PROMPTS, 11), b.rollout.remote(PROMPTS, 11)])
     assert batch.anchors.shape == (6, 16, 8, 8) and bool((batch.tau == 0).all()) and batch.version == 0
     assert _prompts(batch) == [PROMPTS[0]] * 3 + [PROMPTS[1]] * 3
@@ -93,10 +99,10 @@ def test_an_actor_answers_with_the_checksum_of_the_adapter_it_holds_not_the_one_
     ray.kill(actor)
 
 
-def test_adapter_sync_answers_version_and_checksum_and_changes_the_samples():
+def test_adapter_sync_answers_version_and_checksum_and_changes_the_samples(terminal_actors):
     import ray
 
-    actor = _actor("terminal")
+    actor = terminal_actors[1]
     before = ray.get(actor.rollout.remote(PROMPTS[:1], 3))
     learner = SD3Policy.from_pretrained("toyworld")
     learner.add_lora(CFG["lora_rank"], CFG["lora_alpha"])
