@@ -111,6 +111,16 @@ def _shutdown_ray_at_exit():
         ray.shutdown()
 
 
+SHARED_RUNS = {"straight", "straight_bridge", "real_scale_costs"}
+
+
+def pytest_collection_modifyitems(items):
+    """A test that reads a shared end-to-end run is slow too: `pytest -m "not slow"` skips those runs."""
+    for item in items:
+        if SHARED_RUNS & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
+
 def load_job(name: str):
     """A job script as a module (jobs/ is not a package): `load_job("nft").main([...])`."""
     import importlib.util

@@ -11,6 +11,7 @@ from stitchvm_rl import benchmark
 from stitchvm_rl.policy import LORA_TARGETS, SD3Policy
 
 
+@pytest.mark.slow
 def test_quick_bench_runs_every_cpu_section(tmp_path):
     """Every CPU section in quick mode, in this process. Two are tested apart on what the session has
     already run: real_scale (the session's shared run of it) and nft_reach (its two NFT jobs are the

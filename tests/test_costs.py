@@ -10,6 +10,7 @@ def test_flop_counter_counts_a_matmul():
     assert count_flops(lambda: a @ b) == 2 * 8 * 16 * 4
 
 
+@pytest.mark.slow
 def test_real_scale_value_model_is_a_fraction_of_tweedie_scoring():
     costs = sd35m_value_model_costs(i=4, j=1, resolution=1024)
     params, flops = costs["params"], costs["forward_flops"]
@@ -39,6 +40,7 @@ def test_a_stitchvm_dps_step_costs_less_than_a_tweedie_one_at_real_scale(real_sc
     assert "stitchvm_shared" not in real_scale_costs["dps_step"]["512_cfg0"]["step"]  # without CFG: no unconditional pass to share
 
 
+@pytest.mark.slow
 def test_a_real_scale_nft_group_does_the_learner_and_rollout_work_of_its_estimator(monkeypatch):
     """`sd35m_nft_groups` (timed on a GPU by jobs/bench.py) on `meta`: count what each estimator runs."""
     from stitchvm_rl import costs, zoo

@@ -20,6 +20,7 @@ def load_job():
     return module
 
 
+@pytest.mark.slow
 def test_dps_job_runs_every_method_in_its_own_process(tmp_path, toy_value_dir):
     methods = ["none", "tweedie", "stitchvm", "fk_stitchvm"]
     args = [f"output_dir={tmp_path}", f"value_model={toy_value_dir}", f"methods=[{','.join(methods)}]", "prompts=[a red circle on the left, a green triangle on the right]",

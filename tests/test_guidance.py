@@ -222,6 +222,7 @@ def test_unknown_method_and_missing_value_model_are_clear_errors(tiny_policy):
 
 
 @pytest.mark.parametrize("method", ["stitchvm", "tweedie"])
+@pytest.mark.slow
 def test_compiled_guidance_samples_the_same_images_as_eager(tmp_path, monkeypatch, stitched, method):
     import functools
 

@@ -141,6 +141,7 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients():
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_a_compiled_learner_gives_the_same_loss_and_lora_gradients(monkeypatch):
     """train.compile: the compiled blocks must follow every adapter switch of the NFT step (old,
     none = reference, default), or the loss would silently use the wrong velocities."""

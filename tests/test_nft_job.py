@@ -76,11 +76,16 @@ def test_nft_job_trains_evaluates_and_exports_a_lora_diffusers_samples_from(nft_
 
 
 def test_a_killed_driver_is_resumed_by_running_the_same_command_again(nft_out, straight):
-    """The whole driver (and the local Ray cluster it started) dies with SIGKILL after a checkpoint;
-    the same command again resumes the run and ends as the uninterrupted one: same losses, same
-    exported LoRA, the same wandb run, the step axis continuing."""
+    """The driver dies with SIGKILL after a checkpoint -- on a cluster that lives on (here the
+    session's local one, joined through RAY_ADDRESS as a submitted job joins its cluster), so its
+    actors and learner ranks die with their owner; the same command again resumes the run and ends
+    as the uninterrupted one: same losses, same exported LoRA, the same wandb run, the step axis
+    continuing."""
+    import ray
+
+    runtime.init_ray()
     args = [sys.executable, str(ROOT / "jobs" / "nft.py"), f"output_dir={nft_out}", "run_name=driver", "epochs=4", "wandb.mode=offline", "wandb.project=test", *TINY]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     first = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     metrics, deadline = nft_out / "driver" / "metrics.jsonl", time.time() + 600
     try:
@@ -91,7 +96,7 @@ def test_a_killed_driver_is_resumed_by_running_the_same_command_again(nft_out, s
                 break
             time.sleep(0.5)
     finally:
-        os.killpg(first.pid, signal.SIGKILL)  # the driver and everything it started
+        os.killpg(first.pid, signal.SIGKILL)  # the driver process
         first.wait()
     assert first.returncode == -signal.SIGKILL
     assert max(m["epoch"] for m in _metrics(nft_out / "driver")) < 3  # killed mid-run
@@ -154,6 +159,15 @@ def test_a_checkpoint_that_fails_its_checksum_is_never_loaded(tmp_path, monkeypa
     with pytest.raises(ValueError, match="sha256 mismatch"):
         runtime.resume_epoch(engine)
     assert len(loaded) == 1
+
+
+@pytest.mark.slow
+def test_a_job_asking_for_more_than_the_cluster_has_says_what_it_waits_for_and_gives_up(nft_out, capsys):
+    """A GPU per rollout actor on a CPU-only cluster: within resource_wait_s the job says what it is
+    waiting for, then fails with that message instead of hanging."""
+    with pytest.raises(RuntimeError, match=r"gave up: waiting \d+ s for \d+ of \d+ rollout actors, each needing \{CPU: 1, GPU: 1\}"):
+        load_job("nft").main([f"output_dir={nft_out}", "run_name=gpu", "rollout_gpus=1", "resource_wait_s=2", *TINY])
+    assert "waiting" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,10 @@
 """Acceptance: `ray start --head` on loopback, then `ray job submit --runtime-env
 cluster/runtime_env.yaml -- python jobs/nft.py` (the commands of README.md and cluster/README.md)
-finishes SUCCEEDED and writes its run directory; a job that asks for more than the cluster has says
-what it waits for and gives up with that message. The head runs in the foreground (`--block`) and is
-stopped by signalling that process, never by `ray stop` (which would kill every Ray on the machine)."""
+runs the default job to SUCCEEDED, and it learns. The head runs in the foreground (`--block`) and is
+stopped by signalling that process, never by `ray stop` (which would kill every Ray on the machine).
+(A job asking for more than the cluster has: tests/test_nft_job.py.)"""
 
+import json
 import os
 import signal
 import subprocess
@@ -12,12 +13,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 GCS_PORT, DASHBOARD_PORT = 6391, 8276
 
 
-TINY = ["epochs=1", "eval_every=1", "eval_prompts=2", "groups_per_epoch=2", "rollout.estimator=terminal", "rollout.group_size=2",
-        "rollout.num_steps=3", "rollout.stop_min=1", "rollout.stop_max=2", "rollout.lora_rank=4", "rollout.lora_alpha=8"]
+# the default job with half its evaluation prompts, evaluated at 0, 10 and 20 only (the README's
+# run, with every evaluation, is measured in docs/nft.md)
+DEFAULT_JOB = ["eval_prompts=144", "eval_every=10", "drift_every=10"]
 
 
 # `ray job submit` tails the job's logs over a WebSocket; on a loaded 2-core machine that socket
@@ -33,10 +37,15 @@ def wait_until_finished(client, timeout_s: float = 600) -> None:
         time.sleep(2)
 
 
-def test_ray_job_submit_runs_the_nft_job_and_reports_missing_resources(tmp_path):
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_default_nft_job_which_learns_with_the_committed_value_model(tmp_path):
+    """The stitchvm estimator scores with the committed toy value model (nothing is built), and the
+    held-out reward rises well beyond its paired standard error (10 epochs were not enough:
+    +0.031 +- 0.019)."""
     ray = str(Path(sys.executable).with_name("ray"))
     env = {
         **os.environ,
+        "STITCHVM_CACHE": str(tmp_path / "cache"),  # the job's driver inherits the head's environment
         "RAY_AUTH_MODE": "disabled",  # Ray 2.60 turns token auth on for local clusters
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keep the node on 127.0.0.1
         "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{DASHBOARD_PORT}",
@@ -56,7 +65,7 @@ def test_ray_job_submit_runs_the_nft_job_and_reports_missing_resources(tmp_path)
         submit = [ray, "job", "submit", f"--address=http://127.0.0.1:{DASHBOARD_PORT}", "--runtime-env", "cluster/runtime_env.yaml", "--", "python", "jobs/nft.py"]
         not_ready = ("Failed to connect", "Connection refused", "please try again later")  # head still starting its job agent
         for _ in range(60):
-            result = subprocess.run([*submit, f"output_dir={out}", *TINY], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+            result = subprocess.run([*submit, f"output_dir={out}", *DEFAULT_JOB], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
             if not any(text in result.stdout + result.stderr for text in not_ready):
                 break
             time.sleep(2)
@@ -69,19 +78,13 @@ def test_ray_job_submit_runs_the_nft_job_and_reports_missing_resources(tmp_path)
             assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
         jobs = client.list_jobs()
         assert [job.status for job in jobs] == [JobStatus.SUCCEEDED], client.get_job_logs(jobs[0].submission_id)[-3000:]
-        for name in ("config.yaml", "metrics.jsonl", "summary.json"):
-            assert (out / "nft" / name).is_file(), name
-
-        # a GPU per rollout actor on a CPU-only cluster: within resource_wait_s the job says what it
-        # is waiting for, then fails with that message instead of hanging
-        start = time.monotonic()
-        short = subprocess.run([*submit, f"output_dir={out}", "run_name=gpu", "rollout_gpus=1", "resource_wait_s=10", *TINY], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert short.returncode != 0 and time.monotonic() - start < 120
-        wait_until_finished(client)
-        failed = [job for job in client.list_jobs() if job.status == JobStatus.FAILED]
-        assert (failed[0].end_time - failed[0].start_time) / 1000 < 120  # the job's own time, whatever the CLI saw
-        logs = client.get_job_logs(failed[0].submission_id)
-        assert "waiting" in logs and "rollout actors, each needing {CPU: 1, GPU: 1}" in logs and "gave up" in logs, logs[-2000:]
+        run = out / "nft"
+        assert not (tmp_path / "cache" / "value_models").exists()
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["estimator"] == "stitchvm" and summary["epochs"] == 20 and summary["is_toy"]
+        assert [e["global_step"] for e in summary["eval"]] == [0, 10, 20] and [d["global_step"] for d in summary["drift"]] == [10, 20]
+        assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file() and (run / "reward_curve.png").is_file()
+        assert summary["eval_reward_gain"] > 2 * summary["eval_reward_gain_se"] > 0, (summary["eval_reward_gain"], summary["eval_reward_gain_se"])
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)

@@ -154,6 +154,7 @@ def test_no_user_file_is_ever_unpickled():
     assert not offences, offences
 
 
+@pytest.mark.slow
 def test_api_keys_never_reach_ray_logs_or_the_run_directory(tmp_path):
     """A job's Ray workers get WANDB_API_KEY from the environment, but Ray's logs (which record runtime
     envs in clear) and the run directory never hold it."""
@@ -287,6 +288,7 @@ def test_an_adapter_that_fits_no_module_is_refused(tiny_policy):
         policy.load_adapter(AdapterState(renamed, 1, tensor_checksum(renamed)), "old")
 
 
+@pytest.mark.slow
 def test_a_sync_whose_answer_differs_from_what_was_sent_stops_the_run():
     """The learner compares each actor's checksum of what it now holds with what it sent: an actor
     that stored the adapter differently (here: in fp16) stops the run with a clear error."""
@@ -308,6 +310,7 @@ def test_a_sync_whose_answer_differs_from_what_was_sent_stops_the_run():
         ray.kill(good), ray.kill(lossy)
 
 
+@pytest.mark.slow
 def test_a_failing_learner_stops_the_job_with_its_own_error_in_one_line(tmp_path):
     """Ray Train wraps a rank's exception in a TrainingFailedError carrying the remote traceback;
     the jobs raise the rank's own error instead, in one line that names the stage."""
@@ -324,6 +327,7 @@ def test_a_failing_learner_stops_the_job_with_its_own_error_in_one_line(tmp_path
     assert "ValueError: rank-side failure" in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_learner_processes_unpickle_checkpoints_tensors_only(tmp_path):
     """DeepSpeed calls torch.load(weights_only=False); in a learner process (after setup_deepspeed)
     a checkpoint file that carries code is refused instead of run."""

@@ -40,6 +40,7 @@ def terminal_actors():
     return _actor("terminal"), _actor("terminal")
 
 
+@pytest.mark.slow
 def test_terminal_rollouts_are_clean_samples_scored_by_the_pixel_reward(terminal_actors):
     import ray
 
@@ -57,6 +58,7 @@ def test_terminal_rollouts_are_clean_samples_scored_by_the_pixel_reward(terminal
     assert torch.allclose(r.view(2, 3).mean(1), torch.full((2,), 0.5), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_stitchvm_rollouts_stop_early_per_group_and_carry_the_value(value_dir):
     import ray
 
@@ -82,6 +84,7 @@ def test_stitchvm_rollouts_stop_early_per_group_and_carry_the_value(value_dir):
     assert batch.tau[0] == pytest.approx(float(sigmas[k]))
 
 
+@pytest.mark.slow
 def test_an_actor_answers_with_the_checksum_of_the_adapter_it_holds_not_the_one_it_was_sent():
     """The answer is read back from the actor's model: one holding its weights in bfloat16 answers
     the checksum of the rounded adapter, which the learner's check then refuses as a different one."""
@@ -99,6 +102,7 @@ def test_an_actor_answers_with_the_checksum_of_the_adapter_it_holds_not_the_one_
     ray.kill(actor)
 
 
+@pytest.mark.slow
 def test_adapter_sync_answers_version_and_checksum_and_changes_the_samples(terminal_actors):
     import ray
 
@@ -132,6 +136,7 @@ def test_bad_rollout_settings_stop_early(overrides, values, message):
         check_rollout_config(RolloutConfig(**{**CFG, **overrides}), values)
 
 
+@pytest.mark.slow
 def test_a_compiled_rollout_worker_samples_scores_and_syncs_as_an_eager_one(value_dir, monkeypatch):
     import functools
 

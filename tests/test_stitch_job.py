@@ -30,6 +30,7 @@ SMALL = [
 ]
 
 
+@pytest.mark.slow
 def test_stitch_job_survives_a_killed_learner_and_exports_the_value_model(tmp_path):
     job = load_job("stitch")
     summary = job.main([f"output_dir={tmp_path}", "testing.crash_after_epoch=0", *SMALL, "train.epochs=3"])
@@ -53,21 +54,27 @@ def test_stitch_job_survives_a_killed_learner_and_exports_the_value_model(tmp_pa
     assert model.config.head_trained and not torch.equal(model.head.blocks[0].attn.to_q.weight, base.attn.to_q.weight)  # train.train_head
     # stage 2 learned: on held-out images the finetuned model distils the reward model better than
     # the stage-1 model it started from, at every noise level
+    held_out = _held_out_batch()
     for t in (0.25, 0.5, 0.75):
-        init, trained = (_held_out_loss(run / name, t) for name in ("init", "value_model"))
+        init, trained = (_held_out_loss(run / name, held_out, t) for name in ("init", "value_model"))
         assert trained < 0.9 * init, (t, trained, init)
 
 
-def _held_out_loss(model_dir: Path, t: float) -> float:
-    """The stage-2 distillation loss (embedding + tokens) on 16 fresh policy images noised to t."""
+def _held_out_batch() -> dict:
+    """16 fresh policy images (latents z0 and the teacher's targets), for the stage-2 loss."""
     prompts = toyworld.CAPTIONS[:16]
     rows = PolicyImages("toyworld", 20, 1.0, 0)({"prompt": np.array(prompts, dtype=object), "seed": np.arange(16) + 7_000_000})
     batch = {k: torch.as_tensor(v) for k, v in TeacherTargets("toyworld", "toyworld-clip", "", encode=False)(rows).items() if k != "prompt"}
+    return {**batch, "prompt_embeds": SD3Policy.from_pretrained("toyworld").encode_prompts(prompts)}
+
+
+def _held_out_loss(model_dir: Path, batch: dict, t: float) -> float:
+    """The stage-2 distillation loss (embedding + tokens) on the held-out images noised to t."""
     model = StitchedValueModel.from_pretrained(model_dir)
     z0 = batch["z0"]
     z_t = (1 - t) * z0 + t * torch.randn(z0.shape, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        embeds, tokens = model.embed(z_t, torch.full((16,), t), SD3Policy.from_pretrained("toyworld").encode_prompts(prompts))
+        embeds, tokens = model.embed(z_t, torch.full((len(z0),), t), batch["prompt_embeds"])
         return distill_loss(embeds, tokens, batch, token_weight=1.0)[0].item()
 
 
