@@ -197,3 +197,40 @@ def test_training_timesteps_lie_strictly_above_the_anchors_noise_level():
     assert sorted(clean.tolist(), reverse=True) == schedule[:-1].tolist()
     some = [train_timesteps(schedule, 0.0, 3, torch.Generator().manual_seed(s)).tolist() for s in range(4)]
     assert all(len(s) == 3 and len(set(s)) == 3 for s in some) and len({tuple(s) for s in some}) > 1  # a random draw without repeats
+
+
+def test_ranks_see_the_whole_epochs_scores_with_group_ids_unique_over_the_epoch(tmp_path):
+    """gather_scores (here one gloo rank): requests in order, each request's group ids shifted past
+    those before it, so per-group normalisation never mixes two prompts; metrics average per step."""
+    import torch.distributed as dist
+
+    from stitchvm_rl import across_ranks
+    from stitchvm_rl.rollout import RolloutBatch
+
+    def batch(scores, groups, version):
+        return RolloutBatch(anchors=torch.zeros(len(scores)), tau=torch.zeros(len(scores)), groups=torch.tensor(groups), group_prompts=[], group_embeds=None,
+                            scores=torch.tensor(scores), version=version, estimator="terminal", seconds_sample=1.0, seconds_score=0.5)
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mine = {1: batch([5.0, 6.0], [0, 0], 3), 0: batch([1.0, 2.0, 3.0, 4.0], [0, 0, 1, 1], 3), 2: batch([7.0, 8.0], [0, 1], 3)}
+        epoch = across_ranks.gather_scores(mine, 3)
+        assert epoch.scores.tolist() == [1, 2, 3, 4, 5, 6, 7, 8] and epoch.groups.tolist() == [0, 0, 1, 1, 2, 2, 3, 4]
+        assert epoch.sizes == [4, 2, 2] and epoch.versions == [3, 3, 3] and epoch.seconds_sample == 3.0 and epoch.seconds_score == 1.5
+        assert {n: v.tolist() for n, v in epoch.per_request(epoch.groups.float()).items()} == {0: [0, 0, 1, 1], 1: [2, 2], 2: [3, 4]}
+        assert across_ranks.mean_over_ranks({"loss": 6.0, "kl": 3.0}, 3) == {"kl": 1.0, "loss": 2.0}
+        assert across_ranks.sum_over_ranks(4) == 4
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_prompt_schedule_is_a_function_of_seed_and_epoch():
+    from stitchvm_rl import prompt_schedule
+
+    prompts = [f"prompt {n}" for n in range(5)]
+    first = prompt_schedule.epoch_requests(prompts, 4, seed=1, epoch=2)
+    assert first == prompt_schedule.epoch_requests(prompts, 4, seed=1, epoch=2) and all(len(r) == 1 for r in first)
+    assert len({r[0] for r in first}) == 4  # a permutation: no prompt twice while there are enough
+    assert first != prompt_schedule.epoch_requests(prompts, 4, seed=1, epoch=3)
+    assert sorted(prompt_schedule.epoch_prompts(prompts, 10, seed=0, epoch=0)) == sorted(prompts * 2)  # more groups than prompts: each twice
+    assert prompt_schedule.epoch_seed(1, 2) != prompt_schedule.epoch_seed(1, 3)
