@@ -43,6 +43,7 @@ from stitchvm_rl import benchmark, rewards, zoo
 from stitchvm_rl.bench_table import table
 from stitchvm_rl.config import ConfigError, Range, did_you_mean, load_config, run_main
 from stitchvm_rl.tracking import RunDir
+from stitchvm_rl.value import default_value_model
 from stitchvm_rl.value.model import check_value_model_dir
 
 
@@ -109,7 +110,7 @@ def check(cfg: BenchConfig) -> None:
     if cfg.value_model:
         check_value_model_dir(cfg.value_model, cfg.backbone)
     elif VALUE_SECTIONS & set(cfg.sections):
-        sections.value_model_dir(cfg)  # refuses a backbone that has no default value model
+        default_value_model(cfg.backbone)  # refuses a backbone that has no default value model
 
 
 def load_job(name: str):
