@@ -23,7 +23,7 @@ from typing import Annotated, Literal
 import torch
 
 from stitchvm_rl import prompts as prompt_lists
-from stitchvm_rl import rewards, runtime, toyworld, zoo
+from stitchvm_rl import rewards, runtime, storage, toyworld, zoo
 from stitchvm_rl.config import ConfigError, Range, check_names, did_you_mean, load_config, run_main
 from stitchvm_rl.guidance import GuidanceConfig, run_guided
 from stitchvm_rl.tracking import RunDir
@@ -43,8 +43,10 @@ class DPSConfig:
     """SD3 pipeline: hub id, local dir, 'toyworld'."""
     rewards: dict[str, float] = field(default_factory=lambda: {"toy_clip": 1.0})
     """Pixel rewards {name: weight}: Tweedie's value and the final score of every method."""
+    reward_sources: dict[str, str] = field(default_factory=dict)
+    """Where published rewards' weights come from {name or aesthetic_head: hub id, path on every node, or s3:// / gs:// URI} (empty: rewards.PUBLISHED's)."""
     value_model: str = ""
-    """Value-model directory for stitchvm (empty: the toy world's committed one)."""
+    """Value-model directory or storage URI for stitchvm (empty: the toy world's committed one)."""
     methods: list[str] = field(default_factory=lambda: ["none", "tweedie", "stitchvm", "fk_stitchvm"])
     """Methods to run: none, tweedie, stitchvm, fk_tweedie, fk_stitchvm."""
     scales: dict[str, float] = field(default_factory=lambda: {"tweedie": 0.02, "stitchvm": 0.02})
@@ -76,7 +78,7 @@ class DPSConfig:
 def check(cfg: DPSConfig) -> None:
     """Refuse inconsistent settings before any model is loaded."""
     zoo.check_source(cfg.backbone, "backbone")
-    rewards.check_reward_weights(cfg.rewards, "rewards")
+    rewards.check_reward_weights(cfg.rewards, "rewards", cfg.reward_sources)
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown or not cfg.methods:
         hint = did_you_mean(unknown[0], METHODS) if unknown else ""
@@ -102,7 +104,8 @@ def main(argv: list[str]) -> dict:
     run = RunDir(cfg.output_dir, cfg.run_name, cfg)
     runtime.init_ray(cfg.ray_cpus)
     needs_value = any(m.removeprefix("fk_") == "stitchvm" for m in cfg.methods)
-    value_model = cfg.value_model or (default_value_model(cfg.backbone) if needs_value else "")
+    value_model = storage.local_source(cfg.value_model) or (default_value_model(cfg.backbone) if needs_value else "")
+    backbone, sources = storage.local_source(cfg.backbone), {k: storage.local_source(v) for k, v in cfg.reward_sources.items()}  # absolute: the tasks run on any node
 
     # one fresh worker process per method (max_calls=1), one after another, so each peak is its own
     task = ray.remote(max_calls=1, num_cpus=1, num_gpus=1 if cfg.device == "cuda" else 0)(run_guided)
@@ -113,11 +116,11 @@ def main(argv: list[str]) -> dict:
         for method in cfg.methods:
             print(f"running {method} ...", flush=True)
             scale = cfg.scales.get(method.removeprefix("fk_"), 0.0)
-            results[method] = ray.get(task.remote(method, cfg.backbone, cfg.rewards, value_model, todo, cfg.guidance, scale, cfg.batch_size, cfg.resolution, cfg.seed, cfg.device, cfg.dtype, cfg.compile))
+            results[method] = ray.get(task.remote(method, backbone, cfg.rewards, value_model, todo, cfg.guidance, scale, cfg.batch_size, cfg.resolution, cfg.seed, cfg.device, cfg.dtype, cfg.compile, sources))
     finally:
         runtime.request_resources([])
 
-    reward = rewards.build_rewards(cfg.rewards)
+    reward = rewards.build_rewards(cfg.rewards, cfg.reward_sources)
     summary = {"methods": {}}
     for method, out in results.items():
         scores = reward.components(out["images"], todo)

@@ -10,11 +10,15 @@ Ray Train runs the NFT updates, the `old` adapter is synced back to the actors a
         python jobs/nft.py --config jobs/configs/nft_sd35m_stitchvm.yaml    # SD3.5-M on a GPU cluster
 
 With estimator=stitchvm and no `value_models`, the toy world's committed value model is used (the
-one `python jobs/stitch.py` builds with its defaults); other backbones name theirs. Writes outputs/<run_name>/: config.yaml,
+one `python jobs/stitch.py` builds with its defaults); other backbones name theirs. Writes <storage_path>/<run_name>/files/
+(what the learner ranks make, on whichever node they run) and mirrors it into outputs/<run_name>/: config.yaml,
 metrics.jsonl (one line per epoch, learner rank 0), eval_rewards.jsonl (every evaluation's per-image
 rewards: the gain over the base policy is paired, its standard error is in the summary), samples/ (evaluation grids), reward_curve.png,
 lora/ (the EMA adapter as a diffusers LoRA: `python jobs/sample.py lora=outputs/nft/lora`) and
 summary.json. Re-running the same run_name resumes from the last checkpoint under storage_path.
+On a cluster of several machines storage_path must be shared by every node (a mount, or s3:// / gs://);
+under `ray job submit` relative paths are taken from $STITCHVM_JOB_ROOT (default ~/stitchvm-rl) on
+the head, never from Ray's temporary copy of the working directory (docs/real-runs.md, "Storage").
 """
 
 import dataclasses
@@ -25,7 +29,7 @@ from pathlib import Path
 from typing import Annotated
 
 from stitchvm_rl import prompts as prompt_lists
-from stitchvm_rl import rewards, runtime, toyworld, zoo
+from stitchvm_rl import rewards, runtime, storage, toyworld, zoo
 from stitchvm_rl.config import ConfigError, Range, check_names, load_config, run_main, to_dict
 from stitchvm_rl.learner import NFTTrainConfig, run_learner
 from stitchvm_rl.report import paired_gain
@@ -42,15 +46,17 @@ class NFTConfig:
     run_name: str = "nft"
     """Name of the run folder (and of the Ray Train run: re-running the same name resumes)."""
     output_dir: str = "outputs"
-    """Where run folders go."""
+    """Where the driver mirrors finished run folders (relative: from the working directory; in a submitted job from $STITCHVM_JOB_ROOT)."""
     storage_path: str = ""
-    """Ray Train checkpoint storage: shared FS, s3:// or gs:// on clusters (empty: <output_dir>/ray)."""
+    """Checkpoints and run files, written by the workers: a path every node mounts, s3:// or gs:// (empty: <output_dir>/ray, one machine only)."""
     backbone: str = "toyworld"
     """SD3 policy: hub id, local dir, 'toyworld'."""
     rewards: dict[str, float] = field(default_factory=lambda: {"toy_clip": 1.0})
     """Pixel rewards {name: weight} for terminal / tweedie / mc and for evaluation."""
+    reward_sources: dict[str, str] = field(default_factory=dict)
+    """Where published rewards' weights come from {name or aesthetic_head: hub id, path on every node, or s3:// / gs:// URI} (empty: rewards.PUBLISHED's)."""
     value_models: list[str] = field(default_factory=list)
-    """Value-model directories summed by estimator=stitchvm (empty: the toy world's committed one)."""
+    """Value-model directories or storage URIs summed by estimator=stitchvm (empty: the toy world's committed one)."""
     prompts: list[str] = field(default_factory=list)
     """Training prompts (empty: the toy captions)."""
     prompt_file: str = ""
@@ -81,6 +87,10 @@ class NFTConfig:
     """GPUs per rollout actor (a fraction shares a GPU, e.g. with learner ranks)."""
     rollout_resources: dict[str, float] = field(default_factory=dict)
     """Custom resources per rollout actor, e.g. {rollout: 1} on clusters from cluster/*.yaml."""
+    rollout_max_restarts: Annotated[int, Range(0)] = 3
+    """Restarts Ray gives a rollout actor that died (its node lost, out of memory); one that dies more often stops the run, named."""
+    rollout_call_timeout_s: Annotated[float, Range(1)] = 3600.0
+    """A rollout call running longer than this is given up and redone by another actor (a hung GPU, a lost node)."""
     resource_wait_s: Annotated[float, Range(0)] = 1800.0
     """Give up, naming what is missing, if actors or learner ranks cannot be placed in this time (0: never)."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -107,7 +117,8 @@ def stitch_value_models(cfg: NFTConfig) -> list[str]:
 def check(cfg: NFTConfig) -> None:
     """Refuse inconsistent settings before any model is loaded."""
     zoo.check_source(cfg.backbone, "backbone")
-    rewards.check_reward_weights(cfg.rewards, "rewards")
+    rewards.check_reward_weights(cfg.rewards, "rewards", cfg.reward_sources)
+    storage.check_reachable(storage.storage_root(cfg.storage_path, cfg.output_dir), "storage_path")
     check_names("compare", cfg.compare, ESTIMATORS, "estimator")
     if cfg.groups_per_epoch % cfg.train.num_workers:
         raise ConfigError(f"groups_per_epoch={cfg.groups_per_epoch} must be a multiple of train.num_workers={cfg.train.num_workers} (every learner rank takes the same share)")
@@ -144,20 +155,41 @@ def plot_rewards(metrics: list[dict], path: Path, estimator: str) -> None:
 
 
 def start_rollout_actors(cfg: NFTConfig, names: list[str], value_models: list[str], bundle: dict[str, float]) -> list:
-    """Named actors owned by the driver (they outlive learner restarts; Ray restarts a dead one);
+    """Named actors owned by the driver (they outlive learner restarts; Ray restarts a dead one up to rollout_max_restarts times);
     returns them once every one is placed and loaded (the learner finds them by name)."""
     import ray
 
     actor_cls = ray.remote(RolloutWorker)
-    options = dict(num_cpus=cfg.rollout_cpus, num_gpus=cfg.rollout_gpus, resources=cfg.rollout_resources, max_restarts=-1, max_task_retries=-1)
+    # no task retries: a call lost with its actor is redone by another actor (rollout_client), not after a restart
+    options = dict(num_cpus=cfg.rollout_cpus, num_gpus=cfg.rollout_gpus, resources=cfg.rollout_resources, max_restarts=cfg.rollout_max_restarts, max_task_retries=0)
     device = "cuda" if cfg.rollout_gpus else "cpu"
-    actors = [actor_cls.options(name=name, **options).remote(cfg.backbone, cfg.rollout, cfg.rewards, value_models, device, cfg.testing.crash_on_call) for name in names]
+    sources = worker_sources(cfg)
+    actors = [actor_cls.options(name=name, **options).remote(sources["backbone"], cfg.rollout, cfg.rewards, value_models, device, cfg.testing.crash_on_call, sources["reward_sources"]) for name in names]
     try:
         runtime.wait_for_placement([a.__ray_ready__.remote() for a in actors], "rollout actors", bundle, cfg.resource_wait_s)
     except RuntimeError:
         stop_actors(actors)
         raise
     return actors
+
+
+def worker_sources(cfg: NFTConfig) -> dict:
+    """The backbone and every used published reward's source as the workers get them: relative
+    paths made absolute on the driver (`storage.local_source`), so that each node looks for the
+    same path (and `runtime.check_every_node_sees` can check it is there)."""
+    used = {name: rewards.reward_source(name, cfg.reward_sources) for name in cfg.rewards if name in rewards.PUBLISHED}
+    if "aesthetic" in cfg.rewards:
+        used[rewards.HEAD_SOURCE] = cfg.reward_sources.get(rewards.HEAD_SOURCE) or rewards.PUBLISHED["aesthetic"].head
+    return {"backbone": storage.local_source(cfg.backbone), "reward_sources": {k: storage.local_source(v) for k, v in used.items()}}
+
+
+def paths_every_node_needs(cfg: NFTConfig, value_models: list[str], storage_marker: str) -> dict[str, str]:
+    """{config key: path or URI} of everything a worker reads from a path: storage, and the backbone,
+    value models and reward weights that are paths or URIs (names and hub ids resolve anywhere)."""
+    sources = worker_sources(cfg)
+    named = {"backbone": sources["backbone"]} | {f"value_models[{n}]": d for n, d in enumerate(value_models)}
+    named |= {f"reward_sources.{k}": v for k, v in sources["reward_sources"].items()}
+    return {"storage_path": storage_marker} | {k: v for k, v in named.items() if storage.is_uri(v) or Path(v).is_absolute()}
 
 
 def stop_actors(actors: list) -> None:
@@ -186,7 +218,7 @@ def main(argv: list[str]) -> dict:
             )
             check(one)
             runs[name] = train_one(one)
-    dirs = [str((Path(cfg.output_dir) / name).resolve()) for name in runs]
+    dirs = [str(Path(storage.job_path(cfg.output_dir)) / name) for name in runs]
     print("compare them with:\n  python jobs/report.py " + " ".join(dirs))
     return {"runs": runs, "run_dirs": dirs}
 
@@ -194,10 +226,13 @@ def main(argv: list[str]) -> dict:
 def train_one(cfg: NFTConfig) -> dict:
     """One run: place the actors and the learner, train, summarise."""
     prompts = prompt_lists.resolve_prompts(cfg.prompts, cfg.prompt_file)
-    run = RunDir(cfg.output_dir, cfg.run_name, cfg)
-    storage = cfg.storage_path or str((Path(cfg.output_dir) / "ray").resolve())
+    root = storage.storage_root(cfg.storage_path, cfg.output_dir)
+    value_models = [storage.local_source(d) for d in stitch_value_models(cfg)]
     runtime.init_ray(cfg.ray_cpus)
-    value_models = stitch_value_models(cfg)
+    runtime.check_every_node_sees(paths_every_node_needs(cfg, value_models, storage.node_marker(root)))  # before anything is written
+    run = RunDir(cfg.output_dir, cfg.run_name, cfg)
+    files = storage.RunFiles(root, cfg.run_name)
+    files.upload_file(run.path / "config.yaml", "config.yaml")
     start = time.perf_counter()
 
     # Ask the autoscaler for everything at once, then place the actors and the learner ranks.
@@ -209,7 +244,6 @@ def train_one(cfg: NFTConfig) -> dict:
         actors = start_rollout_actors(cfg, names, value_models, rollout_bundle)
         runtime.wait_for_bundles(learner_bundles, f"group of {cfg.train.num_workers} learner ranks", cfg.resource_wait_s)
         loop = {
-            "backbone": cfg.backbone,
             "rollout": to_dict(cfg.rollout),
             "reward_weights": cfg.rewards,
             "prompts": prompts,
@@ -222,17 +256,21 @@ def train_one(cfg: NFTConfig) -> dict:
             "drift_groups": cfg.drift_groups,
             "seed": cfg.seed,
             "actor_names": names,
+            "rollout_call_timeout_s": cfg.rollout_call_timeout_s,
             "devices": cfg.train.num_workers + cfg.rollout_workers,  # for device-hours: one device per process
-            "run_dir": str(run.path),
+            "storage": root,
             "run_name": cfg.run_name,
+            "backbone": worker_sources(cfg)["backbone"],
+            "reward_sources": worker_sources(cfg)["reward_sources"],
             "wandb": to_dict(cfg.wandb),
             "testing": to_dict(cfg.testing),
             "config": to_dict(cfg),
         }
-        run_learner(loop, cfg.train, storage, cfg.run_name)
+        run_learner(loop, cfg.train, root, cfg.run_name)
     finally:
         stop_actors(actors)
         runtime.request_resources([])  # withdraw the request: the autoscaler may scale down
+    files.mirror(run.path)  # what the learner ranks wrote, wherever they ran
     metrics = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     epochs = [m for m in metrics if m["epoch"] >= 0]
     evals = [m for m in metrics if "eval_reward_mean" in m]
@@ -254,8 +292,10 @@ def train_one(cfg: NFTConfig) -> dict:
     }
     plot_rewards(metrics, run.path / "reward_curve.png", cfg.rollout.estimator)
     run.write_json("summary.json", summary)
+    for name in ("reward_curve.png", "summary.json"):  # storage holds the whole run too
+        files.upload_file(run.path / name, name)
     print(json.dumps({k: v for k, v in summary.items() if k != "final"}, indent=1))
-    print(f"wrote {run.path}")
+    print(f"wrote {run.path} (and {files.root})")
     return summary
 
 

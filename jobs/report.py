@@ -16,6 +16,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stitchvm_rl import storage
 from stitchvm_rl.config import ConfigError, load_config, run_main
 from stitchvm_rl.report import PHASES, build_wandb_report, by_estimator, load_run, speedups
 from stitchvm_rl.tracking import RunDir
@@ -24,15 +25,15 @@ from stitchvm_rl.tracking import RunDir
 @dataclass
 class ReportConfig:
     runs: list[str] = field(default_factory=list)
-    """jobs/nft.py run directories (also given as bare arguments)."""
+    """jobs/nft.py run directories, or their storage URIs <storage>/<run>/files (also given as bare arguments)."""
     out: str = "outputs/report"
     """Report directory."""
     baseline: str = "terminal"
     """Estimator of the baseline the others are compared with."""
     stitch_run: str = ""
-    """A jobs/stitch.py run directory: its value accuracy against noise level is shown."""
+    """A jobs/stitch.py run directory or storage URI: its value accuracy against noise level is shown."""
     dps_run: str = ""
-    """A jobs/dps.py run directory: its guidance results are shown."""
+    """A jobs/dps.py run directory or storage URI: its guidance results are shown."""
     wandb_project: str = ""
     """Also build a wandb Report of the runs' wandb group in this project (empty: none)."""
     wandb_entity: str = ""
@@ -103,6 +104,8 @@ def main(argv: list[str]) -> dict:
     cfg.runs = [*cfg.runs, *bare]
     if not cfg.runs:
         raise ConfigError("no run directories given: python jobs/report.py RUN_DIR [RUN_DIR ...]")
+    cfg.runs = [storage.local_copy(r, fresh=True) for r in cfg.runs]  # a storage URI: <storage>/<run>/files
+    cfg.stitch_run, cfg.dps_run = (storage.local_copy(r, fresh=True) if r else r for r in (cfg.stitch_run, cfg.dps_run))
     runs = [load_run(path) for path in cfg.runs]
     curves = by_estimator(runs)
     speed = speedups(curves, cfg.baseline)

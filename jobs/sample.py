@@ -11,13 +11,12 @@ of every image, per reward model, and -- for toy-world captions -- the caption-c
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
 
 from stitchvm_rl import prompts as prompt_lists
-from stitchvm_rl import rewards, toyworld, zoo
+from stitchvm_rl import rewards, storage, toyworld, zoo
 from stitchvm_rl.config import ConfigError, Range, load_config, run_main
 from stitchvm_rl.policy import SD3Policy
 from stitchvm_rl.tracking import RunDir
@@ -32,7 +31,7 @@ class SampleConfig:
     model: str = "toyworld"
     """SD3 pipeline: hub id, local directory, 'toyworld' or 'tiny-sd3'."""
     lora: str = ""
-    """A diffusers LoRA directory to load into the pipeline (e.g. jobs/nft.py's <run>/lora)."""
+    """A diffusers LoRA directory or storage URI to load into the pipeline (e.g. jobs/nft.py's <run>/lora, or <storage>/<run>/files/lora)."""
     prompts: list[str] = field(default_factory=list)
     """Prompts to sample (empty: prompt_file, else every toy-world caption)."""
     prompt_file: str = ""
@@ -57,17 +56,19 @@ class SampleConfig:
     """Model dtype (bfloat16 on GPU; float32 on CPU)."""
     rewards: dict[str, float] = field(default_factory=lambda: {"toy_clip": 1.0, "colour_match": 1.0})
     """Reward models that score the samples, {name: weight} (see stitchvm_rl/rewards.py)."""
+    reward_sources: dict[str, str] = field(default_factory=dict)
+    """Where published rewards' weights come from {name or aesthetic_head: hub id, path on every node, or s3:// / gs:// URI} (empty: rewards.PUBLISHED's)."""
 
 
 def check(cfg: SampleConfig) -> None:
     """Refuse bad names and sources before any model is loaded."""
     zoo.check_source(cfg.model, "model")
-    rewards.check_reward_weights(cfg.rewards, "rewards")
+    rewards.check_reward_weights(cfg.rewards, "rewards", cfg.reward_sources)
     try:
         torch.device(cfg.device)
     except RuntimeError as err:  # e.g. 'gpu': torch's message lists the device types it knows
         raise ConfigError(f"device '{cfg.device}' is not a torch device ({err}); e.g. device=cpu or device=cuda") from None
-    if cfg.lora and not (Path(cfg.lora) / "pytorch_lora_weights.safetensors").is_file():
+    if cfg.lora and not storage.source_exists(storage.join(cfg.lora, "pytorch_lora_weights.safetensors")):
         raise ConfigError(f"lora '{cfg.lora}' holds no pytorch_lora_weights.safetensors; pass the lora/ directory of a jobs/nft.py run")
 
 
@@ -83,8 +84,8 @@ def main(argv: list[str]) -> dict:
     torch.manual_seed(cfg.seed)
     policy = SD3Policy.from_pretrained(cfg.model, dtype=cfg.dtype, device=cfg.device)
     if cfg.lora:
-        policy.pipe.load_lora_weights(cfg.lora)
-    reward = rewards.build_rewards(cfg.rewards, device=cfg.device)
+        policy.pipe.load_lora_weights(storage.local_copy(cfg.lora))  # a storage URI: downloaded here
+    reward = rewards.build_rewards(cfg.rewards, cfg.reward_sources, device=cfg.device)
 
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -1,6 +1,7 @@
 """Evaluation of a run's policy: fixed prompts, held-out noise, ODE (DPM-2) sampling, clean reward.
 Every evaluation's per-image rewards are kept (eval_rewards.jsonl), so the gain over the base policy
-is a paired comparison of the same prompts and noise; its images go to samples/ and to wandb."""
+is a paired comparison of the same prompts and noise; its images go to samples/ and to wandb. Both are
+written to the run's files in storage (`storage.RunFiles`), from whichever node rank 0 runs on."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from stitchvm_rl import toyworld
 from stitchvm_rl.policy import SD3Policy
-from stitchvm_rl.tracking import append_jsonl
+from stitchvm_rl.storage import RunFiles
 
 # The evaluation's noise has its own seed stream, far above every rollout seed
 # (`prompt_schedule.epoch_seed`, below 2**40 for any seed < 10**7): a policy is never scored on the
@@ -34,21 +35,24 @@ def evaluate_on_fixed_prompts(policy: SD3Policy, reward, prompts: list[str], ste
 
 class Evaluator:
     """One run's evaluations of the EMA adapter (learner rank 0): `evaluate(step)` returns the
-    metrics and writes that step's per-image rewards and sample grid into the run directory."""
+    metrics and writes that step's per-image rewards and sample grid into the run's files (the grid
+    is drawn in `scratch`, a directory of this node, first)."""
 
-    def __init__(self, policy: SD3Policy, reward, prompts: list[str], steps: int, seed: int, resolution: int, run_dir: Path, tracker):
+    def __init__(self, policy: SD3Policy, reward, prompts: list[str], steps: int, seed: int, resolution: int, files: RunFiles, scratch: Path, tracker):
         self.policy, self.reward, self.prompts, self.steps, self.seed, self.resolution = policy, reward, prompts, steps, seed, resolution
-        self.run_dir, self.tracker = run_dir, tracker
+        self.files, self.scratch, self.tracker = files, scratch, tracker
 
     def __call__(self, step: int) -> dict:
         evaluation, images, per_image = evaluate_on_fixed_prompts(self.policy, self.reward, self.prompts, self.steps, self.seed, resolution=self.resolution)
-        append_jsonl(self.run_dir / "eval_rewards.jsonl", {"global_step": step, "rewards": per_image})
+        self.files.append_jsonl("eval_rewards.jsonl", {"global_step": step, "rewards": per_image})
         self._save_samples(images, step)
         return evaluation
 
     def _save_samples(self, images: torch.Tensor, step: int) -> None:
         """The evaluation images as a grid (samples/step_XXXXX.png), also sent to wandb."""
-        path = self.run_dir / "samples" / f"step_{step:05d}.png"
-        path.parent.mkdir(exist_ok=True)
+        name = f"samples/step_{step:05d}.png"
+        path = self.scratch / name
+        path.parent.mkdir(parents=True, exist_ok=True)
         toyworld.save_grid(images, path, nrow=12)
+        self.files.upload_file(path, name)
         self.tracker.log_image("eval_samples", path, step=step)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 
 @dataclass
@@ -28,11 +27,12 @@ class StitchFaults:
     """Learner rank 1 dies once, mid-way through the epoch after this one (-1: never)."""
 
 
-def crash_once(marker: Path) -> None:
-    """A hard worker death, once per run (`marker` remembers it). The pause lets the controller
-    commit the previous epoch's checkpoint first, as in a real run where preemptions do not come
-    right after a report."""
-    if not marker.exists():
-        marker.touch()
+def crash_once(files, marker: str = ".crash-injected") -> None:
+    """A hard worker death, once per run: `marker` in the run's files (`storage.RunFiles`, seen from
+    every node, so a rank restarted elsewhere does not die again) remembers it. The pause lets the
+    controller commit the previous epoch's checkpoint first, as in a real run where preemptions do
+    not come right after a report."""
+    if not files.exists(marker):
+        files.touch(marker)
         time.sleep(3)
         os._exit(1)

@@ -263,7 +263,7 @@ def build_value(method: str, policy: SD3Policy, reward=None, value_model=None, c
 Method = Literal["none", "tweedie", "stitchvm", "fk_tweedie", "fk_stitchvm"]
 
 
-def run_guided(method: str, backbone: str, reward_weights: dict[str, float], value_model: str, prompts: list[str], cfg: GuidanceConfig, scale: float, batch_size: int, resolution: int, seed: int, device: str, dtype: str, compile: bool = False) -> dict:
+def run_guided(method: str, backbone: str, reward_weights: dict[str, float], value_model: str, prompts: list[str], cfg: GuidanceConfig, scale: float, batch_size: int, resolution: int, seed: int, device: str, dtype: str, compile: bool = False, reward_sources: dict[str, str] | None = None) -> dict:
     """One method, meant for its own process (a Ray task with max_calls=1): load what it needs, then
     sample `prompts` while measuring seconds and peak memory (after loading). Initial noise comes from
     `seed` (FK steering: the first particle of each prompt), so methods share it image by image.
@@ -280,7 +280,7 @@ def run_guided(method: str, backbone: str, reward_weights: dict[str, float], val
     policy = SD3Policy.from_pretrained(backbone, dtype=dtype, device=device)
     policy.transformer.requires_grad_(False)
     policy.vae.requires_grad_(False)
-    reward = rewards.build_rewards(reward_weights, device=device) if kind == "tweedie" else None
+    reward = rewards.build_rewards(reward_weights, reward_sources, device=device) if kind == "tweedie" else None
     model = StitchedValueModel.from_pretrained(value_model, device=device, dtype=dtype) if kind == "stitchvm" else None
     value = build_value(method, policy, reward, model, cfg.cfg_scale)
     cfg = dataclasses.replace(cfg, scale=scale)

@@ -3,7 +3,8 @@
 Rank layout (`num_workers` data-parallel learner ranks, DeepSpeed ZeRO over the LoRA `default` weights):
     rank 0   pushes the `old` adapter to every actor after each update (checked by version +
              checksum), evaluates the EMA adapter, watches value drift, owns wandb, appends
-             metrics.jsonl and eval_rewards.jsonl, exports the final LoRA
+             metrics.jsonl and eval_rewards.jsonl, exports the final LoRA -- all into the run's
+             files in storage (`storage.RunFiles`), whichever node it is on; the driver mirrors them
     rank r   asks the actors for its share of the epoch's prompt groups (groups r, r + W, ...; group n
              goes to actor n mod A with a seed fixed by (seed, epoch, n), so any actor can redo it);
              the raw scores of all ranks are all-gathered so rewards are normalised over the whole
@@ -27,8 +28,8 @@ Prompts and seeds of every request follow prompt_schedule.
 
 from __future__ import annotations
 
-import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ from stitchvm_rl.policy import PromptEmbeds, SD3Policy
 from stitchvm_rl.prompt_schedule import epoch_prompts, epoch_seed
 from stitchvm_rl.rollout import RolloutBatch, RolloutConfig
 from stitchvm_rl.rollout_client import RolloutClient
-from stitchvm_rl.tracking import append_jsonl
+from stitchvm_rl.storage import RunFiles
 from stitchvm_rl.weight_sync import sync_actors
 
 
@@ -148,18 +149,19 @@ def train_loop(loop: dict) -> None:
     start, epochs = run.start, loop["epochs"]
 
     actors = [ray.get_actor(name) for name in loop["actor_names"]]
-    client = RolloutClient(actors, loop["prompts"], loop["groups_per_epoch"], loop["seed"], rank, world)
-    run_dir = Path(loop["run_dir"])
-    tracker = make_tracker(from_dict(WandbConfig, loop["wandb"]), loop["run_name"], loop["config"], run_dir, run.wandb_run_id) if rank == 0 else NoTracker()
+    client = RolloutClient(actors, loop["prompts"], loop["groups_per_epoch"], loop["seed"], rank, world, loop["rollout_call_timeout_s"])
+    files = RunFiles(loop["storage"], loop["run_name"])
+    scratch = Path(tempfile.mkdtemp(prefix=f"{loop['run_name']}-rank{rank}-"))  # this node's: grids, wandb, the LoRA before upload
+    tracker = make_tracker(from_dict(WandbConfig, loop["wandb"]), loop["run_name"], loop["config"], scratch, run.wandb_run_id) if rank == 0 else NoTracker()
     run.wandb_run_id = tracker.run_id
     evaluate = None
     if rank == 0:
-        reward = rewards.build_rewards(loop["reward_weights"], device=device)
-        evaluate = Evaluator(policy, reward, loop["eval_prompts"], loop["eval_steps"] or rollout.num_steps, loop["seed"], rollout.resolution, run_dir, tracker)
+        reward = rewards.build_rewards(loop["reward_weights"], loop["reward_sources"], device=device)
+        evaluate = Evaluator(policy, reward, loop["eval_prompts"], loop["eval_steps"] or rollout.num_steps, loop["seed"], rollout.resolution, files, scratch, tracker)
     sync_actors(run.previous, actors, rank)  # async: the resumed epoch replays with v_{e-1}, as it ran
     if rank == 0 and start == 0 and loop["eval_every"]:  # the base policy, for comparison
         base = evaluate(0)
-        append_jsonl(run_dir / "metrics.jsonl", {"epoch": -1, "global_step": 0, **base})
+        files.append_jsonl("metrics.jsonl", {"epoch": -1, "global_step": 0, **base})
         tracker.log(base, step=0)
 
     # ---------------------------------------------------------------- train
@@ -197,17 +199,20 @@ def train_loop(loop: dict) -> None:
             seconds = marks["synced"] - marks["start"]
             run.device_hours += seconds * loop["devices"] / 3600
             metrics |= epoch_timings(marks, len(scores.scores)) | {"device_hours": run.device_hours, "wandb_run_id": tracker.run_id}
-            append_jsonl(run_dir / "metrics.jsonl", metrics)
+            files.append_jsonl("metrics.jsonl", metrics)
             tracker.log(metrics, step=global_step)
 
         # checkpoint (fault injection: die after the engine state is written, before the manifest and the report)
-        crash = (lambda d: crash_once(run_dir / ".crash-injected")) if epoch == faults.crash_in_checkpoint and rank == min(1, world - 1) else None
+        crash = (lambda d: crash_once(files)) if epoch == faults.crash_in_checkpoint and rank == min(1, world - 1) else None
         run_state.save(run, metrics, engine, policy, prompt_groups_seen=global_step * loop["groups_per_epoch"], write_extra=crash)
 
     # ---------------------------------------------------------------- save
     if rank == 0:
-        save_lora(policy, run_dir / "lora")
+        save_lora(policy, files, scratch)
         tracker.finish()
+        if (scratch / "wandb").is_dir():  # offline runs: `wandb sync <run>/wandb/offline-run-*`
+            files.upload_dir(scratch / "wandb", "wandb")
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 def build_learner(backbone: str, seed: int, rollout: RolloutConfig, train: NFTTrainConfig, grad_accum: int, device: str) -> tuple[SD3Policy, object]:
@@ -252,13 +257,20 @@ def nft_update(engine, policy: SD3Policy, batches: dict[int, RolloutBatch], r: d
 
 def watch(loop: dict, rollout: RolloutConfig, actors: list, evaluate: Evaluator, epoch: int) -> dict:
     """Rank 0's checks beside training: value drift (the estimator against the terminal reward of
-    full rollouts, on actor 0) and the evaluation, each at its own interval."""
+    full rollouts, on the first actor that is up) and the evaluation, each at its own interval."""
     import ray
+
+    from stitchvm_rl.weight_sync import actor_failures
 
     out, global_step = {}, epoch + 1
     if loop["drift_every"] and rollout.estimator != "terminal" and global_step % loop["drift_every"] == 0:
         drift_prompts = epoch_prompts(loop["prompts"], loop["drift_groups"], loop["seed"] + 1, epoch)
-        out |= ray.get(actors[0].value_drift.remote(drift_prompts, seed=epoch_seed(loop["seed"], epoch) + 7))
+        for actor in actors:
+            try:
+                out |= ray.get(actor.value_drift.remote(drift_prompts, seed=epoch_seed(loop["seed"], epoch) + 7), timeout=loop["rollout_call_timeout_s"])
+                break
+            except actor_failures():
+                continue
     if loop["eval_every"] and (global_step % loop["eval_every"] == 0 or global_step == loop["epochs"]):
         out |= evaluate(global_step)
     return out
@@ -300,15 +312,11 @@ def epoch_timings(marks: dict[str, float], samples: int) -> dict:
     }
 
 
-def save_lora(policy: SD3Policy, path: Path) -> None:
-    """The EMA adapter (what evaluation measured) as a diffusers LoRA, written to a temporary
-    directory and renamed, so a crash never leaves half a LoRA behind."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_lora(str(tmp), "ema")
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+def save_lora(policy: SD3Policy, files: RunFiles, scratch: Path) -> None:
+    """The EMA adapter (what evaluation measured) as a diffusers LoRA: saved on this node, then
+    uploaded whole as the run's lora/ (`RunFiles.upload_dir`), so a crash never leaves half a LoRA."""
+    policy.save_lora(str(scratch / "lora"), "ema")
+    files.upload_dir(scratch / "lora", "lora")
 
 
 def run_learner(loop: dict, train: NFTTrainConfig, storage_path: str, run_name: str):

@@ -12,6 +12,10 @@ No-grad by default; `reward(images, prompts, grad=True)` keeps the graph (guidan
 HPSv2 and DFN-CLIP are OpenCLIP models published as pickles; `jobs/convert_weights.py` turns them
 once into a transformers CLIPModel directory (safetensors), which `CLIPScore` then loads. We do not
 depend on open-clip-torch: it requires torchvision, whose wheels pull a second (CUDA) torch.
+
+Every published reward's weights come from its `RewardSpec.source` unless a job's `reward_sources`
+names another (`{hpsv2: s3://bucket/weights/hpsv2.1, aesthetic_head: /mnt/shared/aesthetic.safetensors}`):
+a hub id, a path present on every node, or a storage URI (downloaded on the node that loads it).
 """
 
 from __future__ import annotations
@@ -112,8 +116,10 @@ class AestheticScore:
 
     @classmethod
     def from_pretrained(cls, clip_source: str, mlp_file: str, dtype: str = "float32", device: str = "cpu"):
-        path = Path(mlp_file)
-        if path.suffix != ".safetensors" or not path.is_file():
+        from stitchvm_rl.storage import local_copy
+
+        path = Path(local_copy(mlp_file))
+        if not mlp_file.endswith(".safetensors") or not path.is_file():
             raise FileNotFoundError(
                 f"aesthetic head '{mlp_file}' must be an existing .safetensors file; convert the published "
                 "sac+logos+ava1-l14-linearMSE.pth once with `python jobs/convert_weights.py kind=aesthetic ...`"
@@ -215,49 +221,64 @@ PUBLISHED = {
 REWARD_NAMES = (*PUBLISHED, *ANALYTIC)
 
 
-def _missing_conversion(name: str, source: str | None = None) -> str:
+HEAD_SOURCE = "aesthetic_head"  # the reward_sources key of the aesthetic MLP file (its CLIP: `aesthetic`)
+SOURCE_KEYS = (*PUBLISHED, HEAD_SOURCE)
+
+
+def reward_source(name: str, sources: dict[str, str] | None = None) -> str:
+    """Where published reward `name`'s model comes from: `sources[name]`, else its spec's."""
+    return (sources or {}).get(name) or PUBLISHED[name].source
+
+
+def _missing_conversion(name: str, sources: dict[str, str] | None = None) -> str:
     """Why published reward `name` cannot load yet (its converted weights are missing), else ''."""
+    from stitchvm_rl.storage import source_exists
+
     spec = PUBLISHED[name]
-    converted = spec.head if spec.head is not None else (source or spec.source)
-    if spec.convert is None or Path(converted).exists():
+    converted = ((sources or {}).get(HEAD_SOURCE) or spec.head) if spec.head is not None else reward_source(name, sources)
+    if spec.convert is None or source_exists(converted):
         return ""
     return (
         f"reward '{name}' needs converted weights at '{converted}', which do not exist; make them once with "
         f"`python jobs/convert_weights.py kind={spec.convert} checkpoint=<published file> out=<path>` "
-        "and pass that path"
+        f"and pass that path (or its storage URI) as reward_sources.{HEAD_SOURCE if spec.head else name}"
     )
 
 
-def check_reward_weights(weights: dict[str, float], key: str = "rewards") -> None:
-    """A job's config check of `{name: weight}`, before Ray starts or a model loads: at least one
-    reward, every name known, converted weights in place (else the actors would fail loading them)."""
+def check_reward_weights(weights: dict[str, float], key: str = "rewards", sources: dict[str, str] | None = None, sources_key: str = "reward_sources") -> None:
+    """A job's config check of `{name: weight}` and its `{name: source}` overrides, before Ray starts
+    or a model loads: at least one reward, every name known, converted weights in place (else the
+    actors would fail loading them)."""
     if not weights:
         raise ConfigError(f"{key}: no reward given; name at least one, e.g. {key}={{toy_clip: 1.0}}")
     check_names(key, weights, REWARD_NAMES, "reward")
+    check_names(sources_key, sources or {}, SOURCE_KEYS, "reward source")
     for name in weights:
-        problem = _missing_conversion(name) if name in PUBLISHED else ""
+        try:
+            problem = _missing_conversion(name, sources) if name in PUBLISHED else ""
+        except OSError as err:
+            problem = f"the weights of reward '{name}' cannot be reached ({err}); check the storage credentials and endpoint"
         if problem:
             raise ConfigError(f"{key}: {problem}")
 
 
-def build_reward(name: str, source: str | None = None, device: str = "cpu", dtype: str = "float32") -> RewardFn:
-    """One reward by name: a published model (optionally from another `source`) or an analytic one."""
+def build_reward(name: str, sources: dict[str, str] | None = None, device: str = "cpu", dtype: str = "float32") -> RewardFn:
+    """One reward by name: a published model (from `sources[name]` if given) or an analytic one."""
     if name in ANALYTIC:
         return ANALYTIC[name]
     if name not in PUBLISHED:
         raise ValueError(f"unknown reward '{name}'; known rewards: {', '.join(REWARD_NAMES)}{did_you_mean(name, REWARD_NAMES)}")
     spec = PUBLISHED[name]
-    problem = _missing_conversion(name, source)
+    problem = _missing_conversion(name, sources)
     if problem:
         raise FileNotFoundError(problem)
     if spec.head is not None:
-        return AestheticScore.from_pretrained(source or spec.source, spec.head, dtype=dtype, device=device)
-    return CLIPScore.from_pretrained(source or spec.source, scale=spec.scale, tokenizer=spec.tokenizer, dtype=dtype, device=device, logit_scale=spec.logit_scale)
+        return AestheticScore.from_pretrained(reward_source(name, sources), (sources or {}).get(HEAD_SOURCE) or spec.head, dtype=dtype, device=device)
+    return CLIPScore.from_pretrained(reward_source(name, sources), scale=spec.scale, tokenizer=spec.tokenizer, dtype=dtype, device=device, logit_scale=spec.logit_scale)
 
 
 def build_rewards(weights: dict[str, float], sources: dict[str, str] | None = None, device: str = "cpu") -> WeightedReward:
     """A weighted sum from `{name: weight}` (and optional `{name: source}` overrides)."""
     if not weights:
         raise ValueError("no reward given; name at least one, e.g. rewards={toy_clip: 1.0}")
-    sources = sources or {}
-    return WeightedReward({n: (build_reward(n, sources.get(n), device=device), w) for n, w in weights.items()})
+    return WeightedReward({n: (build_reward(n, sources, device=device), w) for n, w in weights.items()})

@@ -94,7 +94,7 @@ class RolloutWorker:
     LoRA adapters, a reward and, for stitchvm, the value models (their scores are summed).
     `crash_on_call` is fault injection for tests (`testing.crash_on_call` of jobs/nft.py)."""
 
-    def __init__(self, backbone: str, cfg: RolloutConfig, reward_weights: dict[str, float], value_models: list[str], device: str = "cpu", crash_on_call: int = -1):
+    def __init__(self, backbone: str, cfg: RolloutConfig, reward_weights: dict[str, float], value_models: list[str], device: str = "cpu", crash_on_call: int = -1, reward_sources: dict[str, str] | None = None):
         from stitchvm_rl.value.model import StitchedValueModel
 
         check_rollout_config(cfg, value_models)
@@ -105,7 +105,7 @@ class RolloutWorker:
         self.calls = 0
         self.schedule = flow.sd3_sigmas(cfg.num_steps, scheduler_config=self.policy.pipe.scheduler.config)
         self.value_models = [StitchedValueModel.from_pretrained(d, device=device, dtype=cfg.dtype) for d in value_models]
-        reward = rewards.build_rewards(reward_weights, device=device)  # stitchvm too: the drift watch needs it
+        reward = rewards.build_rewards(reward_weights, reward_sources, device=device)  # stitchvm too: the drift watch needs it
         # CFG-free, as the rollouts themselves: completions (mc) follow the rollout's own schedule
         self.estimators = Estimators(self.policy, self._value, reward, cfg.num_steps, cfg_scale=1.0, noise_level=cfg.noise_level, batch_size=cfg.batch_size)
         if cfg.compile:  # after the LoRA layers are in: the compiled blocks include them

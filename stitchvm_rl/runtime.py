@@ -286,3 +286,41 @@ class PeakMemory:
             status = open("/proc/self/status").read()
             self.mib = int(status.split("VmHWM:")[1].split()[0]) / 1024
         return False
+
+
+def check_every_node_sees(paths: dict[str, str]) -> None:
+    """After Ray starts and before any actor loads a model: every alive node must see each of
+    `paths` ({config key: path or storage URI}) -- a path only the driver has, or storage that a
+    worker cannot reach (its credentials unset there), is refused with one message naming the key,
+    the node and the fix. A one-node cluster is the driver's own machine: nothing to ask."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from stitchvm_rl.config import ConfigError
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if len(nodes) <= 1:
+        return
+    probe = ray.remote(num_cpus=0)(_unseen)
+    refs = {n["NodeManagerAddress"] + " " + n["NodeID"][:8]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(paths) for n in nodes}
+    for node, unseen in zip(refs, ray.get(list(refs.values()), timeout=300)):
+        for key, why in unseen.items():
+            raise ConfigError(
+                f"{key}: '{paths[key]}' is not visible on node {node} ({why}); every node must see it: put it on a "
+                "filesystem every node mounts, or in object storage (s3://, gs://) with credentials on every node, or "
+                "pass a hub id (see docs/real-runs.md, 'Storage')"
+            )
+
+
+def _unseen(paths: dict[str, str]) -> dict[str, str]:
+    """On one node: {key: why} for each of `paths` this node cannot see."""
+    from stitchvm_rl.storage import source_exists
+
+    unseen = {}
+    for key, path in paths.items():
+        try:
+            if not source_exists(path):
+                unseen[key] = "no such file or directory here"
+        except OSError as err:
+            unseen[key] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+    return unseen

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from stitchvm_rl.config import save_config
+from stitchvm_rl.storage import job_path
 
 
 def _clean(value: Any) -> Any:
@@ -28,7 +29,7 @@ class RunDir:
     """One run's output folder; JSON files are written to a temporary name and renamed."""
 
     def __init__(self, output_dir: str, run_name: str, cfg: Any):
-        self.path = (Path(output_dir) / run_name).resolve()  # absolute: Ray workers run elsewhere
+        self.path = Path(job_path(output_dir)) / run_name  # absolute; in a submitted job outside Ray's copy of the working dir
         self.path.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.path / "config.yaml")
 
@@ -38,12 +39,6 @@ class RunDir:
         tmp.write_text(json.dumps(_clean(data), indent=2))
         os.replace(tmp, target)
         return target
-
-
-def append_jsonl(path: Path, record: dict) -> None:
-    """One JSON line more (metrics.jsonl, eval_rewards.jsonl: a run's history, read back by the jobs and the report)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 @dataclass

@@ -5,7 +5,10 @@ Sources are resolved in one place (`resolve`):
     "tiny-sd3", "tiny-clip"      tiny *random* models, built offline on first use into the cache
                                  ($STITCHVM_CACHE, default ~/.cache/stitchvm_rl) and then loaded
                                  through the same `from_pretrained` path as real weights
-    an existing directory        a diffusers / transformers `save_pretrained` layout
+    an existing directory        a diffusers / transformers `save_pretrained` layout (on a cluster:
+                                 present on every node that loads it, e.g. a shared mount)
+    "s3://...", "gs://..."       such a directory in an object store, downloaded once per node
+                                 into the cache (`storage.local_copy`) on the node that loads it
     "org/name"                   a Hugging Face hub id (needs network or a filled hub cache)
 
 Published architectures (SD3.5-Medium transformer + VAE, CLIP ViT-L/14-336) are checked in as JSON
@@ -301,6 +304,10 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # ---------------------------------------------------------------- resolve and load
 def resolve(source: str) -> str:
     """A model source -> a local directory or a hub id (see the module docstring)."""
+    from stitchvm_rl import storage
+
+    if storage.is_uri(source):
+        return storage.local_copy(source)
     if source in TOYWORLD_NAMES:
         path = TOYWORLD_NAMES[source]
         if not path.is_dir():
@@ -331,8 +338,13 @@ def resolve(source: str) -> str:
 def check_source(source: str, key: str) -> None:
     """A job's config check: refuse a model source that cannot resolve (a missing directory, a file),
     naming the config key -- before any actor or worker tries to load it."""
+    from stitchvm_rl import storage
     from stitchvm_rl.config import ConfigError
 
+    if storage.is_uri(source):  # checked where it is, downloaded only on the nodes that load it
+        if not storage.source_exists(source):
+            raise ConfigError(f"{key}: '{source}' does not exist in its storage; upload the `save_pretrained` directory there, or pass a hub id or a path every node has")
+        return
     try:
         resolve(source)
     except ModelSourceError as err:

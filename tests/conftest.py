@@ -121,6 +121,14 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
+def pytest_ignore_collect(collection_path, config):
+    """tests/multinode start a cluster of their own and run in a pytest process of their own:
+    `pytest tests/multinode` (the suite's shared local Ray would block their drivers)."""
+    if collection_path.name == "multinode" and not any("multinode" in str(arg) for arg in config.args):
+        return True
+    return None
+
+
 def load_job(name: str):
     """A job script as a module (jobs/ is not a package): `load_job("nft").main([...])`."""
     import importlib.util

@@ -87,3 +87,52 @@ def test_runtime_env_file_is_a_valid_ray_runtime_env():
     RuntimeEnv(**env)  # raises on unknown or malformed fields
     assert env["working_dir"] == "." and {".venv", ".git", "outputs"} <= set(env["excludes"])
     assert "WANDB_API_KEY" in env["env_vars"]
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def paths_left_behind(cfg: dict, excludes: list[str]) -> list[str]:
+    """The relative paths a job config names (or takes by default, for its rewards' weights) that the
+    runtime env does not ship: on a cluster no worker would find them."""
+    from fnmatch import fnmatch
+
+    from stitchvm_rl import rewards
+
+    named = _strings(cfg)
+    for name in cfg.get("rewards", {}):
+        if name in rewards.PUBLISHED:
+            named.append(rewards.reward_source(name, cfg.get("reward_sources")))
+            if rewards.PUBLISHED[name].head:
+                named.append(cfg.get("reward_sources", {}).get(rewards.HEAD_SOURCE) or rewards.PUBLISHED[name].head)
+    relative = [s for s in named if "/" in s and not s.startswith(("/", "~")) and "://" not in s]
+    return [s for s in relative if any(fnmatch(Path(s).parts[0], pattern) for pattern in excludes)]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "jobs" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_no_shipped_job_config_names_a_path_the_runtime_env_leaves_behind(path):
+    excludes = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())["excludes"]
+    assert paths_left_behind(yaml.safe_load(path.read_text()), excludes) == []
+
+
+def test_a_config_naming_an_excluded_path_or_relying_on_default_weights_is_caught():
+    excludes = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())["excludes"]
+    assert paths_left_behind({"value_models": ["outputs/stitch/value_model"]}, excludes) == ["outputs/stitch/value_model"]
+    assert paths_left_behind({"rewards": {"hpsv2": 1.0}}, excludes) == ["weights/hpsv2.1"]
+    assert paths_left_behind({"rewards": {"hpsv2": 1.0}, "reward_sources": {"hpsv2": "s3://b/hpsv2.1"}}, excludes) == []
+    assert paths_left_behind({"backbone": "stabilityai/stable-diffusion-3.5-medium"}, excludes) == []  # a hub id
+
+
+@pytest.mark.parametrize("path", CLUSTERS, ids=lambda p: p.name)
+def test_every_cluster_sets_node_death_detection_and_the_object_store_size(path):
+    config = yaml.safe_load(path.read_text())
+    head, workers = " ".join(config["head_start_ray_commands"]), " ".join(config["worker_start_ray_commands"])
+    assert "RAY_health_check_period_ms=" in head and "RAY_health_check_failure_threshold=" in head  # the GCS (head) decides
+    assert "--object-store-memory=" in head and "--object-store-memory=" in workers

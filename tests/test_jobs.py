@@ -1,5 +1,5 @@
 """The README's jobs run as users run them: a subprocess, no arguments, in a fresh directory (the main
-job, jobs/nft.py, as a cluster user submits it: tests/test_ray_job_submit.py)."""
+job, jobs/nft.py, as a cluster user submits it: tests/multinode)."""
 
 import json
 import os

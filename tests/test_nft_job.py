@@ -82,11 +82,11 @@ def test_a_killed_driver_is_resumed_by_running_the_same_command_again(nft_out, s
     args = [sys.executable, str(ROOT / "jobs" / "nft.py"), f"output_dir={nft_out}", "run_name=driver", "epochs=4", "wandb.mode=offline", "wandb.project=test", *TINY]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     first = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    metrics, deadline = nft_out / "driver" / "metrics.jsonl", time.time() + 600
+    in_storage, deadline = nft_out / "ray" / "driver" / "files", time.time() + 600  # the driver mirrors it only at the end
     try:
         # wait until epoch 1 is logged and its checkpoint registered (two checkpoints on storage)
         while time.time() < deadline and first.poll() is None:
-            done = [m["epoch"] for m in _metrics(nft_out / "driver")] if metrics.is_file() else []
+            done = [m["epoch"] for m in _metrics(in_storage)] if (in_storage / "metrics.jsonl").is_file() else []
             if 1 in done and len(list((nft_out / "ray" / "driver").glob("checkpoint_*"))) >= 2:
                 break
             time.sleep(0.5)
@@ -94,7 +94,7 @@ def test_a_killed_driver_is_resumed_by_running_the_same_command_again(nft_out, s
         os.killpg(first.pid, signal.SIGKILL)  # the driver and everything it started
         first.wait()
     assert first.returncode == -signal.SIGKILL
-    assert max(m["epoch"] for m in _metrics(nft_out / "driver")) < 3  # killed mid-run
+    assert max(m["epoch"] for m in _metrics(in_storage)) < 3  # killed mid-run
 
     second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -113,8 +113,9 @@ def test_a_killed_driver_is_resumed_by_running_the_same_command_again(nft_out, s
 def test_async_bridge_run_survives_dead_rollout_actors_and_a_learner_killed_mid_checkpoint(nft_out, bridge_args, straight_bridge):
     """rollout.async + stitchvm: epoch n + 1 is sampled with v_n while epoch n trains, anchored at
     z_tau (tau > 0). Each rollout actor dies hard in its 5th call, an epoch sampled with v_1 or later
-    (Ray restarts it and retries; the learner sees the restarted actor's stale v_0 and redoes those
-    groups; a death in an epoch sampled with v_0 would need no redo), and rank 1 dies while
+    (its lost call is redone at once by the next live actor, after this rank syncs that actor to the
+    adapter the epoch was sampled with; Ray restarts the dead one, whose stale v_0 batches are redone
+    too), and rank 1 dies while
     writing epoch 1's checkpoint (Ray Train restarts the group from epoch 0's; the half-written one
     was never registered): the group replays epoch 1 with the adapter it was sampled with (v_0, kept
     in the checkpoint), and every epoch equals the uninterrupted run. Then a truncated checkpoint

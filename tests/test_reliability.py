@@ -306,6 +306,10 @@ def test_a_sync_whose_answer_differs_from_what_was_sent_stops_the_run():
         push_adapter(state, [good])  # the same bytes come back: no error
         with pytest.raises(RuntimeError, match=r"adapter sync failed: sent version 7 .* actors answered"):
             push_adapter(state, [good, lossy])
+        # an actor that has used up its restarts is named, not waited for
+        ray.kill(lossy, no_restart=True)
+        with pytest.raises(RuntimeError, match=r"rollout actor \S+ is dead and will not be restarted again .*rollout_max_restarts"):
+            push_adapter(state, [good, lossy])
     finally:
         ray.kill(good), ray.kill(lossy)
 

@@ -38,7 +38,7 @@ def test_stitch_job_survives_a_killed_learner_and_exports_the_value_model(tmp_pa
     for name in ("config.yaml", "stitch_search.json", "summary.json", "accuracy.png", "value_model/value_model.json"):
         assert (run / name).is_file(), name
     # rank 1 died hard after epoch 0's checkpoint; Ray Train restarted the group from that checkpoint
-    assert (run / ".crash-injected").is_file()
+    assert (tmp_path / "ray" / "stitch" / "files" / ".crash-injected").is_file()  # in storage: seen from every node
     # (from epoch 0's checkpoint, or epoch 1's if rank 0 reported it before the death was noticed)
     assert summary["train_metrics"]["epoch"] == 2 and summary["train_metrics"]["resumed_from_epoch"] >= 1
     assert summary["train_metrics"]["world_size"] == 2

@@ -3,7 +3,10 @@ search on probe images), stage 2 (Ray Data -> Ray Train finetuning) and the valu
 evaluation (StitchVM vs Tweedie vs Monte Carlo against noise level).
 
 Writes <output_dir>/<run_name>/: config.yaml, stitch_search.json (error of every (i, j)), init/ (the
-stage-1 model), value_model/ (value_model.json + .safetensors), summary.json, accuracy.png.
+stage-1 model), value_model/ (value_model.json + .safetensors), summary.json, accuracy.png -- and the
+same files under <storage>/<run_name>/files/ (`storage.RunFiles`): the learner ranks read init/ from
+there on any node, and `value_models=[<storage>/<run_name>/files/value_model]` of jobs/nft.py reads
+the result there.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Annotated, Literal
 import torch
 
 from stitchvm_rl import prompts as prompt_lists
-from stitchvm_rl import runtime, zoo
+from stitchvm_rl import runtime, storage, zoo
 from stitchvm_rl.config import Range
 from stitchvm_rl.faults import StitchFaults
 from stitchvm_rl.tracking import RunDir
@@ -34,9 +37,9 @@ class StitchConfig:
     run_name: str = "stitch"
     """Name of the run folder (and of the Ray Train run: re-running the same name resumes)."""
     output_dir: str = "outputs"
-    """Where run folders go."""
+    """Where the driver writes run folders (relative: from the working directory; in a submitted job from $STITCHVM_JOB_ROOT)."""
     storage_path: str = ""
-    """Ray Train checkpoint storage: shared FS, s3:// or gs:// on clusters (empty: <output_dir>/ray)."""
+    """Checkpoints and run files, shared by every node: a path every node mounts, s3:// or gs:// (empty: <output_dir>/ray, one machine only)."""
     backbone: str = "toyworld"
     """SD3 pipeline whose first blocks form the head: hub id, local dir, 'toyworld'."""
     reward_model: str = "toyworld-clip"
@@ -77,9 +80,13 @@ def image_size(cfg: StitchConfig) -> int:
 def build_and_evaluate(cfg: StitchConfig) -> dict:
     """Stage 1, stage 2 and the evaluation of `cfg` (checked by the caller); returns the summary."""
     prompts = prompt_lists.resolve_prompts(cfg.data.prompts, "")
-    run = RunDir(cfg.output_dir, cfg.run_name, cfg)
-    storage = cfg.storage_path or str((Path(cfg.output_dir) / "ray").resolve())
+    root = storage.storage_root(cfg.storage_path, cfg.output_dir)
+    backbone, reward_model = storage.local_source(cfg.backbone), storage.local_source(cfg.reward_model)
     runtime.init_ray(cfg.ray_cpus)
+    shared = {"storage_path": storage.node_marker(root)} | {k: v for k, v in (("backbone", backbone), ("reward_model", reward_model)) if Path(v).is_absolute() or storage.is_uri(v)}
+    runtime.check_every_node_sees(shared | ({"data.folder": storage.job_path(cfg.data.folder)} if cfg.data.source == "folder" else {}))
+    run = RunDir(cfg.output_dir, cfg.run_name, cfg)
+    files = storage.RunFiles(root, cfg.run_name)
     start = time.perf_counter()
 
     # Stage 1: closed-form stitch search on probe images, then the value model at the best (i, j).
@@ -98,7 +105,7 @@ def build_and_evaluate(cfg: StitchConfig) -> dict:
     )
     run.write_json("stitch_search.json", {"best": [search.best_i, search.best_j], "table": search.table})
     print(f"stage 1: stitching DiT block {search.best_i} to reward-model block {search.best_j} ({time.perf_counter() - start:.0f} s)")
-    init_dir = model.save(run.path / "init")
+    files.upload_dir(model.save(run.path / "init"), "init")  # the learner ranks read it from storage
     del model
 
     # Stage 2: Ray Data -> Ray Train (DeepSpeed). The autoscaler is asked for both up front.
@@ -106,10 +113,10 @@ def build_and_evaluate(cfg: StitchConfig) -> dict:
     learner_bundles = [runtime.learner_bundle(cfg.train.use_gpu)] * cfg.train.num_workers
     runtime.request_resources([data_bundle] * 2 * cfg.data.actors + learner_bundles)  # two actor pools
     try:
-        dataset = build_dataset(cfg.backbone, cfg.reward_model, cfg.analytic_reward, cfg.data, prompts, cfg.seed, image_size(cfg))
+        dataset = build_dataset(backbone, reward_model, cfg.analytic_reward, cfg.data, prompts, cfg.seed, image_size(cfg))
         runtime.wait_for_bundles(learner_bundles, f"group of {cfg.train.num_workers} learner ranks", 0)
         row_prompts = prompts if cfg.data.source == "policy" else [""]  # folder images have no captions
-        result = run_training(init_dir, run.path, storage, cfg.run_name, cfg.train, dataset, cfg.seed, cfg.backbone, row_prompts, cfg.testing.crash_after_epoch)
+        result = run_training(files.uri("init"), root, cfg.run_name, cfg.train, dataset, cfg.seed, backbone, row_prompts, cfg.testing.crash_after_epoch)
     finally:
         runtime.request_resources([])
     with result.checkpoint.as_directory() as d:
@@ -127,7 +134,10 @@ def build_and_evaluate(cfg: StitchConfig) -> dict:
         "value_accuracy": accuracy,
     }
     run.write_json("summary.json", summary)
+    for name in ("config.yaml", "stitch_search.json", "accuracy.png", "summary.json"):
+        files.upload_file(run.path / name, name)
+    files.upload_dir(run.path / "value_model", "value_model")
     print(json.dumps(accuracy["table"], indent=1))
-    print(f"wrote {run.path}")
+    print(f"wrote {run.path} (and {files.root}; jobs/nft.py reads value_models=[{files.uri('value_model')}])")
     return summary
 

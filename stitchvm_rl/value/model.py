@@ -35,9 +35,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from stitchvm_rl import zoo
+from stitchvm_rl import storage, zoo
 from stitchvm_rl.config import ConfigError
 from stitchvm_rl.policy import PromptEmbeds, tensor_checksum
+from stitchvm_rl.value import TOYWORLD_VALUE_NAME, value_model_path
 from stitchvm_rl.rewards import AestheticMLP
 
 CONFIG_FILE = "value_model.json"
@@ -328,8 +329,9 @@ class StitchedValueModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str = "float32") -> StitchedValueModel:
-        """Load a saved value model; its backbone and reward model are read from their recorded sources."""
-        path = Path(path)
+        """Load a saved value model (a directory, a storage URI or the committed toy one's name); its
+        backbone and reward model are read from their recorded sources."""
+        path = value_model_path(path)
         if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
             raise FileNotFoundError(f"'{path}' is not a value model directory (needs {CONFIG_FILE} and {WEIGHTS_FILE}); build one with jobs/stitch.py")
         config = ValueModelConfig(**json.loads((path / CONFIG_FILE).read_text()))
@@ -371,12 +373,18 @@ def head_fingerprint(head: DiTHead) -> str:
 
 def check_value_model_dir(path: str | Path, backbone: str) -> None:
     """Refuse (ConfigError), before anything is loaded, a value-model directory that is missing, malformed,
-    or was stitched from another backbone than the policy's (its values would not describe this policy's latents)."""
-    path = Path(path)
-    if not (path / CONFIG_FILE).is_file():
-        raise ConfigError(f"value model '{path}' does not exist; build one with `python jobs/stitch.py` and pass its value_model/ directory")
+    or was stitched from another backbone than the policy's (its values would not describe this policy's latents).
+    A storage URI is checked where it is (its config file only; the nodes download the rest)."""
+    source = str(path)
+    local = value_model_path(source) if source == TOYWORLD_VALUE_NAME else None
     try:
-        recorded = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))["backbone"]
+        text = storage.read_text(str(local or source), CONFIG_FILE)
+    except OSError as err:
+        raise ConfigError(f"value model '{path}' cannot be reached ({type(err).__name__}: {str(err).splitlines()[0]}); check the storage credentials and endpoint") from None
+    if text is None:
+        raise ConfigError(f"value model '{path}' does not exist; build one with `python jobs/stitch.py` and pass its value_model/ directory (or its storage URI)")
+    try:
+        recorded = json.loads(text)["backbone"]
     except (ValueError, KeyError, TypeError) as err:
         raise ConfigError(f"value model '{path}' has a malformed {CONFIG_FILE} ({type(err).__name__}: {err}); rebuild it with `python jobs/stitch.py`") from None
     if _source_key(recorded) != _source_key(backbone):

@@ -158,7 +158,9 @@ def build_dataset(backbone: str, reward_model: str, analytic: str, data: StitchD
 
     common = dict(batch_size=data.batch_size, num_cpus=data.actor_cpus, num_gpus=data.actor_gpus, compute=ray.data.ActorPoolStrategy(size=data.actors))
     if data.source == "folder":
-        paths = [str(p) for p in scan_image_folder(data.folder, data.skip_broken_images)]
+        from stitchvm_rl.storage import job_path
+
+        paths = [str(p) for p in scan_image_folder(job_path(data.folder), data.skip_broken_images)]  # absolute: read on any node
         images = ray.data.read_images(paths, size=(size, size), mode="RGB", ignore_missing_paths=False)
     else:
         rows = [{"prompt": prompts[n % len(prompts)], "seed": seed * 1_000_003 + n} for n in range(data.num_images)]
@@ -243,6 +245,7 @@ def lr_factor(step: int, train: StitchTrainConfig, total_steps: int) -> float:
 def train_loop(loop_config: dict) -> None:
     """Ray Train worker: DeepSpeed engine over the value model's trainable parts."""
     from stitchvm_rl.faults import crash_once
+    from stitchvm_rl.storage import RunFiles
     from stitchvm_rl.runtime import deepspeed_config, report_checkpoint, resume_epoch, setup_deepspeed
 
     device = setup_deepspeed()  # before deepspeed is imported: it picks its accelerator on import
@@ -300,7 +303,7 @@ def train_loop(loop_config: dict) -> None:
             engine.step()
             steps += 1
             if crash_after_epoch >= 0 and epoch == crash_after_epoch + 1 and rank == min(1, world - 1):
-                crash_once(Path(loop_config["run_dir"]) / ".crash-injected")
+                crash_once(RunFiles(loop_config["storage"], loop_config["run_name"]))
             for k, v in {"loss": loss.item(), **parts}.items():
                 totals[k] = totals.get(k, 0.0) + v
         metrics = {"epoch": epoch, "steps": steps, "world_size": world, "resumed_from_epoch": start, **{k: v / max(steps, 1) for k, v in totals.items()}}
@@ -313,16 +316,17 @@ def train_loop(loop_config: dict) -> None:
 
 
 def run_training(
-    init_dir: Path, run_dir: Path, storage_path: str, run_name: str, train: StitchTrainConfig, dataset, seed: int, backbone: str, prompts: list[str], crash_after_epoch: int = -1
+    init: str, storage_path: str, run_name: str, train: StitchTrainConfig, dataset, seed: int, backbone: str, prompts: list[str], crash_after_epoch: int = -1
 ):
     """One TorchTrainer.fit(); returns the ray.train Result (its checkpoint holds the value model).
+    `init`: the stage-1 model where every rank can read it (a shared path or a storage URI);
     `prompts`: every prompt the dataset's rows carry (a prompt-conditioned head reads their embeddings);
     `crash_after_epoch`: fault injection for tests (`StitchFaults`)."""
     from stitchvm_rl.runtime import fit, torch_trainer
 
     # Each rank gets ~1/num_workers of the rows and drops its last partial batch (the decay's horizon).
     total_steps = train.epochs * (dataset.count() // train.num_workers // train.batch_size)
-    loop_config = {"train": to_dict(train), "seed": seed, "total_steps": total_steps, "init_dir": str(init_dir), "run_dir": str(run_dir), "backbone": backbone, "prompts": prompts,
+    loop_config = {"train": to_dict(train), "seed": seed, "total_steps": total_steps, "init_dir": init, "storage": storage_path, "run_name": run_name, "backbone": backbone, "prompts": prompts,
                    "crash_after_epoch": crash_after_epoch}
     trainer = torch_trainer(train_loop, loop_config, train.num_workers, train.use_gpu, train.max_failures, storage_path, run_name, datasets={"train": dataset})
     return fit(trainer, "stage 2 (stitch finetuning)")
