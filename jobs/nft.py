@@ -154,7 +154,7 @@ def plot_rewards(metrics: list[dict], path: Path, estimator: str) -> None:
     plt.close(fig)
 
 
-def start_rollout_actors(cfg: NFTConfig, names: list[str], value_models: list[str], bundle: dict[str, float]) -> list:
+def start_rollout_actors(cfg: NFTConfig, names: list[str], sources: dict, value_models: list[str], bundle: dict[str, float]) -> list:
     """Named actors owned by the driver (they outlive learner restarts; Ray restarts a dead one up to rollout_max_restarts times);
     returns them once every one is placed and loaded (the learner finds them by name)."""
     import ray
@@ -163,7 +163,6 @@ def start_rollout_actors(cfg: NFTConfig, names: list[str], value_models: list[st
     # no task retries: a call lost with its actor is redone by another actor (rollout_client), not after a restart
     options = dict(num_cpus=cfg.rollout_cpus, num_gpus=cfg.rollout_gpus, resources=cfg.rollout_resources, max_restarts=cfg.rollout_max_restarts, max_task_retries=0)
     device = "cuda" if cfg.rollout_gpus else "cpu"
-    sources = worker_sources(cfg)
     actors = [actor_cls.options(name=name, **options).remote(sources["backbone"], cfg.rollout, cfg.rewards, value_models, device, cfg.testing.crash_on_call, sources["reward_sources"]) for name in names]
     try:
         runtime.wait_for_placement([a.__ray_ready__.remote() for a in actors], "rollout actors", bundle, cfg.resource_wait_s)
@@ -177,19 +176,16 @@ def worker_sources(cfg: NFTConfig) -> dict:
     """The backbone and every used published reward's source as the workers get them: relative
     paths made absolute on the driver (`storage.local_source`), so that each node looks for the
     same path (and `runtime.check_every_node_sees` can check it is there)."""
-    used = {name: rewards.reward_source(name, cfg.reward_sources) for name in cfg.rewards if name in rewards.PUBLISHED}
-    if "aesthetic" in cfg.rewards:
-        used[rewards.HEAD_SOURCE] = cfg.reward_sources.get(rewards.HEAD_SOURCE) or rewards.PUBLISHED["aesthetic"].head
+    used = rewards.weight_sources(cfg.rewards, cfg.reward_sources)
     return {"backbone": storage.local_source(cfg.backbone), "reward_sources": {k: storage.local_source(v) for k, v in used.items()}}
 
 
-def paths_every_node_needs(cfg: NFTConfig, value_models: list[str], storage_marker: str) -> dict[str, str]:
+def paths_every_node_needs(sources: dict, value_models: list[str], storage_marker: str) -> dict[str, str]:
     """{config key: path or URI} of everything a worker reads from a path: storage, and the backbone,
-    value models and reward weights that are paths or URIs (names and hub ids resolve anywhere)."""
-    sources = worker_sources(cfg)
+    value models and reward weights (`worker_sources`) that are paths or URIs."""
     named = {"backbone": sources["backbone"]} | {f"value_models[{n}]": d for n, d in enumerate(value_models)}
     named |= {f"reward_sources.{k}": v for k, v in sources["reward_sources"].items()}
-    return {"storage_path": storage_marker} | {k: v for k, v in named.items() if storage.is_uri(v) or Path(v).is_absolute()}
+    return {"storage_path": storage_marker} | {k: v for k, v in named.items() if storage.is_located(v)}
 
 
 def stop_actors(actors: list) -> None:
@@ -227,9 +223,9 @@ def train_one(cfg: NFTConfig) -> dict:
     """One run: place the actors and the learner, train, summarise."""
     prompts = prompt_lists.resolve_prompts(cfg.prompts, cfg.prompt_file)
     root = storage.storage_root(cfg.storage_path, cfg.output_dir)
-    value_models = [storage.local_source(d) for d in stitch_value_models(cfg)]
+    sources, value_models = worker_sources(cfg), [storage.local_source(d) for d in stitch_value_models(cfg)]
     runtime.init_ray(cfg.ray_cpus)
-    runtime.check_every_node_sees(paths_every_node_needs(cfg, value_models, storage.node_marker(root)))  # before anything is written
+    runtime.check_every_node_sees(paths_every_node_needs(sources, value_models, storage.node_marker(root)))  # before anything is written
     run = RunDir(cfg.output_dir, cfg.run_name, cfg)
     files = storage.RunFiles(root, cfg.run_name)
     files.upload_file(run.path / "config.yaml", "config.yaml")
@@ -241,7 +237,7 @@ def train_one(cfg: NFTConfig) -> dict:
     runtime.request_resources([rollout_bundle] * cfg.rollout_workers + learner_bundles)
     names, actors = [f"{cfg.run_name}-rollout-{n}" for n in range(cfg.rollout_workers)], []
     try:
-        actors = start_rollout_actors(cfg, names, value_models, rollout_bundle)
+        actors = start_rollout_actors(cfg, names, sources, value_models, rollout_bundle)
         runtime.wait_for_bundles(learner_bundles, f"group of {cfg.train.num_workers} learner ranks", cfg.resource_wait_s)
         loop = {
             "rollout": to_dict(cfg.rollout),
@@ -260,8 +256,8 @@ def train_one(cfg: NFTConfig) -> dict:
             "devices": cfg.train.num_workers + cfg.rollout_workers,  # for device-hours: one device per process
             "storage": root,
             "run_name": cfg.run_name,
-            "backbone": worker_sources(cfg)["backbone"],
-            "reward_sources": worker_sources(cfg)["reward_sources"],
+            "backbone": sources["backbone"],
+            "reward_sources": sources["reward_sources"],
             "wandb": to_dict(cfg.wandb),
             "testing": to_dict(cfg.testing),
             "config": to_dict(cfg),

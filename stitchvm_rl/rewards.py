@@ -230,6 +230,15 @@ def reward_source(name: str, sources: dict[str, str] | None = None) -> str:
     return (sources or {}).get(name) or PUBLISHED[name].source
 
 
+def weight_sources(weights: dict[str, float], sources: dict[str, str] | None = None) -> dict[str, str]:
+    """{reward_sources key: source} of every published reward in `weights` (the aesthetic head too):
+    what the processes that build these rewards will open."""
+    used = {name: reward_source(name, sources) for name in weights if name in PUBLISHED}
+    if "aesthetic" in weights:
+        used[HEAD_SOURCE] = (sources or {}).get(HEAD_SOURCE) or PUBLISHED["aesthetic"].head
+    return used
+
+
 def _missing_conversion(name: str, sources: dict[str, str] | None = None) -> str:
     """Why published reward `name` cannot load yet (its converted weights are missing), else ''."""
     from stitchvm_rl.storage import source_exists

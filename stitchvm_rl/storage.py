@@ -109,6 +109,12 @@ def node_marker(root: str) -> str:
     return marker
 
 
+def is_located(source: str) -> bool:
+    """A storage URI or an absolute path: something each node must be able to see (names and hub
+    ids resolve anywhere)."""
+    return is_uri(source) or Path(source).is_absolute()
+
+
 def local_source(source: str) -> str:
     """A source as the driver passes it to workers: an existing relative path made absolute
     (`job_path`), anything else (a name, a hub id, a URI, an absolute path, nothing) as it is."""

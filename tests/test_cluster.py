@@ -106,12 +106,7 @@ def paths_left_behind(cfg: dict, excludes: list[str]) -> list[str]:
 
     from stitchvm_rl import rewards
 
-    named = _strings(cfg)
-    for name in cfg.get("rewards", {}):
-        if name in rewards.PUBLISHED:
-            named.append(rewards.reward_source(name, cfg.get("reward_sources")))
-            if rewards.PUBLISHED[name].head:
-                named.append(cfg.get("reward_sources", {}).get(rewards.HEAD_SOURCE) or rewards.PUBLISHED[name].head)
+    named = _strings(cfg) + list(rewards.weight_sources(cfg.get("rewards", {}), cfg.get("reward_sources")).values())
     relative = [s for s in named if "/" in s and not s.startswith(("/", "~")) and "://" not in s]
     return [s for s in relative if any(fnmatch(Path(s).parts[0], pattern) for pattern in excludes)]
 

@@ -5,6 +5,7 @@ server on loopback, as in Ray's own storage tests; the multi-node runs are in te
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -72,7 +73,7 @@ def test_a_storage_source_is_downloaded_once_per_node_and_checked_against_its_ma
     source = "file://" + files.uri("value_model")
     downloads = []
     real = storage._download
-    monkeypatch.setattr(storage, "_download", lambda s, t: (downloads.append(s), real(s, t)))
+    monkeypatch.setattr(storage, "_download", lambda s, t: (downloads.append(s), time.sleep(0.5), real(s, t)))  # slow: the others ask meanwhile
     copies = []
     workers = [threading.Thread(target=lambda: copies.append(storage.local_copy(source))) for _ in range(4)]  # four workers of one node at once
     for w in workers:

@@ -83,7 +83,7 @@ def build_and_evaluate(cfg: StitchConfig) -> dict:
     root = storage.storage_root(cfg.storage_path, cfg.output_dir)
     backbone, reward_model = storage.local_source(cfg.backbone), storage.local_source(cfg.reward_model)
     runtime.init_ray(cfg.ray_cpus)
-    shared = {"storage_path": storage.node_marker(root)} | {k: v for k, v in (("backbone", backbone), ("reward_model", reward_model)) if Path(v).is_absolute() or storage.is_uri(v)}
+    shared = {"storage_path": storage.node_marker(root)} | {k: v for k, v in (("backbone", backbone), ("reward_model", reward_model)) if storage.is_located(v)}
     runtime.check_every_node_sees(shared | ({"data.folder": storage.job_path(cfg.data.folder)} if cfg.data.source == "folder" else {}))
     run = RunDir(cfg.output_dir, cfg.run_name, cfg)
     files = storage.RunFiles(root, cfg.run_name)
