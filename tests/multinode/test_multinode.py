@@ -123,9 +123,11 @@ def test_losing_a_worker_node_mid_run_changes_nothing_in_what_the_run_learns(clu
     restarts the learner group there from the checkpoint in storage. Metrics of every epoch and the
     final LoRA equal the uninterrupted run's."""
     out, storage = cluster.driver_dir / "lost", chained["storage"]
+    earlier = _learner_ranks(cluster, alive=False)  # the chained runs' ranks may still read ALIVE for a moment after their driver ends
     driver = cluster.driver([*chained["nft"], f"output_dir={out}", "run_name=lostnode", "epochs=7"])
-    victim = _wait(driver, lambda: _node_of_a_learner_rank(cluster), "learner ranks")
-    _wait(driver, lambda: list((storage / "lostnode").glob("checkpoint_*")), "a checkpoint")  # epoch 0's; 6 epochs to go (~0.5 s each)
+    victim = _wait(driver, lambda: _node_of_a_learner_rank(cluster, earlier), "learner ranks")
+    # epoch 1's checkpoint being written means epoch 0's was reported; 5 epochs to go (~0.5 s each)
+    _wait(driver, lambda: len(list((storage / "lostnode").glob("checkpoint_*"))) >= 2, "two checkpoints")
     cluster.nodes[victim].kill()
     output, _ = driver.communicate(timeout=900)
     assert driver.returncode == 0, output[-4000:]
@@ -148,12 +150,21 @@ def _wait(driver, probe, what: str, timeout_s: float = 600):
     return found
 
 
-def _node_of_a_learner_rank(cluster) -> str | None:
-    """Which worker node (w1 / w2) runs a learner rank (Ray Train's workers are RayTrainWorker actors), once they run."""
-    from ray.util.state import list_actors, list_nodes
+def _learner_ranks(cluster, alive: bool = True) -> list:
+    """Ray Train's workers (RayTrainWorker actors) on the cluster: the alive ones, or every one."""
+    from ray.util.state import list_actors
+
+    filters = [("class_name", "=", "RayTrainWorker")] + ([("state", "=", "ALIVE")] if alive else [])
+    return list_actors(address=cluster.dashboard, filters=filters, limit=1000)
+
+
+def _node_of_a_learner_rank(cluster, earlier: list) -> str | None:
+    """Which worker node (w1 / w2) runs a learner rank of this run (none of `earlier`), once they run."""
+    from ray.util.state import list_nodes
 
     names = {n.node_id: next(r for r in ("w1", "w2") if r in n.resources_total) for n in list_nodes(address=cluster.dashboard) if any(r in n.resources_total for r in ("w1", "w2"))}
-    workers = list_actors(address=cluster.dashboard, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    old = {a.actor_id for a in earlier}
+    workers = [a for a in _learner_ranks(cluster) if a.actor_id not in old]
     return names[sorted(workers, key=lambda a: a.actor_id)[0].node_id] if workers else None
 
 
