@@ -120,6 +120,7 @@ def check(cfg: NFTConfig) -> None:
     rewards.check_reward_weights(cfg.rewards, "rewards", cfg.reward_sources)
     storage.check_reachable(storage.storage_root(cfg.storage_path, cfg.output_dir), "storage_path")
     check_names("compare", cfg.compare, ESTIMATORS, "estimator")
+    runtime.check_zero_stage(cfg.train.zero_stage, "train.zero_stage", "the evaluation and the LoRA export run")
     if cfg.groups_per_epoch % cfg.train.num_workers:
         raise ConfigError(f"groups_per_epoch={cfg.groups_per_epoch} must be a multiple of train.num_workers={cfg.train.num_workers} (every learner rank takes the same share)")
     try:

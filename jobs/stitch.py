@@ -11,7 +11,7 @@ level: StitchVM vs Tweedie vs Monte Carlo), accuracy.png. The config and the pip
 `stitchvm_rl.value.build` (its defaults built the toy world's committed value model, `stitchvm_rl.value.default_value_model()`).
 """
 
-from stitchvm_rl import rewards, storage, zoo
+from stitchvm_rl import rewards, runtime, storage, zoo
 from stitchvm_rl.config import ConfigError, did_you_mean, load_config, run_main
 from stitchvm_rl.value.build import StitchConfig, build_and_evaluate
 from stitchvm_rl.value.train import scan_image_folder
@@ -24,6 +24,7 @@ def check(cfg: StitchConfig) -> None:
         raise ConfigError(f"reward_model '{cfg.reward_model}' is a reward name, not a model source; pass its CLIP model, e.g. reward_model={rewards.PUBLISHED[cfg.reward_model].source}")
     zoo.check_source(cfg.reward_model, "reward_model")
     storage.check_reachable(storage.storage_root(cfg.storage_path, cfg.output_dir), "storage_path")
+    runtime.check_zero_stage(cfg.train.zero_stage, "train.zero_stage", "the value model is exported")
     if cfg.analytic_reward and cfg.analytic_reward not in rewards.ANALYTIC:
         raise ConfigError(f"analytic_reward '{cfg.analytic_reward}' is unknown; choose one of {', '.join(rewards.ANALYTIC)}{did_you_mean(cfg.analytic_reward, rewards.ANALYTIC)}")
     if cfg.train.objective == "regress" and (cfg.head != "scalar" or not cfg.analytic_reward):

@@ -91,17 +91,19 @@ def lora_shapes(transformer: torch.nn.Module, rank: int, targets: list[str]) -> 
 class AdapterSink:
     """A Ray actor holding LoRA buffers of given shapes: `load_adapter` does what a rollout actor's
     does with an adapter -- take it from the object store, copy it into the model's LoRA weights --
-    and answers (version, checksum of what arrived), so the sync path is measured without a model."""
+    and answers (version, dtype, checksum of what arrived), so the sync path is measured without a
+    model. `via`: a dtype the tensors pass through on the way (a lossy copy, as a broken sync makes)."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], dtype: str = "float32"):
+    def __init__(self, shapes: dict[str, tuple[int, ...]], dtype: str = "float32", via: str | None = None):
         from stitchvm_rl.zoo import DTYPES
 
+        self.dtype, self.via = dtype, DTYPES[via] if via else None
         self.buffers = {name: torch.zeros(shape, dtype=DTYPES[dtype]) for name, shape in shapes.items()}
 
-    def load_adapter(self, state: AdapterState) -> tuple[int, str]:
+    def load_adapter(self, state: AdapterState) -> tuple[int, str, str]:
         for name, tensor in state.tensors.items():
-            self.buffers[name].copy_(tensor)
-        return state.version, tensor_checksum(self.buffers)
+            self.buffers[name].copy_(tensor if self.via is None else tensor.to(self.via))
+        return state.version, self.dtype, tensor_checksum(self.buffers)
 
 
 def random_adapter(shapes: dict[str, tuple[int, ...]], dtype: str = "float32", version: int = 1) -> AdapterState:

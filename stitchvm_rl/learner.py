@@ -33,7 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 
@@ -79,7 +79,9 @@ class NFTTrainConfig:
     resources_per_worker: dict[str, float] = field(default_factory=dict)
     """Custom resources per learner rank, e.g. {learner: 1} on clusters from cluster/*.yaml."""
     zero_stage: Annotated[int, Range(0, 3)] = 2
-    """DeepSpeed ZeRO stage."""
+    """DeepSpeed ZeRO stage of the LoRA weights' optimizer state and gradients (3 is refused: rank 0 evaluates and exports alone)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype of the learner's frozen base weights (bfloat16 on GPU); LoRA weights, gradients, optimizer state and the old / EMA copies stay float32."""
     gradient_checkpointing: bool = False
     """Recompute the transformer's block activations in the backward: memory for ~1/3 more compute (large groups at 512^2+)."""
     compile: bool = False
@@ -223,15 +225,16 @@ def build_learner(backbone: str, seed: int, rollout: RolloutConfig, train: NFTTr
     from stitchvm_rl.runtime import deepspeed_config
 
     torch.manual_seed(seed)  # identical LoRA init on every rank
-    policy = SD3Policy.from_pretrained(backbone, device=device)
-    policy.add_lora(rollout.lora_rank, rollout.lora_alpha)
+    policy = SD3Policy.from_pretrained(backbone, dtype=train.dtype, device=device)
+    policy.add_lora(rollout.lora_rank, rollout.lora_alpha, float32=True)
     if train.gradient_checkpointing:
         policy.transformer.enable_gradient_checkpointing()
     if train.compile:  # after the LoRA layers are in; the evaluation's no-grad ODE sampling runs compiled too
         zoo.compile_repeated_blocks(policy.transformer)
     trainable = [p for p in policy.transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
-    ds_config = deepspeed_config(train.zero_stage, rollout.group_size, grad_accum, device, train.grad_clip)
+    # DeepSpeed's bf16 mode would cast the float32 LoRA weights (and `old`, `ema`) to bf16: the trainable weights are float32, so is its optimizer
+    ds_config = deepspeed_config(train.zero_stage, rollout.group_size, grad_accum, bf16=False, grad_clip=train.grad_clip)
     engine, _, _, _ = deepspeed.initialize(model=policy.transformer, optimizer=optimizer, config=ds_config)
     return policy, engine
 

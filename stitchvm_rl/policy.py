@@ -57,6 +57,11 @@ class AdapterState:
     version: int
     checksum: str
 
+    def checksum_as(self, dtype: str) -> str:
+        """The checksum of these tensors cast to `dtype` (the canonical form a receiver holding its
+        model in that dtype answers with: an fp32 learner's adapter in a bf16 actor)."""
+        return tensor_checksum({k: v.to(zoo.DTYPES[dtype]) for k, v in self.tensors.items()})
+
 
 def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over names, dtypes, shapes and raw bytes, in name order."""
@@ -130,7 +135,7 @@ class SD3Policy:
     # ------------------------------------------------------------ velocity
     def velocity(self, z: torch.Tensor, t: torch.Tensor, cond: PromptEmbeds, cfg_scale: float = 1.0) -> torch.Tensor:
         """v(z_t, t | prompt) with the currently active adapter; CFG against the empty prompt if cfg_scale != 1."""
-        t = t.to(z.device, z.dtype).expand(z.shape[0])
+        t = t.to(z.device, torch.float32).expand(z.shape[0])  # float32 into the time embedder: bf16 rounds t to steps of 1/256 above 0.5
         if cfg_scale == 1.0:
             return self.transformer(
                 hidden_states=z, timestep=1000 * t, encoder_hidden_states=cond.embeds, pooled_projections=cond.pooled
@@ -197,13 +202,19 @@ class SD3Policy:
         return vae_encode(self.vae, images)
 
     # ------------------------------------------------------------ LoRA
-    def add_lora(self, rank: int = 32, alpha: float = 64, targets: list[str] = LORA_TARGETS) -> None:
-        """Add the trained adapter "default" and its copies "old" (data collection) and "ema" (evaluation)."""
+    def add_lora(self, rank: int = 32, alpha: float = 64, targets: list[str] = LORA_TARGETS, float32: bool = False) -> None:
+        """Add the trained adapter "default" and its copies "old" (data collection) and "ema" (evaluation).
+        `float32`: LoRA weights in float32 whatever the base weights' dtype (a learner: a soft update of
+        weight 0.1 is below one bf16 ulp, and gradients and optimizer state follow the weights' dtype)."""
         config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
         with warnings.catch_warnings():  # peft warns that a second adapter is a second adapter
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             for name in ADAPTERS:
                 self.transformer.add_adapter(config, adapter_name=name)
+        if float32:  # peft casts its input to the LoRA weights' dtype and its output back to the base layer's
+            for name in ADAPTERS:
+                for p in self._lora_params(name).values():
+                    p.data = p.data.float()
         for name in ADAPTERS[1:]:
             self.soft_update(name, eta=0.0)
         self.transformer.set_adapter("default")

@@ -7,7 +7,7 @@ scores them with one advantage estimator.
         tweedie   DPM-2 to step k, r(Dec(z_tau - tau v))          anchor z_tau
         mc        DPM-2 to step k, mean r of mc_k SDE completions anchor z_tau
     <-- RolloutBatch (through the object store), tagged with the adapter version that made it
-    learner rank 0 --load_adapter(AdapterState)--> every worker answers (version, checksum)
+    learner rank 0 --load_adapter(AdapterState)--> every worker answers (version, dtype, checksum)
     learner rank 0 --value_drift(prompts, seed)--> the estimator at the stop vs the terminal reward
 
 Everything a batch contains follows from (prompts, seed, adapter version): a batch lost with its
@@ -114,12 +114,14 @@ class RolloutWorker:
     def _value(self, z: torch.Tensor, t: torch.Tensor, prompts: list[str], cond=None) -> torch.Tensor:
         return sum(model(z, t.to(z.device), prompts, cond).float() for model in self.value_models)
 
-    def load_adapter(self, state: AdapterState) -> tuple[int, str]:
-        """Make `state` the data-collection adapter; answer with (version, checksum of the adapter this
-        actor now holds, read back from its model) for the learner to compare with what it sent."""
+    def load_adapter(self, state: AdapterState) -> tuple[int, str, str]:
+        """Make `state` the data-collection adapter; answer with (version, dtype, checksum of the adapter
+        this actor now holds, read back from its model) for the learner to compare with what it sent
+        cast to that dtype (`weight_sync.check_answers`)."""
         self.policy.load_adapter(state, name="old")
         self.version = state.version
-        return state.version, self.policy.export_adapter("old").checksum
+        held = self.policy.export_adapter("old")
+        return state.version, self.cfg.dtype, held.checksum
 
     @torch.no_grad()
     def rollout(self, prompts: list[str], seed: int) -> RolloutBatch:

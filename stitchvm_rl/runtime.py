@@ -132,18 +132,29 @@ def setup_deepspeed() -> str:
     return device
 
 
-def deepspeed_config(zero_stage: int, micro_batch: int, grad_accum: int, device: str, grad_clip: float = 1.0) -> dict:
-    """ZeRO config: bf16 on GPU, fp32 on CPU (bf16 is ~20x slower on CPUs without AVX512-BF16)."""
+def deepspeed_config(zero_stage: int, micro_batch: int, grad_accum: int, bf16: bool, grad_clip: float = 1.0) -> dict:
+    """ZeRO config. `bf16`: DeepSpeed casts the module to bf16 and keeps float32 master weights in the
+    optimizer; gradients are accumulated in float32 over the micro-steps."""
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": grad_clip,
         "zero_optimization": {"stage": zero_stage},
-        "bf16": {"enabled": device == "cuda"},
+        "bf16": {"enabled": bf16},
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if bf16 else {}),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def check_zero_stage(stage: int, key: str, rank0_work: str) -> None:
+    """Refuse ZeRO-3 (ConfigError): it partitions the weights themselves across the ranks, and
+    `rank0_work` reads them whole on rank 0 alone (it would read a partition, or wait forever for the others)."""
+    from stitchvm_rl.config import ConfigError
+
+    if stage == 3:
+        raise ConfigError(f"{key}=3: ZeRO-3 partitions every weight across the learner ranks, but {rank0_work} on rank 0 alone; use {key}=2 (ZeRO-2 partitions the optimizer state and gradients)")
 
 
 def report_checkpoint(metrics: dict, engine, client_state: dict, exclude_frozen: bool = False, write_extra=None) -> None:

@@ -1,6 +1,7 @@
 """Weight sync: after each update the learner's `old` adapter goes to every rollout actor, and each
-actor's answer (version, checksum of the adapter read back from its model) proves it holds exactly
-that adapter -- a stale or damaged copy stops the run instead of sampling silently.
+actor's answer (version, its dtype, checksum of the adapter read back from its model) proves it holds
+exactly that adapter -- a stale or damaged copy stops the run instead of sampling silently. The
+checksum is of the canonical form: the learner's (float32) adapter cast to the actor's dtype.
 
 An actor that is down (its node lost, Ray restarting it) is waited for up to DOWN_TIMEOUT_S, then
 left out: it comes back with the base adapter, and the learner redoes whatever it samples with
@@ -77,9 +78,15 @@ def push_adapter(state: AdapterState, actors: list) -> list:
                 answers.append(ray.get(actor.load_adapter.remote(ref)))
             else:
                 down.append(i)
-    if any(answer != (state.version, state.checksum) for answer in answers):
-        raise RuntimeError(f"adapter sync failed: sent version {state.version} ({state.checksum[:12]}), actors answered {answers}")
+    check_answers(state, answers)
     return down
+
+
+def check_answers(state: AdapterState, answers: list[tuple[int, str, str]]) -> None:
+    """Every (version, dtype, checksum) answer must be `state` cast to that dtype; else RuntimeError."""
+    expected = {dtype: state.checksum_as(dtype) for dtype in {a[1] for a in answers}}
+    if any(version != state.version or checksum != expected[dtype] for version, dtype, checksum in answers):
+        raise RuntimeError(f"adapter sync failed: sent version {state.version} ({state.checksum[:12]}), actors answered {answers}")
 
 
 def sync_actors(state: AdapterState, actors: list, rank: int) -> None:

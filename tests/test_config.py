@@ -138,6 +138,31 @@ def test_shipped_configs_load_into_their_job(path):
     assert cfg.run_name == path.stem
 
 
+def test_the_shipped_nft_comparison_scores_both_estimators_on_the_same_reward():
+    """nft_sd35m_terminal.yaml and nft_sd35m_stitchvm.yaml train on the same rewards from the same
+    weights, and the stitchvm run's value models are the shipped stitch configs' outputs, one per
+    reward, each stitched from that reward's own CLIP (like for like: the paper's Table 3)."""
+    from stitchvm_rl import rewards
+    from stitchvm_rl.value.build import StitchConfig
+
+    nft = _load_script("nft")
+    configs = ROOT / "jobs" / "configs"
+    terminal, stitchvm = (load_config(nft.NFTConfig, ["--config", str(configs / f"nft_sd35m_{name}.yaml")]) for name in ("terminal", "stitchvm"))
+    assert terminal.rollout.estimator == "terminal" and stitchvm.rollout.estimator == "stitchvm"
+    assert terminal.rewards == stitchvm.rewards and terminal.reward_sources == stitchvm.reward_sources
+    stitched = {}
+    for path in sorted(configs.glob("stitch_*.yaml")):
+        stitch = load_config(StitchConfig, ["--config", str(path)])
+        stitched[f"{stitch.storage_path}/{stitch.run_name}/files/value_model"] = stitch
+    by_reward = {}
+    for source in stitchvm.value_models:
+        assert source in stitched, f"value model {source} is built by no shipped stitch config"
+        (name,) = [n for n in stitchvm.rewards if rewards.reward_source(n, stitchvm.reward_sources) == stitched[source].reward_model]
+        by_reward[name] = stitched[source]
+        assert stitched[source].backbone == stitchvm.backbone
+    assert sorted(by_reward) == sorted(stitchvm.rewards) and len(set(stitchvm.rewards.values())) == 1  # summed value models = equally weighted rewards
+
+
 def test_configuration_page_is_generated_from_the_configs_and_current():
     """docs/configuration.md is `python jobs/config_reference.py`'s output for today's configs, and
     every job that takes key=value arguments has its section."""

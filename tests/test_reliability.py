@@ -66,12 +66,15 @@ BAD_JOB_INPUTS = [
     ("nft", ["value_models=[{d}/no_such_vm]"], "does not exist; build one with `python jobs/stitch.py`"),
     ("nft", ["value_models=[{d}/vm_other/value_model]"], "was stitched from backbone 'tiny-sd3' but the policy is 'toyworld'"),
     ("nft", ["value_models=[{d}/vm_broken/value_model]"], "malformed value_model.json"),
+    ("nft", ["train.zero_stage=3"], "train.zero_stage=3: ZeRO-3 partitions every weight across the learner ranks"),
+    ("nft", ["backbone=tiny-sd3", "rollout.estimator=stitchvm"], "backbone 'tiny-sd3' has no default value model"),
     ("dps", ["methods=[none,magic]"], "unknown or empty"),
     ("dps", ["methods=[stitchvm]", "scales={{tweedie: 0.01}}"], "has no DPS scale; set scales.stitchvm"),
     ("dps", ["value_model={d}/vm_other/value_model"], "was stitched from backbone 'tiny-sd3'"),
     ("stitch", ["data.source=folder", "data.folder={d}/images"], "broken.png' cannot be read"),
     ("stitch", ["data.source=folder", "data.folder={d}/nowhere"], "does not exist"),
     ("stitch", ["data.source=folder", "data.folder={d}/images", "data.skip_broken_images=true"], "folder images have no captions"),
+    ("stitch", ["train.zero_stage=3"], "use train.zero_stage=2"),
     ("stitch", ["data.num_images=40"], "less than one batch of 32, so stage 2 would train nothing"),
     ("stitch", ["data.source=folder", "data.folder={d}/images", "data.skip_broken_images=true", "head_conditioning=empty"], "1 training images give"),
     ("cost", ["resolution=100"], "must be a multiple of 16"),
@@ -290,8 +293,9 @@ def test_an_adapter_that_fits_no_module_is_refused(tiny_policy):
 
 @pytest.mark.slow
 def test_a_sync_whose_answer_differs_from_what_was_sent_stops_the_run():
-    """The learner compares each actor's checksum of what it now holds with what it sent: an actor
-    that stored the adapter differently (here: in fp16) stops the run with a clear error."""
+    """The learner compares each actor's checksum of what it now holds with what it sent cast to the
+    actor's dtype: an actor holding it in bf16 is in sync; one whose copy went through fp16 on the way
+    (stored differently from what was sent) stops the run with a clear error."""
     import ray
 
     from stitchvm_rl import benchmark, runtime
@@ -301,9 +305,9 @@ def test_a_sync_whose_answer_differs_from_what_was_sent_stops_the_run():
     shapes = {"a.lora_A.weight": (4, 8), "a.lora_B.weight": (8, 4)}
     state = benchmark.random_adapter(shapes, "float32", version=7)
     sink = ray.remote(benchmark.AdapterSink).options(num_cpus=0)
-    good, lossy = sink.remote(shapes, "float32"), sink.remote(shapes, "float16")
+    good, bf16, lossy = sink.remote(shapes, "float32"), sink.remote(shapes, "bfloat16"), sink.remote(shapes, "float32", via="float16")
     try:
-        push_adapter(state, [good])  # the same bytes come back: no error
+        push_adapter(state, [good, bf16])  # the same tensors, in each actor's dtype: no error
         with pytest.raises(RuntimeError, match=r"adapter sync failed: sent version 7 .* actors answered"):
             push_adapter(state, [good, lossy])
         # an actor that has used up its restarts is named, not waited for
@@ -311,7 +315,7 @@ def test_a_sync_whose_answer_differs_from_what_was_sent_stops_the_run():
         with pytest.raises(RuntimeError, match=r"rollout actor \S+ is dead and will not be restarted again .*rollout_max_restarts"):
             push_adapter(state, [good, lossy])
     finally:
-        ray.kill(good), ray.kill(lossy)
+        ray.kill(good), ray.kill(bf16), ray.kill(lossy)
 
 
 @pytest.mark.slow

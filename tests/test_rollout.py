@@ -87,18 +87,23 @@ def test_stitchvm_rollouts_stop_early_per_group_and_carry_the_value(value_dir):
 @pytest.mark.slow
 def test_an_actor_answers_with_the_checksum_of_the_adapter_it_holds_not_the_one_it_was_sent():
     """The answer is read back from the actor's model: one holding its weights in bfloat16 answers
-    the checksum of the rounded adapter, which the learner's check then refuses as a different one."""
+    the checksum of the rounded adapter and its dtype, which the learner's check accepts as the fp32
+    adapter it sent (the canonical form); the same bytes claimed as float32 are refused."""
     import ray
 
     from stitchvm_rl.policy import tensor_checksum
+    from stitchvm_rl.weight_sync import check_answers
 
     runtime.init_ray()
     actor = ray.remote(RolloutWorker).remote("toyworld", RolloutConfig(estimator="terminal", dtype="bfloat16", **CFG), {"toy_clip": 1.0}, [])
     learner = SD3Policy.from_pretrained("toyworld")
     learner.add_lora(CFG["lora_rank"], CFG["lora_alpha"])
     state = learner.export_adapter("default", version=3)
-    version, checksum = ray.get(actor.load_adapter.remote(state))
-    assert version == 3 and checksum == tensor_checksum({k: v.to(torch.bfloat16) for k, v in state.tensors.items()}) != state.checksum
+    version, dtype, checksum = ray.get(actor.load_adapter.remote(state))
+    assert (version, dtype) == (3, "bfloat16") and checksum == tensor_checksum({k: v.to(torch.bfloat16) for k, v in state.tensors.items()}) != state.checksum
+    check_answers(state, [(version, dtype, checksum)])  # no error
+    with pytest.raises(RuntimeError, match="adapter sync failed: sent version 3"):
+        check_answers(state, [(version, "float32", checksum)])
     ray.kill(actor)
 
 
@@ -115,7 +120,7 @@ def test_adapter_sync_answers_version_and_checksum_and_changes_the_samples(termi
             if ".lora_B.default." in name:
                 p.add_(0.05)
     state = learner.export_adapter("default", version=3)
-    assert ray.get(actor.load_adapter.remote(state)) == (3, state.checksum)
+    assert ray.get(actor.load_adapter.remote(state)) == (3, "float32", state.checksum)
     after = ray.get(actor.rollout.remote(PROMPTS[:1], 3))
     assert after.version == 3 and not torch.allclose(after.anchors, before.anchors)
     state.tensors[next(iter(state.tensors))] += 1.0  # corrupted in transit
@@ -155,7 +160,7 @@ def test_a_compiled_rollout_worker_samples_scores_and_syncs_as_an_eager_one(valu
                 p.add_(0.05)
     state = eager.policy.export_adapter("default", version=1)
     for worker in (eager, compiled):
-        assert worker.load_adapter(state) == (1, state.checksum)
+        assert worker.load_adapter(state) == (1, "float32", state.checksum)
     a, b = eager.rollout(PROMPTS, 5), compiled.rollout(PROMPTS, 5)
     assert torch.allclose(a.anchors, b.anchors, atol=1e-4) and torch.allclose(a.scores, b.scores, atol=1e-4)
     assert torch.equal(a.tau, b.tau) and not torch.allclose(b.anchors, before.anchors, atol=1e-2)

@@ -17,7 +17,11 @@ def default_value_model(backbone: str = "toyworld") -> str:
     from stitchvm_rl.config import ConfigError
 
     if backbone != "toyworld":
-        raise ConfigError(f"backbone '{backbone}' has no default value model (only 'toyworld' has); build one with `python jobs/stitch.py backbone={backbone}` and pass its value_model directory")
+        raise ConfigError(
+            f"backbone '{backbone}' has no default value model (only 'toyworld' has: a value model describes only its own backbone's latents); "
+            f"build one with `python jobs/stitch.py --config jobs/configs/stitch_sd35m_hpsv2.yaml backbone={backbone}` (or another jobs/configs/stitch_*.yaml) "
+            "and pass its value_model directory: value_models=[<storage_path>/<run_name>/files/value_model]"
+        )
     return TOYWORLD_VALUE_NAME
 
 

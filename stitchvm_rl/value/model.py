@@ -73,7 +73,7 @@ class DiTHead(nn.Module):
         """Image tokens after each block 1..upto as (B, C, h, w) grids (h = H / patch); `cond`: the
         prompt embeddings to read (None: the empty prompt)."""
         b, _, height, width = z.shape
-        t = t.to(z.device, z.dtype).expand(b)
+        t = t.to(z.device, torch.float32).expand(b)  # float32 into the time embedder, as SD3Policy.velocity
         embeds, pooled = (self.null_embeds.expand(b, -1, -1), self.null_pooled.expand(b, -1)) if cond is None else (cond.embeds, cond.pooled)
         hidden = self.pos_embed(z).contiguous()
         temb = self.time_text_embed(1000 * t, pooled.to(z.device, z.dtype))

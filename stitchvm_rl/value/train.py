@@ -93,7 +93,7 @@ class StitchTrainConfig:
     use_gpu: bool = False
     """One GPU per learner worker."""
     zero_stage: Literal[0, 1, 2, 3] = 2
-    """DeepSpeed ZeRO stage."""
+    """DeepSpeed ZeRO stage (3 is refused: rank 0 exports the value model alone)."""
     checkpoint_every: Annotated[int, Range(1)] = 4
     """Checkpoint every this many epochs (and after the last)."""
     max_failures: Annotated[int, Range(-1)] = 2
@@ -271,7 +271,7 @@ def train_loop(loop_config: dict) -> None:
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, train, loop_config["total_steps"]))
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(train.zero_stage, train.batch_size, 1, device)
+        model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(train.zero_stage, train.batch_size, 1, bf16=device == "cuda")
     )
     dtype = next(p.dtype for p in engine.module.stitch.parameters())
     table = prompt_table(loop_config["backbone"], loop_config["prompts"], device) if model.config.head_conditioning == "prompt" else None
