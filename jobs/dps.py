@@ -23,9 +23,10 @@ from typing import Annotated, Literal
 import torch
 
 from stitchvm_rl import prompts as prompt_lists
-from stitchvm_rl import rewards, runtime, storage, toyworld, zoo
+from stitchvm_rl import memory_plan, memory_roles, rewards, runtime, storage, toyworld, zoo
 from stitchvm_rl.config import ConfigError, Range, check_names, did_you_mean, load_config, run_main
 from stitchvm_rl.guidance import GuidanceConfig, run_guided
+from stitchvm_rl.memory_plan import MemoryConfig
 from stitchvm_rl.tracking import RunDir
 from stitchvm_rl.value import default_value_model
 from stitchvm_rl.value.model import check_value_model_dir
@@ -73,6 +74,8 @@ class DPSConfig:
     """Logical CPUs of a local Ray cluster (ignored when joining a cluster)."""
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     """The guided sampler, shared by every method."""
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    """The GPU memory plan each method's worker is checked against on device=cuda (jobs/plan.py)."""
 
 
 def check(cfg: DPSConfig) -> None:
@@ -93,6 +96,15 @@ def check(cfg: DPSConfig) -> None:
         default_value_model(cfg.backbone)  # refuses a backbone without one
     if cfg.compile:
         zoo.check_compile_toolchain(cfg.device)
+    if cfg.device == "cuda":
+        memory_plan.check(plan_memory(cfg), cfg.memory.enforce)
+
+
+def plan_memory(cfg: DPSConfig) -> list[memory_plan.RolePlan]:
+    """Each method's worker's GPU memory plan (`stitchvm_rl.memory_roles.dps_roles`)."""
+    sources = {name: rewards.reward_source(name, cfg.reward_sources) for name in cfg.rewards if name in rewards.PUBLISHED}
+    uses_value_model = any(m.removeprefix("fk_") == "stitchvm" for m in cfg.methods)
+    return memory_roles.dps_roles(cfg, sources, (cfg.value_model or default_value_model(cfg.backbone)) if uses_value_model else "")
 
 
 def main(argv: list[str]) -> dict:

@@ -29,13 +29,14 @@ from pathlib import Path
 from typing import Annotated
 
 from stitchvm_rl import prompts as prompt_lists
-from stitchvm_rl import rewards, runtime, storage, toyworld, zoo
+from stitchvm_rl import memory_plan, memory_roles, rewards, runtime, storage, toyworld, zoo
 from stitchvm_rl.config import ConfigError, Range, check_names, load_config, run_main, to_dict
 from stitchvm_rl.learner import NFTTrainConfig, run_learner
+from stitchvm_rl.memory_plan import MemoryConfig
 from stitchvm_rl.report import paired_gain
 from stitchvm_rl.estimators import ESTIMATORS
 from stitchvm_rl.faults import NFTFaults
-from stitchvm_rl.rollout import RolloutConfig, RolloutWorker, check_rollout_config
+from stitchvm_rl.rollout import RolloutConfig, RolloutWorker, actor_needs_rewards, check_rollout_config
 from stitchvm_rl.tracking import RunDir, WandbConfig
 from stitchvm_rl.value import default_value_model
 from stitchvm_rl.value.model import check_value_model_dir
@@ -71,6 +72,8 @@ class NFTConfig:
     """Evaluation prompts (training prompts cycled; 288 = every toy caption x 8), fixed held-out noise, ODE sampling."""
     eval_steps: Annotated[int, Range(0)] = 0
     """ODE steps of the evaluation sampler (0: rollout.num_steps; the official SD3.5 runs use 40)."""
+    eval_batch_size: Annotated[int, Range(1)] = 64
+    """Evaluation prompts sampled, decoded and rewarded per batch on learner rank 0 (8 at SD3.5-M 512^2)."""
     drift_every: Annotated[int, Range(0)] = 5
     """Every this many epochs, full rollouts check the estimator against the terminal reward (0: never)."""
     drift_groups: Annotated[int, Range(1)] = 2
@@ -93,6 +96,8 @@ class NFTConfig:
     """A rollout call running longer than this is given up and redone by another actor (a hung GPU, a lost node)."""
     resource_wait_s: Annotated[float, Range(0)] = 1800.0
     """Give up, naming what is missing, if actors or learner ranks cannot be placed in this time (0: never)."""
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    """The GPU memory plan every GPU role is checked against before anything is placed (jobs/plan.py)."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """Sampling and advantage estimation."""
     compare: list[str] = field(default_factory=list)
@@ -121,6 +126,12 @@ def check(cfg: NFTConfig) -> None:
     storage.check_reachable(storage.storage_root(cfg.storage_path, cfg.output_dir), "storage_path")
     check_names("compare", cfg.compare, ESTIMATORS, "estimator")
     runtime.check_zero_stage(cfg.train.zero_stage, "train.zero_stage", "the evaluation and the LoRA export run")
+    if cfg.train.use_gpu and cfg.train.num_workers > 1 and cfg.train.gpus_per_worker < 1:
+        raise ConfigError(
+            f"train.gpus_per_worker={cfg.train.gpus_per_worker:g} with {cfg.train.num_workers} GPU learner ranks: Ray packs fractional GPUs "
+            "onto the same device and NCCL refuses two ranks on one GPU; give each rank a whole GPU (train.gpus_per_worker=1), "
+            "or use one rank (train.num_workers=1) to share a GPU with the rollout actors"
+        )
     if cfg.groups_per_epoch % cfg.train.num_workers:
         raise ConfigError(f"groups_per_epoch={cfg.groups_per_epoch} must be a multiple of train.num_workers={cfg.train.num_workers} (every learner rank takes the same share)")
     try:
@@ -133,6 +144,19 @@ def check(cfg: NFTConfig) -> None:
         zoo.check_compile_toolchain("cuda" if cfg.train.use_gpu else "cpu", "train.compile")
     for d in cfg.value_models:
         check_value_model_dir(d, cfg.backbone)
+    if cfg.rollout_gpus or cfg.train.use_gpu:
+        memory_plan.check(plan_memory(cfg), cfg.memory.enforce)
+
+
+def plan_memory(cfg: NFTConfig) -> list[memory_plan.RolePlan]:
+    """Every role's GPU memory plan (`stitchvm_rl.memory_roles.nft_roles`): what `check` refuses
+    before anything is placed, and jobs/plan.py prints."""
+    try:
+        prompt_count = len(set(prompt_lists.resolve_prompts(cfg.prompts, cfg.prompt_file)))
+    except OSError:  # the prompt file lives where the job runs: a process sees at most its share of the run's groups
+        prompt_count = None
+    sources = {name: rewards.reward_source(name, cfg.reward_sources) for name in cfg.rewards if name in rewards.PUBLISHED}
+    return memory_roles.nft_roles(cfg, sources, stitch_value_models(cfg), prompt_count)
 
 
 def plot_rewards(metrics: list[dict], path: Path, estimator: str) -> None:
@@ -164,7 +188,8 @@ def start_rollout_actors(cfg: NFTConfig, names: list[str], sources: dict, value_
     # no task retries: a call lost with its actor is redone by another actor (rollout_client), not after a restart
     options = dict(num_cpus=cfg.rollout_cpus, num_gpus=cfg.rollout_gpus, resources=cfg.rollout_resources, max_restarts=cfg.rollout_max_restarts, max_task_retries=0)
     device = "cuda" if cfg.rollout_gpus else "cpu"
-    actors = [actor_cls.options(name=name, **options).remote(sources["backbone"], cfg.rollout, cfg.rewards, value_models, device, cfg.testing.crash_on_call, sources["reward_sources"]) for name in names]
+    reward_weights = cfg.rewards if actor_needs_rewards(cfg.rollout.estimator, cfg.drift_every) else {}
+    actors = [actor_cls.options(name=name, **options).remote(sources["backbone"], cfg.rollout, reward_weights, value_models, device, cfg.testing.crash_on_call, sources["reward_sources"]) for name in names]
     try:
         runtime.wait_for_placement([a.__ray_ready__.remote() for a in actors], "rollout actors", bundle, cfg.resource_wait_s)
     except RuntimeError:
@@ -249,6 +274,7 @@ def train_one(cfg: NFTConfig) -> dict:
             "groups_per_epoch": cfg.groups_per_epoch,
             "eval_every": cfg.eval_every,
             "eval_steps": cfg.eval_steps,
+            "eval_batch_size": cfg.eval_batch_size,
             "drift_every": cfg.drift_every,
             "drift_groups": cfg.drift_groups,
             "seed": cfg.seed,

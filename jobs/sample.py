@@ -16,7 +16,8 @@ from typing import Annotated, Literal
 import torch
 
 from stitchvm_rl import prompts as prompt_lists
-from stitchvm_rl import rewards, storage, toyworld, zoo
+from stitchvm_rl import memory_plan, memory_roles, rewards, storage, toyworld, zoo
+from stitchvm_rl.memory_plan import MemoryConfig
 from stitchvm_rl.config import ConfigError, Range, load_config, run_main
 from stitchvm_rl.policy import SD3Policy
 from stitchvm_rl.tracking import RunDir
@@ -58,6 +59,8 @@ class SampleConfig:
     """Reward models that score the samples, {name: weight} (see stitchvm_rl/rewards.py)."""
     reward_sources: dict[str, str] = field(default_factory=dict)
     """Where published rewards' weights come from {name or aesthetic_head: hub id, path on every node, or s3:// / gs:// URI} (empty: rewards.PUBLISHED's)."""
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    """The GPU memory plan checked on a cuda device before any model loads (jobs/plan.py)."""
 
 
 def check(cfg: SampleConfig) -> None:
@@ -68,8 +71,20 @@ def check(cfg: SampleConfig) -> None:
         torch.device(cfg.device)
     except RuntimeError as err:  # e.g. 'gpu': torch's message lists the device types it knows
         raise ConfigError(f"device '{cfg.device}' is not a torch device ({err}); e.g. device=cpu or device=cuda") from None
+    if cfg.device.startswith("cuda"):
+        memory_plan.check(plan_memory(cfg), cfg.memory.enforce)
     if cfg.lora and not storage.source_exists(storage.join(cfg.lora, "pytorch_lora_weights.safetensors")):
         raise ConfigError(f"lora '{cfg.lora}' holds no pytorch_lora_weights.safetensors; pass the lora/ directory of a jobs/nft.py run")
+
+
+def plan_memory(cfg: SampleConfig) -> list[memory_plan.RolePlan]:
+    """The sampling process's GPU memory plan (`stitchvm_rl.memory_roles.sample_roles`)."""
+    sources = {name: rewards.reward_source(name, cfg.reward_sources) for name in cfg.rewards if name in rewards.PUBLISHED}
+    try:
+        images = len(prompt_lists.resolve_prompts(cfg.prompts, cfg.prompt_file)) * cfg.images_per_prompt
+    except OSError:
+        images = cfg.batch_size
+    return memory_roles.sample_roles(cfg, sources, images)
 
 
 def main(argv: list[str]) -> dict:

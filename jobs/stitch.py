@@ -11,7 +11,7 @@ level: StitchVM vs Tweedie vs Monte Carlo), accuracy.png. The config and the pip
 `stitchvm_rl.value.build` (its defaults built the toy world's committed value model, `stitchvm_rl.value.default_value_model()`).
 """
 
-from stitchvm_rl import rewards, runtime, storage, zoo
+from stitchvm_rl import memory_plan, memory_roles, rewards, runtime, storage, zoo
 from stitchvm_rl.config import ConfigError, did_you_mean, load_config, run_main
 from stitchvm_rl.value.build import StitchConfig, build_and_evaluate
 from stitchvm_rl.value.train import scan_image_folder
@@ -43,11 +43,18 @@ def check(cfg: StitchConfig) -> None:
         raise ConfigError("folder images have no captions, so a head that reads the prompt cannot learn from them; set head_conditioning=empty (or data.source=policy)")
     if cfg.data.source == "folder" and cfg.analytic_reward in rewards.TOY_CAPTION_REWARDS:
         raise ConfigError(f"{cfg.analytic_reward} reads toy captions, which folder images do not have; use data.source=policy")
+    if cfg.train.use_gpu or cfg.data.actor_gpus:
+        memory_plan.check(plan_memory(cfg), cfg.memory.enforce)
     if num_images < cfg.train.num_workers * cfg.train.batch_size:  # every rank drops its last partial batch
         raise ConfigError(
             f"{num_images} training images give each of the {cfg.train.num_workers} learner workers less than one batch of {cfg.train.batch_size}, "
             "so stage 2 would train nothing; raise data.num_images (or add images), or lower train.batch_size or train.num_workers"
         )
+
+
+def plan_memory(cfg: StitchConfig) -> list[memory_plan.RolePlan]:
+    """The data actors' and learner ranks' GPU memory plan (`stitchvm_rl.memory_roles.stitch_roles`)."""
+    return memory_roles.stitch_roles(cfg)
 
 
 def main(argv: list[str]) -> dict:

@@ -253,6 +253,20 @@ def format_markdown(cls: type) -> str:
     return "\n".join(lines)
 
 
+def merge_sections(cls: type, base: dict, overlay: dict) -> dict:
+    """`overlay` over `base`: a section (a dataclass field) is merged key by key, any other value,
+    a mapping such as `rollout_resources` included, is replaced whole."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    merged = dict(base)
+    for key, value in overlay.items():
+        tp = hints.get(_field_name(key))
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_sections(tp, merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def _set_path(data: dict, key: str, value: Any) -> None:
     node = data
     parts = key.split(".")
@@ -265,7 +279,9 @@ def _set_path(data: dict, key: str, value: Any) -> None:
 
 
 def load_config(cls: type, argv: list[str]) -> Any:
-    """Parse `[--config FILE] [key.sub=value ...]` into `cls`; values are read as YAML scalars."""
+    """Parse `[--config FILE ...] [key.sub=value ...]` into `cls`; values are read as YAML scalars.
+    A later --config file lays its keys over the earlier ones section by section (a layout file
+    such as jobs/configs/nft_layout_one_node_8x80gb.yaml over a run's config); key=value goes last."""
     data: dict = {}
     overrides = []
     args = list(argv)
@@ -284,7 +300,7 @@ def load_config(cls: type, argv: list[str]) -> Any:
                 raise ConfigError(f"config file '{path}' is not valid UTF-8 YAML: {err}") from None
             if not isinstance(loaded, dict):
                 raise ConfigError(f"config file '{path}' must hold a mapping of keys, not {type(loaded).__name__}")
-            data = loaded
+            data = merge_sections(cls, data, loaded)
         elif "=" in arg and not arg.startswith("-"):
             overrides.append(arg)
         else:

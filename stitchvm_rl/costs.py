@@ -66,15 +66,25 @@ def sd35m_value_model_costs(i: int = 4, j: int = 1, resolution: int = 1024, text
     }
 
 
-def count_flops_and_saved_bytes(fn) -> tuple[int, int]:
+def count_flops_and_saved_bytes(fn, unique: bool = False) -> tuple[int, int]:
     """FLOPs of `fn` (forward + whatever backward it runs) and the bytes autograd saves for its
     backward -- tensors on the gradient path only, i.e. activations, not frozen weights -- at their
-    dtype's size. An estimate of the backward's activation memory."""
-    saved = [0]
+    dtype's size. An estimate of the backward's activation memory. `unique`: each storage once, at
+    its full size (what the allocator holds: a tensor saved by two ops, or a view of a larger
+    buffer, is one allocation)."""
+    saved, seen = [0], set()
 
     def pack(t):
-        if t.requires_grad:
+        if not t.requires_grad:
+            return t
+        if not unique:
             saved[0] += t.numel() * t.element_size()
+            return t
+        storage = t.untyped_storage()
+        key = storage._cdata if t.is_meta else storage.data_ptr()  # meta storages have no address
+        if key not in seen:
+            seen.add(key)
+            saved[0] += storage.nbytes()
         return t
 
     with FlopCounterMode(display=False) as counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -43,7 +43,8 @@ class Estimators:
 
     @torch.no_grad()
     def terminal(self, z0: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return self.reward(self.policy.decode(z0), prompts).float().cpu()
+        """Decoded and rewarded `batch_size` images at a time (a VAE decode at 512^2 keeps ~0.4 GiB an image)."""
+        return self._batched(lambda zz, pp: self.reward(self.policy.decode(zz), pp).float().cpu(), z0, prompts)
 
     @torch.no_grad()
     def stitchvm(self, z: torch.Tensor, sigma: float, prompts: list[str]) -> torch.Tensor:

@@ -20,17 +20,23 @@ EVAL_NOISE_SEED = 2**40
 
 
 @torch.no_grad()
-def evaluate_on_fixed_prompts(policy: SD3Policy, reward, prompts: list[str], steps: int, seed: int, adapter: str | None = "ema", resolution: int = 0) -> tuple[dict, torch.Tensor, list[float]]:
-    """Fixed prompts and held-out noise, ODE (DPM-2) sampling with `adapter`, clean reward; returns
-    (metrics, images, per-image rewards -- for paired comparisons between evaluations)."""
+def evaluate_on_fixed_prompts(policy: SD3Policy, reward, prompts: list[str], steps: int, seed: int, adapter: str | None = "ema", resolution: int = 0, batch_size: int = 64) -> tuple[dict, torch.Tensor, list[float]]:
+    """Fixed prompts and held-out noise, ODE (DPM-2) sampling with `adapter`, clean reward, `batch_size`
+    prompts at a time (the noise is drawn for all of them first, so it does not depend on it); returns
+    (metrics, images on the CPU, per-image rewards -- for paired comparisons between evaluations)."""
     noise = policy.initial_noise(len(prompts), torch.Generator().manual_seed(EVAL_NOISE_SEED + seed), resolution=resolution or None)
+    images, scores = [], []
     with policy.adapter(adapter):
-        images = policy.decode(policy.sample(prompts, steps, 1.0, "dpm2", noise=noise).final)
-    scores = reward(images, prompts).float()
+        for i in range(0, len(prompts), batch_size):
+            batch = prompts[i : i + batch_size]
+            x = policy.decode(policy.sample(batch, steps, 1.0, "dpm2", noise=noise[i : i + batch_size]).final)
+            scores.append(reward(x, batch).float().cpu())
+            images.append(x.cpu())
+    images, scores = torch.cat(images), torch.cat(scores)
     out = {"eval_reward_mean": scores.mean().item(), "eval_reward_std": scores.std().item()}
     if all(toyworld.is_caption(p) for p in prompts):
         out["eval_caption_accuracy"] = toyworld.caption_accuracy(images, prompts)["all"]
-    return out, images.cpu(), scores.tolist()
+    return out, images, scores.tolist()
 
 
 class Evaluator:
@@ -38,12 +44,12 @@ class Evaluator:
     metrics and writes that step's per-image rewards and sample grid into the run's files (the grid
     is drawn in `scratch`, a directory of this node, first)."""
 
-    def __init__(self, policy: SD3Policy, reward, prompts: list[str], steps: int, seed: int, resolution: int, files: RunFiles, scratch: Path, tracker):
+    def __init__(self, policy: SD3Policy, reward, prompts: list[str], steps: int, seed: int, resolution: int, batch_size: int, files: RunFiles, scratch: Path, tracker):
         self.policy, self.reward, self.prompts, self.steps, self.seed, self.resolution = policy, reward, prompts, steps, seed, resolution
-        self.files, self.scratch, self.tracker = files, scratch, tracker
+        self.batch_size, self.files, self.scratch, self.tracker = batch_size, files, scratch, tracker
 
     def __call__(self, step: int) -> dict:
-        evaluation, images, per_image = evaluate_on_fixed_prompts(self.policy, self.reward, self.prompts, self.steps, self.seed, resolution=self.resolution)
+        evaluation, images, per_image = evaluate_on_fixed_prompts(self.policy, self.reward, self.prompts, self.steps, self.seed, resolution=self.resolution, batch_size=self.batch_size)
         self.files.append_jsonl("eval_rewards.jsonl", {"global_step": step, "rewards": per_image})
         self._save_samples(images, step)
         return evaluation

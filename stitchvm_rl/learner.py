@@ -145,7 +145,7 @@ def train_loop(loop: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     per_group = timesteps_per_group(rollout, train.timestep_fraction)
-    policy, engine = build_learner(loop["backbone"], loop["seed"], rollout, train, loop["groups_per_epoch"] // world * per_group, device)
+    policy, engine = build_learner(loop["backbone"], loop["seed"], rollout, train, loop["groups_per_epoch"] // world * per_group, device, text_encoders=rank == 0)
     schedule = flow.sd3_sigmas(rollout.num_steps, scheduler_config=policy.pipe.scheduler.config)
     run = run_state.resume(engine, policy, keep_previous=rollout.async_)
     start, epochs = run.start, loop["epochs"]
@@ -158,8 +158,10 @@ def train_loop(loop: dict) -> None:
     run.wandb_run_id = tracker.run_id
     evaluate = None
     if rank == 0:
+        policy.encode_prompts(loop["eval_prompts"])  # cached on the CPU: the text encoders are not needed again
+        policy.drop_text_encoders()
         reward = rewards.build_rewards(loop["reward_weights"], loop["reward_sources"], device=device)
-        evaluate = Evaluator(policy, reward, loop["eval_prompts"], loop["eval_steps"] or rollout.num_steps, loop["seed"], rollout.resolution, files, scratch, tracker)
+        evaluate = Evaluator(policy, reward, loop["eval_prompts"], loop["eval_steps"] or rollout.num_steps, loop["seed"], rollout.resolution, loop["eval_batch_size"], files, scratch, tracker)
     sync_actors(run.previous, actors, rank)  # async: the resumed epoch replays with v_{e-1}, as it ran
     if rank == 0 and start == 0 and loop["eval_every"]:  # the base policy, for comparison
         base = evaluate(0)
@@ -217,15 +219,17 @@ def train_loop(loop: dict) -> None:
     shutil.rmtree(scratch, ignore_errors=True)
 
 
-def build_learner(backbone: str, seed: int, rollout: RolloutConfig, train: NFTTrainConfig, grad_accum: int, device: str) -> tuple[SD3Policy, object]:
+def build_learner(backbone: str, seed: int, rollout: RolloutConfig, train: NFTTrainConfig, grad_accum: int, device: str, text_encoders: bool = True) -> tuple[SD3Policy, object]:
     """The policy with LoRA adapters (the same initialisation on every rank) and the DeepSpeed
-    engine over its trainable `default` weights; `grad_accum` micro-steps make one optimizer step."""
+    engine over its trainable `default` weights; `grad_accum` micro-steps make one optimizer step.
+    Training reads the prompt embeddings the rollouts carry: only rank 0, which encodes its
+    evaluation prompts, loads the text encoders (`text_encoders`)."""
     import deepspeed
 
     from stitchvm_rl.runtime import deepspeed_config
 
     torch.manual_seed(seed)  # identical LoRA init on every rank
-    policy = SD3Policy.from_pretrained(backbone, dtype=train.dtype, device=device)
+    policy = SD3Policy.from_pretrained(backbone, dtype=train.dtype, device=device, text_encoders=text_encoders, max_sequence_length=rollout.max_sequence_length)
     policy.add_lora(rollout.lora_rank, rollout.lora_alpha, float32=True)
     if train.gradient_checkpointing:
         policy.transformer.enable_gradient_checkpointing()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -86,19 +87,24 @@ def vae_encode(vae, images: torch.Tensor) -> torch.Tensor:
 
 
 class SD3Policy:
-    """Velocity `v(z_t, t, prompt)` of an SD3 transformer, prompt-embedding cache, VAE, LoRA."""
+    """Velocity `v(z_t, t, prompt)` of an SD3 transformer, prompt-embedding cache, VAE, LoRA.
 
-    def __init__(self, pipe: StableDiffusion3Pipeline, max_sequence_length: int | None = None):
+    Prompt embeddings (2.6 MiB a prompt at SD3.5-M with 256 T5 tokens) are cached on the CPU, the
+    `prompt_cache` most recently used ones (None: all), and moved to the model's device per batch."""
+
+    def __init__(self, pipe: StableDiffusion3Pipeline, max_sequence_length: int = 256, prompt_cache: int | None = None):
         self.pipe = pipe
         self.transformer = pipe.transformer
         self.vae = pipe.vae
-        # SD3 pipelines use 256 T5 tokens; tiny tokenizers declare a shorter maximum
-        self.max_sequence_length = max_sequence_length or min(pipe.tokenizer_3.model_max_length, 256)
-        self._prompt_cache: dict[str, PromptEmbeds] = {}
+        # SD3 pipelines use 256 T5 tokens (DiffusionNFT's runs 128); tiny tokenizers declare a shorter maximum
+        self.max_sequence_length = min(pipe.tokenizer_3.model_max_length, max_sequence_length)
+        self.prompt_cache = prompt_cache
+        self._prompt_cache: OrderedDict[str, PromptEmbeds] = OrderedDict()
 
     @classmethod
-    def from_pretrained(cls, source: str, dtype: str = "float32", device: str = "cpu") -> SD3Policy:
-        return cls(zoo.load_sd3_pipeline(source, dtype=dtype, device=device))
+    def from_pretrained(cls, source: str, dtype: str = "float32", device: str = "cpu", text_encoders: bool = True, max_sequence_length: int = 256, prompt_cache: int | None = None) -> SD3Policy:
+        """`text_encoders=False` for a process handed its prompt embeddings (`zoo.load_sd3_pipeline`)."""
+        return cls(zoo.load_sd3_pipeline(source, dtype=dtype, device=device, text_encoders=text_encoders), max_sequence_length, prompt_cache)
 
     @property
     def device(self) -> torch.device:
@@ -115,10 +121,23 @@ class SD3Policy:
         return (self.transformer.config.in_channels, size, size)
 
     # ------------------------------------------------------------ text
+    @property
+    def has_text_encoders(self) -> bool:
+        return self.pipe.text_encoder is not None
+
+    def drop_text_encoders(self) -> None:
+        """Free the text encoders once every prompt this process needs is cached (learner rank 0 after
+        encoding its evaluation prompts): T5-XXL alone is 8.9 GiB of GPU at SD3.5-M in bf16."""
+        self.pipe.text_encoder = self.pipe.text_encoder_2 = self.pipe.text_encoder_3 = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
-        """Embeddings of `prompts`, each prompt encoded once per process and cached."""
+        """Embeddings of `prompts` on the model's device, each prompt encoded once and kept in the CPU cache."""
         missing = list(dict.fromkeys(p for p in prompts if p not in self._prompt_cache))
+        if missing and not self.has_text_encoders:
+            raise ValueError(f"{len(missing)} prompts are not cached (e.g. {missing[0]!r}) and this policy has no text encoders; load it with text_encoders=True or encode them before drop_text_encoders()")
         if missing:
             embeds, _, pooled, _ = self.pipe.encode_prompt(
                 missing,
@@ -129,8 +148,13 @@ class SD3Policy:
                 max_sequence_length=self.max_sequence_length,
             )
             for n, prompt in enumerate(missing):
-                self._prompt_cache[prompt] = PromptEmbeds(embeds[n : n + 1].to(self.dtype), pooled[n : n + 1].to(self.dtype))
-        return PromptEmbeds.cat([self._prompt_cache[p] for p in prompts])
+                self._prompt_cache[prompt] = PromptEmbeds(embeds[n : n + 1].to("cpu", self.dtype), pooled[n : n + 1].to("cpu", self.dtype))
+        for p in prompts:
+            self._prompt_cache.move_to_end(p)
+        out = PromptEmbeds.cat([self._prompt_cache[p] for p in prompts])
+        while self.prompt_cache is not None and len(self._prompt_cache) > max(self.prompt_cache, len(set(prompts))):
+            self._prompt_cache.popitem(last=False)  # least recently used first
+        return PromptEmbeds(out.embeds.to(self.device), out.pooled.to(self.device))
 
     # ------------------------------------------------------------ velocity
     def velocity(self, z: torch.Tensor, t: torch.Tensor, cond: PromptEmbeds, cfg_scale: float = 1.0) -> torch.Tensor:

@@ -54,7 +54,11 @@ class RolloutConfig:
     noise_level: Annotated[float, Range(0)] = 0.7
     """Flow-SDE noise level of the mc completions."""
     batch_size: Annotated[int, Range(1)] = 64
-    """Latents per forward batch when scoring."""
+    """Latents per forward batch when scoring, and images per VAE decode and reward pass."""
+    max_sequence_length: Annotated[int, Range(1)] = 256
+    """T5 tokens per prompt (SD3.5's default 256; DiffusionNFT's official runs 128; a tokenizer's own maximum caps it)."""
+    prompt_cache: Annotated[int, Range(1)] = 2048
+    """Prompt embeddings an actor keeps in CPU memory, least recently used dropped (2.6 MiB a prompt at SD3.5-M, 256 tokens)."""
     lora_rank: Annotated[int, Range(1)] = 32
     """LoRA rank (must match the learner's)."""
     lora_alpha: Annotated[float, Range(0)] = 64.0
@@ -89,27 +93,36 @@ class RolloutBatch:
     seconds_score: float = 0.0  # actor-side time spent scoring
 
 
+def actor_needs_rewards(estimator: str, drift_every: int) -> bool:
+    """Whether rollout actors load the pixel rewards: every estimator but stitchvm scores with them,
+    and the drift watch compares stitchvm with them (two CLIP-H rewards: 7.3 GiB of float32)."""
+    return estimator != "stitchvm" or drift_every > 0
+
+
 class RolloutWorker:
     """Ray actor (`ray.remote(RolloutWorker).options(num_gpus=...)`): one policy replica with the
-    LoRA adapters, a reward and, for stitchvm, the value models (their scores are summed).
+    LoRA adapters, the reward (empty `reward_weights`: none, see `actor_needs_rewards`) and, for
+    stitchvm, the value models (their scores are summed).
     `crash_on_call` is fault injection for tests (`testing.crash_on_call` of jobs/nft.py)."""
 
     def __init__(self, backbone: str, cfg: RolloutConfig, reward_weights: dict[str, float], value_models: list[str], device: str = "cpu", crash_on_call: int = -1, reward_sources: dict[str, str] | None = None):
         from stitchvm_rl.value.model import StitchedValueModel
 
         check_rollout_config(cfg, value_models)
+        if not reward_weights and cfg.estimator != "stitchvm":
+            raise ValueError(f"estimator={cfg.estimator} scores with the pixel reward; pass reward_weights")
         self.cfg, self.crash_on_call = cfg, crash_on_call
-        self.policy = SD3Policy.from_pretrained(backbone, dtype=cfg.dtype, device=device)
+        self.policy = SD3Policy.from_pretrained(backbone, dtype=cfg.dtype, device=device, max_sequence_length=cfg.max_sequence_length, prompt_cache=cfg.prompt_cache)
         self.policy.add_lora(cfg.lora_rank, cfg.lora_alpha)
         self.version = 0  # a restarted actor is back at the base adapter: the learner sees it and re-syncs
         self.calls = 0
         self.schedule = flow.sd3_sigmas(cfg.num_steps, scheduler_config=self.policy.pipe.scheduler.config)
         self.value_models = [StitchedValueModel.from_pretrained(d, device=device, dtype=cfg.dtype) for d in value_models]
-        reward = rewards.build_rewards(reward_weights, reward_sources, device=device)  # stitchvm too: the drift watch needs it
+        reward = rewards.build_rewards(reward_weights, reward_sources, device=device) if reward_weights else None
         # CFG-free, as the rollouts themselves: completions (mc) follow the rollout's own schedule
         self.estimators = Estimators(self.policy, self._value, reward, cfg.num_steps, cfg_scale=1.0, noise_level=cfg.noise_level, batch_size=cfg.batch_size)
         if cfg.compile:  # after the LoRA layers are in: the compiled blocks include them
-            zoo.compile_repeated_blocks(self.policy.transformer, *self.value_models, *reward.models())
+            zoo.compile_repeated_blocks(self.policy.transformer, *self.value_models, *(reward.models() if reward else []))
 
     def _value(self, z: torch.Tensor, t: torch.Tensor, prompts: list[str], cond=None) -> torch.Tensor:
         return sum(model(z, t.to(z.device), prompts, cond).float() for model in self.value_models)
@@ -171,6 +184,8 @@ class RolloutWorker:
         """Full rollouts of the current `old` policy: the estimator's score at each group's stop against
         the terminal reward of the same trajectories (the value model is trained off-policy; watch it).
         Returns the mean within-group Spearman and both means."""
+        if self.estimators.reward is None:
+            raise ValueError("this rollout actor was started without rewards (drift_every=0), so it cannot watch value drift")
         gen = torch.Generator().manual_seed(seed)
         rho, estimates, terminal = [], [], []
         with self.policy.adapter("old"):

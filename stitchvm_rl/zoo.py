@@ -360,16 +360,19 @@ def _load_error(source: str, kind: str, err: Exception) -> ModelSourceError:
     )
 
 
-def load_sd3_pipeline(source: str, dtype: str = "float32", device: str = "cpu") -> StableDiffusion3Pipeline:
-    """SD3 / SD3.5 pipeline (transformer, VAE, 3 text encoders + tokenizers, scheduler) via `from_pretrained`."""
+def load_sd3_pipeline(source: str, dtype: str = "float32", device: str = "cpu", text_encoders: bool = True) -> StableDiffusion3Pipeline:
+    """SD3 / SD3.5 pipeline (transformer, VAE, 3 text encoders + tokenizers, scheduler) via `from_pretrained`.
+    `text_encoders=False`: without the three encoders (11 GB at SD3.5-M in bf16), for processes that
+    are handed prompt embeddings (learner ranks) -- `SD3Policy.encode_prompts` then refuses new prompts."""
     path = resolve(source)
+    skip = {} if text_encoders else {"text_encoder": None, "text_encoder_2": None, "text_encoder_3": None}
     if Path(path).is_dir() and not (Path(path) / "model_index.json").is_file():
         raise ModelSourceError(
             f"'{source}' has no model_index.json, so it is not an SD3 pipeline directory; "
             "pass the folder `StableDiffusion3Pipeline.save_pretrained` wrote"
         )
     try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=Path(path).is_dir())
+        pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=Path(path).is_dir(), **skip)
     except (OSError, ValueError, KeyError) as err:
         raise _load_error(path, "SD3 pipeline", err) from None
     pipe.set_progress_bar_config(disable=True)
@@ -470,6 +473,10 @@ def published_model(name: str, device: str = "meta", dtype: str = "float32") -> 
             model = AutoencoderKL.from_config(config)
         elif name.startswith("clip_"):
             model = CLIPModel(clip_config(name))
+        elif config["architectures"] == ["CLIPTextModelWithProjection"]:  # SD3's text encoders 1 and 2
+            model = CLIPTextModelWithProjection(CLIPTextConfig(**config))
+        elif config["architectures"] == ["T5EncoderModel"]:  # SD3's text encoder 3 (T5-XXL)
+            model = T5EncoderModel(T5Config(**config))
         else:
             raise ModelSourceError(f"no builder for published architecture '{name}'")
     return model.to(DTYPES[dtype])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from stitchvm_rl import flow, nft
+from stitchvm_rl import flow, nft, toyworld
 
 
 def _batch(n=6, seed=0, tau=None):
@@ -234,3 +234,19 @@ def test_the_prompt_schedule_is_a_function_of_seed_and_epoch():
     assert first != prompt_schedule.epoch_requests(prompts, 4, seed=1, epoch=3)
     assert sorted(prompt_schedule.epoch_prompts(prompts, 10, seed=0, epoch=0)) == sorted(prompts * 2)  # more groups than prompts: each twice
     assert prompt_schedule.epoch_seed(1, 2) != prompt_schedule.epoch_seed(1, 3)
+
+
+def test_evaluation_in_batches_scores_the_same_images_as_one_batch():
+    """Learner rank 0 evaluates eval_batch_size prompts at a time: the noise is drawn for all first."""
+    from stitchvm_rl import rewards
+    from stitchvm_rl.evaluator import evaluate_on_fixed_prompts
+    from stitchvm_rl.policy import SD3Policy
+
+    policy = SD3Policy.from_pretrained("toyworld")
+    policy.add_lora(4, 8)
+    reward = rewards.build_rewards({"toy_clip": 1.0})
+    prompts = toyworld.CAPTIONS[:5]
+    whole, images, per_image = evaluate_on_fixed_prompts(policy, reward, prompts, 4, seed=3, batch_size=5)
+    batched, images_b, per_image_b = evaluate_on_fixed_prompts(policy, reward, prompts, 4, seed=3, batch_size=2)
+    assert torch.allclose(images_b, images, atol=1e-5) and per_image_b == pytest.approx(per_image, abs=1e-5)
+    assert batched["eval_reward_mean"] == pytest.approx(whole["eval_reward_mean"], abs=1e-6)

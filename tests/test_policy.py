@@ -138,3 +138,27 @@ def test_sample_returns_the_whole_trajectory_and_stops_early(tiny_policy):
     assert float(part.sigmas[-1]) == pytest.approx(float(full.sigmas[4]))
     with pytest.raises(ValueError, match="multiple of"):
         tiny_policy.sample(["x"], num_steps=2, resolution=10)
+
+
+def test_prompt_embeddings_live_on_the_cpu_and_the_cache_keeps_the_most_recently_used():
+    policy = SD3Policy.from_pretrained("tiny-sd3", prompt_cache=2)
+    a, b, c = "a red circle on the left", "a blue square on the right", "a cyan triangle on the left"
+    first = policy.encode_prompts([a, b])
+    assert all(e.embeds.device.type == "cpu" for e in policy._prompt_cache.values())
+    policy.encode_prompts([a])  # a is now the most recently used
+    policy.encode_prompts([c])
+    assert list(policy._prompt_cache) == [a, c]  # b, the least recently used, went
+    assert torch.equal(policy.encode_prompts([a]).embeds, first.embeds[:1])
+
+
+def test_a_policy_whose_text_encoders_are_dropped_reads_its_cache_and_refuses_new_prompts():
+    """Learner ranks: rank 0 encodes its evaluation prompts and frees the encoders; the others never load them."""
+    policy = SD3Policy.from_pretrained("tiny-sd3")
+    cached = policy.encode_prompts(["a red circle on the left"])
+    policy.drop_text_encoders()
+    assert not policy.has_text_encoders and policy.pipe.text_encoder_3 is None
+    assert torch.equal(policy.encode_prompts(["a red circle on the left"]).embeds, cached.embeds)
+    with pytest.raises(ValueError, match="1 prompts are not cached .* this policy has no text encoders"):
+        policy.encode_prompts(["a blue square on the right"])
+    bare = SD3Policy.from_pretrained("tiny-sd3", text_encoders=False)
+    assert not bare.has_text_encoders and bare.transformer is not None

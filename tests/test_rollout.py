@@ -27,11 +27,11 @@ def _prompts(batch):
     return [batch.group_prompts[g] for g in batch.groups.tolist()]
 
 
-def _actor(estimator, value_models=()):
+def _actor(estimator, value_models=(), reward_weights=None):
     import ray
 
     runtime.init_ray()
-    return ray.remote(RolloutWorker).remote("toyworld", RolloutConfig(estimator=estimator, **CFG), {"toy_clip": 1.0}, list(value_models))
+    return ray.remote(RolloutWorker).remote("toyworld", RolloutConfig(estimator=estimator, **CFG), {"toy_clip": 1.0} if reward_weights is None else reward_weights, list(value_models))
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,10 @@ def test_terminal_rollouts_are_clean_samples_scored_by_the_pixel_reward(terminal
 def test_stitchvm_rollouts_stop_early_per_group_and_carry_the_value(value_dir):
     import ray
 
-    batch = ray.get(_actor("stitchvm", [value_dir]).rollout.remote(PROMPTS, 5))
+    actor = _actor("stitchvm", [value_dir], reward_weights={})  # no drift watch: the actor loads no reward
+    batch = ray.get(actor.rollout.remote(PROMPTS, 5))
+    with pytest.raises(ray.exceptions.RayTaskError, match="started without rewards"):
+        ray.get(actor.value_drift.remote(PROMPTS[:1], 0))
     sigmas = flow.sd3_sigmas(6, scheduler_config=SD3Policy.from_pretrained("toyworld").pipe.scheduler.config)
     allowed = {round(float(sigmas[k]), 6) for k in range(2, 5)}
     for g in range(2):

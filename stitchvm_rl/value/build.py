@@ -24,6 +24,7 @@ from stitchvm_rl import prompts as prompt_lists
 from stitchvm_rl import runtime, storage, zoo
 from stitchvm_rl.config import Range
 from stitchvm_rl.faults import StitchFaults
+from stitchvm_rl.memory_plan import MemoryConfig
 from stitchvm_rl.tracking import RunDir
 from stitchvm_rl.value.evaluate import ValueEvalConfig, evaluate_value_accuracy, plot_accuracy
 from stitchvm_rl.value.search import build_value_model
@@ -68,6 +69,8 @@ class StitchConfig:
     """Stage-2 optimisation (Ray Train + DeepSpeed)."""
     eval: ValueEvalConfig = field(default_factory=ValueEvalConfig)
     """Value accuracy against noise level."""
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    """The GPU memory plan the data actors and learner ranks are checked against before anything is placed (jobs/plan.py)."""
     testing: StitchFaults = field(default_factory=StitchFaults)
     """Fault injection for tests (-1: never)."""
 

@@ -1,0 +1,455 @@
+"""What each job's roles hold on their GPUs, as `memory_plan.RolePlan`s: the models they load built
+on `meta` from their real configs (a local backbone's own config files; SD3.5-Medium and the reward
+CLIPs from the published configs in zoo_configs/), and the phases they run traced through them.
+
+Roles of jobs/nft.py (`nft_roles`; the rank and node layout is jobs/nft.py's and learner.py's):
+    rollout actor       `rollout_workers` of them, `rollout_gpus` each: the pipeline in rollout.dtype
+                        with its three LoRA adapters, the value models (stitchvm), the reward models
+                        (float32) where its estimator or the drift watch needs them
+                        (`rollout.actor_needs_rewards`); scoring and decoding rollout.batch_size at a time
+    learner rank        `train.num_workers` of them, `train.gpus_per_worker` each: the transformer and
+                        VAE in train.dtype (no text encoders: embeddings come with the rollouts),
+                        float32 LoRA (three adapters), AdamW state and gradients (ZeRO partitions
+                        them over the ranks), one NFT micro-step (a whole group)
+    learner rank 0      the same, plus the reward models and the evaluation (eval_batch_size prompts
+                        at a time); the text encoders only while it encodes its evaluation prompts
+Roles of jobs/stitch.py (`stitch_roles`; stage 1 and the accuracy evaluation run on the driver's CPU):
+    data actor          `data.actors` per pool, `data.actor_gpus` each: policy images (the pipeline,
+                        float32) or the teacher targets (VAE + the reward's CLIP, float32)
+    learner rank        `train.num_workers`, a GPU each with train.use_gpu: the value model in bf16
+                        (DeepSpeed), its trainable parts' float32 master, AdamW state and gradients
+                        (ZeRO-2 partitions them), one batch through head, stitch and tail
+Roles of jobs/dps.py (`dps_roles`): one DPS worker per method, a GPU each with device=cuda: the
+pipeline in dtype, the value model (stitchvm) or the rewards (tweedie), one guided batch.
+jobs/sample.py (`sample_roles`): one process, the pipeline, the rewards, batch_size images at a time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from stitchvm_rl import zoo
+from stitchvm_rl.memory_plan import Call, Item, RolePlan, model_key, peak_live_bytes, role_gpu_gib, saved_bytes, weight_bytes
+
+# The reward models' CLIP architectures (zoo_configs/), for rewards whose weights are not at hand:
+# by reward name, and by the hub ids and converted folders (README) a source may name
+REWARD_ARCHITECTURES = {"clipscore": "clip_vit_l14", "aesthetic": "clip_vit_l14", "pickscore": "clip_vit_h14", "hpsv2": "clip_vit_h14", "dfn_clip": "clip_vit_h14_378"}
+SOURCE_ARCHITECTURES = {
+    "openai/clip-vit-large-patch14": "clip_vit_l14", zoo.CLIP_VIT_L14_336: "clip_vit_l14_336", "yuvalkirstain/PickScore_v1": "clip_vit_h14",
+    "laion/CLIP-ViT-H-14-laion2B-s32B-b79K": "clip_vit_h14", "apple/DFN5B-CLIP-ViT-H-14-378": "clip_vit_h14_378",
+    "hpsv2": "clip_vit_h14", "dfn5b-clip-vit-h-14-378": "clip_vit_h14_378",  # folder names of jobs/convert_weights.py's outputs
+}
+SD3_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+CLIP_TEXT_TOKENS = 77  # SD3 joins 77 CLIP tokens to the T5 tokens
+PLANNED_DIT_BLOCK = 4  # a value model not at hand is planned as StitchVM(4, 1) (the paper's SD3.5-M choice) over its reward
+
+
+# ---------------------------------------------------------------- models on meta, and calls to trace
+def sd3_parts(backbone: str, dtype: str) -> dict[str, torch.nn.Module]:
+    """The SD3 pipeline's models on `meta` in `dtype`: SD3.5-Medium from the published configs, any
+    other backbone (a directory, 'tiny-sd3', 'toyworld') from its own config files."""
+    if backbone == zoo.SD35_MEDIUM:
+        return {part: zoo.published_model(f"sd35_medium_{part}", "meta", dtype) for part in SD3_PARTS}
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import AutoConfig, CLIPTextModelWithProjection, T5EncoderModel
+
+    path = Path(zoo.resolve(backbone))
+    builders = {
+        "transformer": lambda d: SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(d)),
+        "vae": lambda d: AutoencoderKL.from_config(AutoencoderKL.load_config(d)),
+        "text_encoder": lambda d: CLIPTextModelWithProjection(AutoConfig.from_pretrained(d)),
+        "text_encoder_2": lambda d: CLIPTextModelWithProjection(AutoConfig.from_pretrained(d)),
+        "text_encoder_3": lambda d: T5EncoderModel(AutoConfig.from_pretrained(d)),
+    }
+    with torch.device("meta"):
+        return {part: build(str(path / part)).to(zoo.DTYPES[dtype]) for part, build in builders.items() if (path / part).is_dir()}
+
+
+def reward_clip(name: str, source: str) -> torch.nn.Module:
+    """A reward's CLIP on `meta` in float32 (as rewards load): its own config where the weights are
+    at hand (a local directory), else its published architecture."""
+    from transformers import CLIPConfig, CLIPModel
+
+    path = Path(source).expanduser()
+    if source in zoo.TOYWORLD_NAMES or source in zoo.TINY_BUILDS:
+        path = Path(zoo.resolve(source))
+    with torch.device("meta"):
+        if (path / "config.json").is_file():
+            return CLIPModel(CLIPConfig.from_pretrained(str(path)))
+    named = [arch for key, arch in SOURCE_ARCHITECTURES.items() if source == key or key in path.name]
+    if name not in REWARD_ARCHITECTURES and not named:
+        raise ValueError(f"the reward model {name or ''} {source} is not at hand and is not a published architecture to plan with; plan where its config.json can be read")
+    return zoo.meta_model(REWARD_ARCHITECTURES.get(name) or named[0])
+
+
+def value_model(path: str, backbone: str, rewards: dict[str, str], dtype: str) -> tuple[str, torch.nn.Module]:
+    """A value model on `meta` in `dtype`: from its value_model.json where the directory is at hand
+    (the committed toy one included), else StitchVM(PLANNED_DIT_BLOCK, 1) over the CLIP of the run's
+    reward that its path names, or the largest one (`rewards`: {name: source}); returns (what it is,
+    the model)."""
+    import json
+
+    from stitchvm_rl.value.model import CONFIG_FILE, ValueModelConfig, value_model_path
+
+    try:
+        config = ValueModelConfig(**json.loads((value_model_path(path) / CONFIG_FILE).read_text()))
+        what, clip = f"value model {path}", reward_clip("", config.reward_model)
+    except (OSError, ValueError):
+        clips = {name: reward_clip(name, source) for name, source in rewards.items()}
+        named = [n for n in clips if n in Path(path).as_posix()]
+        name = named[0] if named else max(clips, key=lambda n: zoo.count_params(clips[n]))
+        what, clip = f"value model {path} (not at hand: planned as StitchVM({PLANNED_DIT_BLOCK}, 1) over {name}'s CLIP)", clips[name]
+        config = ValueModelConfig(PLANNED_DIT_BLOCK, 1, "clip", backbone, "", "")
+    return what, stitched_on_meta(config, clip, dtype)
+
+
+def stitched_on_meta(config, clip, dtype: str) -> torch.nn.Module:
+    """StitchedValueModel(`config`) over the `meta` CLIP `clip`, its head cut from the backbone's transformer."""
+    from stitchvm_rl.value.model import DiTHead, StitchedValueModel
+
+    transformer = sd3_parts(config.backbone, "float32")["transformer"]
+    with torch.device("meta"):
+        null = torch.empty(1, 1, transformer.config.joint_attention_dim), torch.empty(1, transformer.config.pooled_projection_dim)
+        model = StitchedValueModel(config, DiTHead(transformer, min(config.dit_block, len(transformer.transformer_blocks)), *null), clip)
+    return model.to(zoo.DTYPES[dtype])
+
+
+def add_lora(transformer, rank: int, alpha: float, dtype: torch.dtype | None) -> None:
+    """The policy's trained adapter "default" (SD3Policy.add_lora) in `dtype` (None: the base
+    weights'); only it runs at a time, and `lora_bytes` counts its two copies "old" and "ema" with it."""
+    from peft import LoraConfig
+
+    from stitchvm_rl.policy import LORA_TARGETS
+
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS), adapter_name="default")
+    for n, p in transformer.named_parameters():
+        if ".lora_" in n and dtype is not None:
+            p.data = p.data.to(dtype)
+        p.requires_grad_(".lora_" in n)
+
+
+def lora_bytes(module) -> int:
+    """The three adapters' bytes (default, old, ema: `SD3Policy.add_lora`), of which `add_lora` made one."""
+    from stitchvm_rl.policy import ADAPTERS
+
+    return len(ADAPTERS) * injected_lora_bytes(module)
+
+
+def injected_lora_bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for n, p in module.named_parameters() if ".lora_" in n)
+
+
+def trainable_params(transformer) -> int:
+    return sum(p.numel() for p in transformer.parameters() if p.requires_grad)
+
+
+def latent_side(vae, transformer, resolution: int) -> int:
+    """Latent side at `resolution` pixels (0: the transformer's native sample size)."""
+    return resolution // (2 ** (len(vae.config.block_out_channels) - 1)) if resolution else transformer.config.sample_size
+
+
+def velocity_call(transformer, batch: int, side: int, tokens: int, grad: bool = False):
+    """One transformer forward of `batch` latents of side `side` (a callable for the tracers)."""
+    dt = next(transformer.parameters()).dtype
+    cfg = transformer.config
+    with torch.device("meta"):
+        z = torch.empty(batch, cfg.in_channels, side, side, dtype=dt, requires_grad=grad)
+        t = torch.empty(batch)
+        embeds = torch.empty(batch, tokens, cfg.joint_attention_dim, dtype=dt)
+        pooled = torch.empty(batch, cfg.pooled_projection_dim, dtype=dt)
+    return Call(("velocity", model_key(transformer), batch, side, tokens, grad), lambda: transformer(hidden_states=z, timestep=t, encoder_hidden_states=embeds, pooled_projections=pooled).sample)
+
+
+def decode_call(vae, batch: int, side: int, grad: bool = False):
+    dt = next(vae.parameters()).dtype
+    with torch.device("meta"):
+        z = torch.empty(batch, vae.config.latent_channels, side, side, dtype=dt, requires_grad=grad)
+    return Call(("decode", model_key(vae), batch, side, grad), lambda: vae.decode(z).sample)
+
+
+def encode_call(vae, batch: int, size: int):
+    dt = next(vae.parameters()).dtype
+    with torch.device("meta"):
+        images = torch.empty(batch, 3, size, size, dtype=dt)
+    return Call(("encode", model_key(vae), batch, size), lambda: vae.encode(images).latent_dist.mean)
+
+
+def clip_image_call(clip, batch: int, grad: bool = False):
+    size = clip.config.vision_config.image_size
+    with torch.device("meta"):
+        pixels = torch.empty(batch, 3, size, size, dtype=next(clip.parameters()).dtype, requires_grad=grad)
+    return Call(("clip image", model_key(clip), batch, grad), lambda: clip.get_image_features(pixel_values=pixels))
+
+
+def value_call(model, batch: int, side: int, channels: int, tokens: int, grad: bool = False):
+    """One value-model forward; its head reads `tokens` prompt tokens (head_conditioning=prompt) or the empty prompt."""
+    from stitchvm_rl.policy import PromptEmbeds
+
+    dt = next(model.parameters()).dtype
+    null_embeds, null_pooled = model.head.null_embeds, model.head.null_pooled
+    with torch.device("meta"):
+        z = torch.empty(batch, channels, side, side, dtype=dt, requires_grad=grad)
+        t = torch.empty(batch)
+        cond = PromptEmbeds(torch.empty(batch, tokens, null_embeds.shape[-1], dtype=dt), torch.empty(batch, null_pooled.shape[-1], dtype=dt))
+    return Call(("value", model_key(model), model.config.head_conditioning, batch, side, tokens, grad), lambda: model.embed(z, t, cond))
+
+
+def text_tokens(parts: dict, max_sequence_length: int) -> int:
+    """Joint-attention text tokens of SD3: 77 CLIP + the T5 tokens (none without T5)."""
+    return CLIP_TEXT_TOKENS + (max_sequence_length if "text_encoder_3" in parts else 0)
+
+
+def t5_tokens(backbone: str, max_sequence_length: int) -> int:
+    """T5 tokens per prompt as SD3Policy encodes them: min(the tokenizer's maximum, max_sequence_length)."""
+    if backbone == zoo.SD35_MEDIUM:
+        return max_sequence_length
+    import json
+
+    path = Path(zoo.resolve(backbone)) / "tokenizer_3" / "tokenizer_config.json"
+    limit = json.loads(path.read_text()).get("model_max_length", max_sequence_length) if path.is_file() else max_sequence_length
+    return min(int(limit), max_sequence_length)
+
+
+def prompt_embedding_bytes(parts: dict, tokens: int, dtype: str) -> int:
+    """One prompt's cached SD3 embeddings: joint tokens x joint_attention_dim, and the pooled vector."""
+    cfg = parts["transformer"].config
+    return (tokens * cfg.joint_attention_dim + cfg.pooled_projection_dim) * zoo.DTYPES[dtype].itemsize
+
+
+def parts_items(parts: dict, dtype: str) -> list[Item]:
+    """The pipeline's base weights (LoRA layers counted apart)."""
+    return [Item(f"{part} weights ({dtype})", sum(weight_bytes(m).values()) - injected_lora_bytes(m)) for part, m in parts.items()]
+
+
+def reward_items(rewards: dict[str, torch.nn.Module]) -> list[Item]:
+    return [Item(f"reward {name} (float32)", sum(weight_bytes(m).values())) for name, m in rewards.items()]
+
+
+# ---------------------------------------------------------------- the roles of jobs/nft.py
+def prompts_seen(cfg, prompt_count: int | None, processes: int) -> int:
+    """Distinct prompts one of `processes` encodes over the run: its share of the run's groups, at
+    most the distinct training prompts (`prompt_count`, None when not at hand)."""
+    share = -(-cfg.groups_per_epoch * cfg.epochs // processes)
+    return share if prompt_count is None else min(prompt_count, share)
+
+
+def cache_item(parts: dict, count: int, tokens: int, dtype: str, which: str) -> Item:
+    """A CPU prompt-embedding cache of `count` prompts (`SD3Policy`)."""
+    one = prompt_embedding_bytes(parts, tokens, dtype)
+    return Item(f"prompt-embedding cache, {which} ({count} x {one / 2**20:.2f} MiB, {dtype})", count * one)
+
+
+def text_encoder_bytes(parts: dict) -> int:
+    return sum(sum(weight_bytes(m).values()) for part, m in parts.items() if part.startswith("text_encoder"))
+
+
+def nft_roles(cfg, reward_sources: dict[str, str], value_models: list[str], prompt_count: int | None) -> list[RolePlan]:
+    """The rollout actor, learner rank and learner rank 0 of an NFTConfig `cfg` (see the module
+    docstring); `reward_sources`: {published reward: source}; `value_models`: what stitchvm loads;
+    `prompt_count`: distinct training prompts (None when the prompt file is not at hand)."""
+    from stitchvm_rl.rollout import actor_needs_rewards
+
+    ro, train = cfg.rollout, cfg.train
+    rollout_gib = role_gpu_gib(cfg.rollout_gpus, cfg.rollout_resources, cfg.memory, "rollout actor")
+    learner_gib = role_gpu_gib(train.gpus_per_worker if train.use_gpu else 0, train.resources_per_worker, cfg.memory, "learner rank")
+    published = {name: reward_clip(name, source) for name, source in reward_sources.items()}
+    return [
+        rollout_actor(cfg, published if actor_needs_rewards(ro.estimator, cfg.drift_every) else {}, reward_sources, value_models, prompt_count, rollout_gib),
+        *learner_ranks(cfg, published, prompt_count, learner_gib),
+    ]
+
+
+def rollout_actor(cfg, rewards: dict[str, torch.nn.Module], reward_sources: dict[str, str], value_models: list[str], prompt_count: int | None, gpu_gib: float | None) -> RolePlan:
+    """A rollout actor: the whole pipeline in rollout.dtype (it encodes its prompts) with three LoRA
+    adapters, the value models (stitchvm), the rewards it needs; one phase at a time."""
+    ro = cfg.rollout
+    parts = sd3_parts(cfg.backbone, ro.dtype)
+    transformer, vae = parts["transformer"], parts["vae"]
+    add_lora(transformer, ro.lora_rank, ro.lora_alpha, None)
+    side, tokens = latent_side(vae, transformer, ro.resolution), text_tokens(parts, t5_tokens(cfg.backbone, ro.max_sequence_length))
+    plan = RolePlan("rollout actor", cfg.rollout_workers, cfg.rollout_gpus, gpu_gib)
+    plan.resident = [*parts_items(parts, ro.dtype), Item(f"LoRA adapters default, old, ema ({ro.dtype})", lora_bytes(transformer))]
+    plan.phases = [Item(f"sampling {ro.group_size} latents (transformer)", peak_live_bytes(velocity_call(transformer, ro.group_size, side, tokens)))]
+    scored = min(ro.batch_size, ro.group_size)
+    if ro.estimator == "stitchvm":
+        for path in value_models:
+            what, model = value_model(path, cfg.backbone, reward_sources, ro.dtype)
+            plan.resident.append(Item(f"{what} ({ro.dtype})", sum(weight_bytes(model).values())))
+            plan.phases.append(Item(f"scoring {scored} latents ({what})", peak_live_bytes(value_call(model, scored, side, transformer.config.in_channels, tokens))))
+    if rewards:
+        plan.resident += reward_items(rewards)
+        decoding = peak_live_bytes(decode_call(vae, scored, side)) + max(peak_live_bytes(clip_image_call(m, scored)) for m in rewards.values())
+        why = "the terminal reward" if ro.estimator == "terminal" else ("the drift watch" if ro.estimator == "stitchvm" else f"{ro.estimator}'s reward")
+        plan.phases.append(Item(f"decoding and rewarding {scored} images ({why})", decoding))
+    seen = min(ro.prompt_cache, prompts_seen(cfg, prompt_count, cfg.rollout_workers))
+    plan.host = [cache_item(parts, seen, tokens, ro.dtype, f"at most rollout.prompt_cache={ro.prompt_cache} prompts")]
+    plan.fixes = [
+        *([] if ro.dtype != "float32" else ["rollout.dtype=bfloat16"]),
+        f"a smaller rollout.batch_size (latents scored and images decoded at once: {ro.batch_size})",
+        *(["drift_every=0 (stitchvm actors then load no reward)"] if rewards and ro.estimator == "stitchvm" else []),
+        "a GPU with more memory (rollout_resources / the cluster's rollout node type)",
+    ]
+    return plan
+
+
+def learner_ranks(cfg, rewards: dict[str, torch.nn.Module], prompt_count: int | None, gpu_gib: float | None) -> list[RolePlan]:
+    """A learner rank: the pipeline in train.dtype without text encoders (its prompt embeddings come
+    with the rollouts), float32 LoRA (three adapters), AdamW state and gradients partitioned by ZeRO,
+    one NFT micro-step (a whole group). Rank 0 also holds the rewards and evaluates; it loads the text
+    encoders to encode its evaluation prompts once, and frees them."""
+    ro, train = cfg.rollout, cfg.train
+    parts = sd3_parts(cfg.backbone, train.dtype)
+    transformer, vae = parts["transformer"], parts["vae"]
+    add_lora(transformer, ro.lora_rank, ro.lora_alpha, torch.float32)
+    side, tokens = latent_side(vae, transformer, ro.resolution), text_tokens(parts, t5_tokens(cfg.backbone, ro.max_sequence_length))
+    trainable = trainable_params(transformer)
+    shards = train.num_workers if train.zero_stage >= 1 else 1
+    without_text = {part: m for part, m in parts.items() if not part.startswith("text_encoder")}
+    learner = RolePlan("learner rank", train.num_workers, train.gpus_per_worker, gpu_gib)
+    learner.resident = [
+        *parts_items(without_text, train.dtype),
+        Item("LoRA adapters default, old, ema (float32)", lora_bytes(transformer)),
+        Item("gradients of the trainable LoRA (float32)", trainable * 4 // (shards if train.zero_stage >= 2 else 1)),
+        Item(f"AdamW moments + ZeRO's float32 partition (float32, 1/{shards} of {trainable:,} parameters)", 3 * trainable * 4 // shards),
+        Item("ZeRO reduce buckets (float32, at most the trainable parameters, x2)", 2 * trainable * 4),
+    ]
+    if train.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    saved = saved_bytes(velocity_call(transformer, ro.group_size, side, tokens))
+    transient = peak_live_bytes(velocity_call(transformer, ro.group_size, side, tokens))
+    mode = "with" if train.gradient_checkpointing else "without"
+    learner.phases = [Item(f"NFT micro-step: {ro.group_size} latents, saved for the backward {mode} gradient checkpointing + one forward's transient", saved + transient)]
+    learner.fixes = [
+        *([] if train.gradient_checkpointing else ["train.gradient_checkpointing=true"]),
+        *([] if train.dtype == "bfloat16" else ["train.dtype=bfloat16"]),
+        f"a smaller rollout.group_size (each micro-step trains one group of {ro.group_size})",
+        "a GPU with more memory (train.resources_per_worker / the cluster's learner node type)",
+    ]
+
+    rank0 = RolePlan("learner rank 0", 1, train.gpus_per_worker, gpu_gib, [*learner.resident, *reward_items(rewards)], list(learner.phases))
+    evaluated = cfg.eval_prompts if prompt_count is None else min(cfg.eval_prompts, prompt_count)
+    rank0.host = [cache_item(parts, evaluated, tokens, train.dtype, "evaluation prompts")]
+    rank0.phases.insert(0, Item("encoding the evaluation prompts at start (text encoders, freed after)", text_encoder_bytes(parts)))
+    batch = min(cfg.eval_batch_size, cfg.eval_prompts)
+    evaluation = max(peak_live_bytes(velocity_call(transformer, batch, side, tokens)), peak_live_bytes(decode_call(vae, batch, side)))
+    evaluation = max(evaluation, *(peak_live_bytes(clip_image_call(m, batch)) for m in rewards.values()))
+    rank0.phases.append(Item(f"evaluation: {batch} prompts at a time sampled, decoded and rewarded", evaluation))
+    rank0.fixes = [*learner.fixes, f"a smaller eval_batch_size ({cfg.eval_batch_size})"]
+    return [learner, rank0]
+
+
+# ---------------------------------------------------------------- the roles of jobs/stitch.py
+def stitch_roles(cfg) -> list[RolePlan]:
+    """The data actors and learner ranks of a StitchConfig `cfg` (see the module docstring). The
+    learners' value model is planned at the largest head the stage-1 search may pick (i =
+    max_dit_block, j = 1): stage 1 runs before it is known."""
+    from stitchvm_rl.value.model import ValueModelConfig
+
+    data, train = cfg.data, cfg.train
+    parts = sd3_parts(cfg.backbone, "float32")
+    transformer, vae = parts["transformer"], parts["vae"]
+    side = latent_side(vae, transformer, data.resolution)
+    clip = reward_clip("", cfg.reward_model)
+    data_gib = role_gpu_gib(data.actor_gpus, {}, cfg.memory, "stitch data actor")
+    plans = []
+    if data.source == "policy":  # PolicyImages: the pipeline in float32 samples and decodes
+        sampler = RolePlan("stitch data actor (policy images)", data.actors, data.actor_gpus, data_gib, parts_items(parts, "float32"))
+        cfg_batch = data.batch_size * (2 if data.cfg_scale != 1 else 1)
+        tokens = text_tokens(parts, t5_tokens(cfg.backbone, 256))
+        sampler.phases = [
+            Item(f"sampling {data.batch_size} images (transformer{', x2 with CFG' if cfg_batch > data.batch_size else ''})", peak_live_bytes(velocity_call(transformer, cfg_batch, side, tokens))),
+            Item(f"decoding {data.batch_size} images", peak_live_bytes(decode_call(vae, data.batch_size, side))),
+        ]
+        sampler.fixes = ["a smaller data.batch_size", "a GPU with more memory"]
+        plans.append(sampler)
+    teacher = RolePlan("stitch data actor (teacher targets)", data.actors, data.actor_gpus, data_gib, [*reward_items({"model " + cfg.reward_model: clip})])
+    if data.source == "folder":  # folder images are VAE-encoded here
+        teacher.resident += parts_items({"vae": vae}, "float32")
+        teacher.phases.append(Item(f"encoding {data.batch_size} images (VAE)", peak_live_bytes(encode_call(vae, data.batch_size, side * 8))))
+    teacher.phases.append(Item(f"the reward CLIP on {data.batch_size} images", peak_live_bytes(clip_image_call(clip, data.batch_size))))
+    teacher.fixes = ["a smaller data.batch_size", "a GPU with more memory"]
+    plans.append(teacher)
+
+    # learner rank: DeepSpeed's bf16 mode on GPU holds the model in bf16 and a float32 master of the trainable parts
+    dtype = "bfloat16" if train.use_gpu else "float32"
+    blocks = len(transformer.transformer_blocks)
+    i = min(cfg.max_dit_block or blocks, blocks)
+    config = ValueModelConfig(i, 1, cfg.head, cfg.backbone, cfg.reward_model, "", head_conditioning=cfg.head_conditioning, head_trained=train.train_head)
+    model = stitched_on_meta(config, clip, dtype)
+    model.requires_grad_(False)
+    trainable = model.trainable_parameters()
+    for p in trainable:
+        p.requires_grad_(True)
+    count = sum(p.numel() for p in trainable)
+    shards = train.num_workers if train.zero_stage >= 1 else 1
+    learner = RolePlan("stitch learner rank", train.num_workers, 1.0, role_gpu_gib(1.0 if train.use_gpu else 0, {}, cfg.memory, "stitch learner rank"))
+    learner.resident = [
+        Item(f"value model StitchVM({i}, 1) over {cfg.reward_model} ({dtype})", sum(weight_bytes(model).values())),
+        Item(f"gradients of the trainable parts ({dtype})", count * zoo.DTYPES[dtype].itemsize // (shards if train.zero_stage >= 2 else 1)),
+        Item(f"AdamW moments + float32 master (1/{shards} of {count:,} parameters)", (3 if train.use_gpu else 2) * count * 4 // shards),
+    ]
+    tokens = text_tokens(parts, t5_tokens(cfg.backbone, 256))
+    saved = saved_bytes(value_call(model, train.batch_size, side, transformer.config.in_channels, tokens))
+    learner.phases = [Item(f"a training step: {train.batch_size} latents through head, stitch and tail, saved for the backward + transient", saved + peak_live_bytes(value_call(model, train.batch_size, side, transformer.config.in_channels, tokens)))]
+    if cfg.head_conditioning == "prompt":  # value.train.prompt_table: the pipeline encodes every training prompt once
+        learner.phases.insert(0, Item("encoding the training prompts at start (the SD3 pipeline, float32, freed after)", sum(sum(weight_bytes(m).values()) for m in parts.values())))
+    learner.fixes = ["a smaller train.batch_size", f"a smaller max_dit_block ({i})", "a GPU with more memory"]
+    return [*plans, learner]
+
+
+# ---------------------------------------------------------------- the roles of jobs/dps.py
+def dps_roles(cfg, reward_sources: dict[str, str], value_model_dir: str) -> list[RolePlan]:
+    """One DPS worker per method of a DPSConfig `cfg` (a Ray task with one GPU on device=cuda):
+    the pipeline in cfg.dtype, the value model (stitchvm) or the rewards (tweedie), and one guided
+    step of batch_size latents (x2 with CFG) under autograd."""
+    gpu_gib = role_gpu_gib(1.0 if cfg.device == "cuda" else 0, {}, cfg.memory, "DPS worker")
+    parts = sd3_parts(cfg.backbone, cfg.dtype)
+    transformer, vae = parts["transformer"], parts["vae"]
+    transformer.requires_grad_(False)
+    side, tokens = latent_side(vae, transformer, cfg.resolution), text_tokens(parts, t5_tokens(cfg.backbone, 256))
+    with_cfg = 2 if cfg.guidance.cfg_scale != 1 else 1  # CFG: the transformer sees each latent twice
+    plans = []
+    for method in cfg.methods:
+        kind = method.removeprefix("fk_")
+        plan = RolePlan(f"DPS worker ({method})", 1, 1.0, gpu_gib, parts_items(parts, cfg.dtype))
+        n = cfg.batch_size * (cfg.guidance.particles if method.startswith("fk_") else 1)  # FK: every prompt's particles
+        sampling = peak_live_bytes(velocity_call(transformer, n * with_cfg, side, tokens))
+        plan.phases = [Item(f"the velocity of {n} latents{' (x2 with CFG)' if with_cfg > 1 else ''}", sampling)]
+        if kind == "tweedie":
+            clips = {name: reward_clip(name, source).requires_grad_(False) for name, source in reward_sources.items()}  # float32, as rewards load
+            plan.resident += reward_items(clips)
+            grad = saved_bytes(velocity_call(transformer, n * with_cfg, side, tokens, grad=True)) + saved_bytes(decode_call(vae, n, side, grad=True))
+            grad += max((saved_bytes(clip_image_call(m, n, grad=True)) for m in clips.values()), default=0)
+            plan.phases.append(Item(f"d reward / d z through the transformer, VAE decode and reward CLIP ({n} latents), saved for the backward + the velocity's transient", grad + sampling))
+        if kind == "stitchvm":
+            what, model = value_model(value_model_dir, cfg.backbone, reward_sources, cfg.dtype)
+            model.requires_grad_(False)
+            plan.resident.append(Item(f"{what} ({cfg.dtype})", sum(weight_bytes(model).values())))
+            grad = saved_bytes(value_call(model, n, side, transformer.config.in_channels, tokens, grad=True))
+            plan.phases.append(Item(f"d value / d z through the value model ({n} latents), saved for the backward", grad))
+        plan.phases.append(Item(f"decoding {cfg.batch_size} images", peak_live_bytes(decode_call(vae, cfg.batch_size, side))))
+        plan.fixes = ["a smaller batch_size", "dtype=bfloat16" if cfg.dtype == "float32" else "a GPU with more memory"]
+        plans.append(plan)
+    return plans
+
+
+# ---------------------------------------------------------------- jobs/sample.py
+def sample_roles(cfg, reward_sources: dict[str, str], images: int) -> list[RolePlan]:
+    """jobs/sample.py's one process (SampleConfig `cfg`): the pipeline in cfg.dtype, the rewards in
+    float32, batch_size images sampled (x2 with CFG) and decoded at a time, all `images` rewarded at once."""
+    parts = sd3_parts(cfg.model, cfg.dtype)
+    transformer, vae = parts["transformer"], parts["vae"]
+    side, tokens = latent_side(vae, transformer, cfg.resolution), text_tokens(parts, t5_tokens(cfg.model, 256))
+    clips = {name: reward_clip(name, source) for name, source in reward_sources.items()}
+    with_cfg = 2 if cfg.cfg_scale != 1 else 1
+    plan = RolePlan("sampler (jobs/sample.py)", 1, 1.0, role_gpu_gib(1.0 if cfg.device.startswith("cuda") else 0, {}, cfg.memory, "sampler"))
+    plan.resident = [*parts_items(parts, cfg.dtype), *reward_items(clips)]
+    plan.phases = [
+        Item(f"sampling {cfg.batch_size} images{' (x2 with CFG)' if with_cfg > 1 else ''}", peak_live_bytes(velocity_call(transformer, cfg.batch_size * with_cfg, side, tokens))),
+        Item(f"decoding {cfg.batch_size} images", peak_live_bytes(decode_call(vae, cfg.batch_size, side))),
+        *([Item(f"rewarding all {images} images", max(peak_live_bytes(clip_image_call(m, images)) for m in clips.values()))] if clips else []),
+    ]
+    plan.fixes = ["a smaller batch_size", "dtype=bfloat16" if cfg.dtype == "float32" else "a GPU with more memory"]
+    return [plan]
