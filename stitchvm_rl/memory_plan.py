@@ -63,10 +63,13 @@ class MemoryConfig:
 
 @dataclass
 class Item:
-    """One thing a role holds and its bytes."""
+    """One thing a role holds and its bytes; a phase also keeps the calls it was traced from
+    (`measure` runs them on a GPU; `backward`: the phase trains, forward + backward)."""
 
     what: str
     bytes: int
+    calls: tuple = ()
+    backward: bool = False
 
 
 @dataclass
@@ -81,6 +84,7 @@ class RolePlan:
     phases: list[Item] = field(default_factory=list)  # activations, one phase at a time
     fixes: list[str] = field(default_factory=list)  # what would make it fit, for the refusal
     host: list[Item] = field(default_factory=list)  # held in CPU memory (shown, not checked)
+    models: list = field(default_factory=list)  # the resident modules on `meta` (`measure` materialises them)
 
     @property
     def peak_phase(self) -> Item:
@@ -133,11 +137,12 @@ def fused_attention():
 
 @dataclass(frozen=True)
 class Call:
-    """One call to trace: `fn` runs it on `meta`; `key` names what it runs (`model_key` and the
-    shapes), so that each is traced once per process however many plans ask for it."""
+    """One call of a role's phase: `fn(device)` runs it with random inputs made on `device` (`meta`
+    to trace it, a GPU to measure it: jobs/device_check.py); `key` names what it runs (`model_key`
+    and the shapes), so that each is traced once per process however many plans ask for it."""
 
     key: tuple
-    fn: Callable[[], object]
+    fn: Callable[[str], torch.Tensor]
 
 
 _TRACED: dict[tuple, int] = {}
@@ -155,7 +160,7 @@ def model_key(module: torch.nn.Module) -> tuple:
 def traced(kind: str, call: Call, trace: Callable[[Callable], int]) -> int:
     key = (kind, *call.key)
     if key not in _TRACED:
-        _TRACED[key] = trace(call.fn)
+        _TRACED[key] = trace(lambda: call.fn("meta"))
     return _TRACED[key]
 
 
@@ -244,6 +249,89 @@ def role_gpu_gib(gpus: float, resources: dict[str, float], memory: MemoryConfig,
     if found is None:
         raise MemoryPlanError(f"the {role} asks for GPUs but their memory is not known: pass memory.gpu_gib=<GiB>, or custom resources that a GPU node type of {memory.cluster_yaml} offers")
     return found
+
+
+# ---------------------------------------------------------------- measured on a device
+@torch.no_grad()
+def fill_random(module: torch.nn.Module) -> None:
+    """Values for a module materialised by `to_empty`: small random weights, and integer buffers
+    (position ids) as the positions they index."""
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if t.is_floating_point():
+            t.normal_(0, 0.02)
+        else:
+            t.copy_(torch.arange(t.shape[-1], device=t.device).expand(t.shape) if name.endswith("position_ids") else torch.zeros_like(t))
+
+
+def measure(plan: RolePlan, device: str, repeats: int = 2) -> dict:
+    """Run a role's planned phases for real: its modules materialised on `device` with uninitialised
+    weights (`to_empty`: memory and time do not depend on the values), each phase's calls run with
+    random inputs (`Call.fn`; a training phase forward + backward), one call at a time. Returns the
+    planned and measured GiB -- resident, each phase's peak above it, the whole role's peak
+    allocated and reserved (torch's allocator; CUDA only) -- and each phase's seconds (the median of
+    `repeats` runs after a warm-up one). Only the modules are materialised: optimizer state and
+    gradients stay planned. The modules go back to `meta` after."""
+    import statistics
+    import time
+
+    cuda = device.startswith("cuda")
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def allocated() -> int:
+        return torch.cuda.memory_allocated() if cuda else 0
+
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    base = allocated()
+    for module in plan.models:
+        module.to_empty(device=device)
+        fill_random(module)
+    resident = allocated() - base
+    phases, reserved = [], torch.cuda.memory_reserved() if cuda else 0
+    for item in plan.phases:
+        if not item.calls:
+            continue
+        seconds, peak = [], 0
+        for _ in range(repeats + 1):
+            for call in item.calls:
+                sync()
+                before = allocated()
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                start = time.perf_counter()
+                with torch.set_grad_enabled(item.backward):
+                    out = call.fn(device)
+                    if item.backward:
+                        out.float().sum().backward()
+                del out
+                sync()
+                seconds.append(time.perf_counter() - start)
+                peak = max(peak, (torch.cuda.max_memory_allocated() if cuda else 0) - before)
+                reserved = max(reserved, torch.cuda.max_memory_reserved() if cuda else 0)
+            for module in plan.models:  # the training phase's .grad: the plan counts gradients as resident
+                module.zero_grad(set_to_none=True)
+        runs = [sum(seconds[r * len(item.calls) : (r + 1) * len(item.calls)]) for r in range(1, repeats + 1)]
+        phases.append({"phase": item.what, "planned_gib": item.bytes / GIB, "measured_gib": peak / GIB, "seconds": statistics.median(runs)})
+    for module in plan.models:
+        module.to_empty(device="meta")
+    if cuda:
+        torch.cuda.empty_cache()
+    planned_resident = sum(i.bytes for i in plan.resident)
+    return {
+        "role": plan.role,
+        "planned_resident_gib": planned_resident / GIB,
+        "measured_resident_gib": resident / GIB,
+        "phases": phases,
+        "planned_peak_tensors_gib": (planned_resident + plan.peak_phase.bytes) / GIB,
+        "measured_peak_allocated_gib": resident / GIB + max((p["measured_gib"] for p in phases), default=0.0),
+        "measured_max_reserved_gib": reserved / GIB,
+        "planned_total_gib": plan.total_gib,
+        "device": device,
+    }
 
 
 # ---------------------------------------------------------------- report and verdict

@@ -150,50 +150,64 @@ def latent_side(vae, transformer, resolution: int) -> int:
     return resolution // (2 ** (len(vae.config.block_out_channels) - 1)) if resolution else transformer.config.sample_size
 
 
-def velocity_call(transformer, batch: int, side: int, tokens: int, grad: bool = False):
-    """One transformer forward of `batch` latents of side `side` (a callable for the tracers)."""
-    dt = next(transformer.parameters()).dtype
-    cfg = transformer.config
-    with torch.device("meta"):
-        z = torch.empty(batch, cfg.in_channels, side, side, dtype=dt, requires_grad=grad)
-        t = torch.empty(batch)
-        embeds = torch.empty(batch, tokens, cfg.joint_attention_dim, dtype=dt)
-        pooled = torch.empty(batch, cfg.pooled_projection_dim, dtype=dt)
-    return Call(("velocity", model_key(transformer), batch, side, tokens, grad), lambda: transformer(hidden_states=z, timestep=t, encoder_hidden_states=embeds, pooled_projections=pooled).sample)
+def velocity_call(transformer, batch: int, side: int, tokens: int, grad: bool = False) -> Call:
+    """One transformer forward of `batch` latents of side `side` with `tokens` text tokens."""
+    dt, cfg = next(transformer.parameters()).dtype, transformer.config
+
+    def run(device):
+        with torch.device(device):
+            z = torch.randn(batch, cfg.in_channels, side, side, dtype=dt, requires_grad=grad)
+            embeds, pooled = torch.randn(batch, tokens, cfg.joint_attention_dim, dtype=dt), torch.randn(batch, cfg.pooled_projection_dim, dtype=dt)
+            return transformer(hidden_states=z, timestep=1000 * torch.rand(batch), encoder_hidden_states=embeds, pooled_projections=pooled).sample
+
+    return Call(("velocity", model_key(transformer), batch, side, tokens, grad), run)
 
 
-def decode_call(vae, batch: int, side: int, grad: bool = False):
+def decode_call(vae, batch: int, side: int, grad: bool = False) -> Call:
     dt = next(vae.parameters()).dtype
-    with torch.device("meta"):
-        z = torch.empty(batch, vae.config.latent_channels, side, side, dtype=dt, requires_grad=grad)
-    return Call(("decode", model_key(vae), batch, side, grad), lambda: vae.decode(z).sample)
+
+    def run(device):
+        with torch.device(device):
+            return vae.decode(torch.randn(batch, vae.config.latent_channels, side, side, dtype=dt, requires_grad=grad)).sample
+
+    return Call(("decode", model_key(vae), batch, side, grad), run)
 
 
-def encode_call(vae, batch: int, size: int):
+def encode_call(vae, batch: int, size: int) -> Call:
     dt = next(vae.parameters()).dtype
-    with torch.device("meta"):
-        images = torch.empty(batch, 3, size, size, dtype=dt)
-    return Call(("encode", model_key(vae), batch, size), lambda: vae.encode(images).latent_dist.mean)
+
+    def run(device):
+        with torch.device(device):
+            return vae.encode(torch.rand(batch, 3, size, size, dtype=dt)).latent_dist.mean
+
+    return Call(("encode", model_key(vae), batch, size), run)
 
 
-def clip_image_call(clip, batch: int, grad: bool = False):
-    size = clip.config.vision_config.image_size
-    with torch.device("meta"):
-        pixels = torch.empty(batch, 3, size, size, dtype=next(clip.parameters()).dtype, requires_grad=grad)
-    return Call(("clip image", model_key(clip), batch, grad), lambda: clip.get_image_features(pixel_values=pixels))
+def clip_image_call(clip, batch: int, grad: bool = False) -> Call:
+    size, dt = clip.config.vision_config.image_size, next(clip.parameters()).dtype
+
+    def run(device):
+        with torch.device(device):
+            features = clip.get_image_features(pixel_values=torch.randn(batch, 3, size, size, dtype=dt, requires_grad=grad))
+            return getattr(features, "pooler_output", features)  # transformers 5 returns an output object
+
+    return Call(("clip image", model_key(clip), batch, grad), run)
 
 
-def value_call(model, batch: int, side: int, channels: int, tokens: int, grad: bool = False):
+def value_call(model, batch: int, side: int, channels: int, tokens: int, grad: bool = False) -> Call:
     """One value-model forward; its head reads `tokens` prompt tokens (head_conditioning=prompt) or the empty prompt."""
     from stitchvm_rl.policy import PromptEmbeds
 
     dt = next(model.parameters()).dtype
-    null_embeds, null_pooled = model.head.null_embeds, model.head.null_pooled
-    with torch.device("meta"):
-        z = torch.empty(batch, channels, side, side, dtype=dt, requires_grad=grad)
-        t = torch.empty(batch)
-        cond = PromptEmbeds(torch.empty(batch, tokens, null_embeds.shape[-1], dtype=dt), torch.empty(batch, null_pooled.shape[-1], dtype=dt))
-    return Call(("value", model_key(model), model.config.head_conditioning, batch, side, tokens, grad), lambda: model.embed(z, t, cond))
+    width, pooled_width = model.head.null_embeds.shape[-1], model.head.null_pooled.shape[-1]
+
+    def run(device):
+        with torch.device(device):
+            z = torch.randn(batch, channels, side, side, dtype=dt, requires_grad=grad)
+            cond = PromptEmbeds(torch.randn(batch, tokens, width, dtype=dt), torch.randn(batch, pooled_width, dtype=dt))
+            return model.embed(z, torch.rand(batch), cond)[0]
+
+    return Call(("value", model_key(model), model.config.head_conditioning, batch, side, tokens, grad), run)
 
 
 def text_tokens(parts: dict, max_sequence_length: int) -> int:
@@ -271,18 +285,24 @@ def rollout_actor(cfg, rewards: dict[str, torch.nn.Module], reward_sources: dict
     side, tokens = latent_side(vae, transformer, ro.resolution), text_tokens(parts, t5_tokens(cfg.backbone, ro.max_sequence_length))
     plan = RolePlan("rollout actor", cfg.rollout_workers, cfg.rollout_gpus, gpu_gib)
     plan.resident = [*parts_items(parts, ro.dtype), Item(f"LoRA adapters default, old, ema ({ro.dtype})", lora_bytes(transformer))]
-    plan.phases = [Item(f"sampling {ro.group_size} latents (transformer)", peak_live_bytes(velocity_call(transformer, ro.group_size, side, tokens)))]
+    plan.models = [*parts.values()]
+    sampling = velocity_call(transformer, ro.group_size, side, tokens)
+    plan.phases = [Item(f"sampling {ro.group_size} latents (transformer)", peak_live_bytes(sampling), (sampling,))]
     scored = min(ro.batch_size, ro.group_size)
     if ro.estimator == "stitchvm":
         for path in value_models:
             what, model = value_model(path, cfg.backbone, reward_sources, ro.dtype)
             plan.resident.append(Item(f"{what} ({ro.dtype})", sum(weight_bytes(model).values())))
-            plan.phases.append(Item(f"scoring {scored} latents ({what})", peak_live_bytes(value_call(model, scored, side, transformer.config.in_channels, tokens))))
+            plan.models.append(model)
+            scoring = value_call(model, scored, side, transformer.config.in_channels, tokens)
+            plan.phases.append(Item(f"scoring {scored} latents ({what})", peak_live_bytes(scoring), (scoring,)))
     if rewards:
         plan.resident += reward_items(rewards)
-        decoding = peak_live_bytes(decode_call(vae, scored, side)) + max(peak_live_bytes(clip_image_call(m, scored)) for m in rewards.values())
+        plan.models += rewards.values()
+        calls = (decode_call(vae, scored, side), *(clip_image_call(m, scored) for m in rewards.values()))
+        decoding = peak_live_bytes(calls[0]) + max(peak_live_bytes(c) for c in calls[1:])
         why = "the terminal reward" if ro.estimator == "terminal" else ("the drift watch" if ro.estimator == "stitchvm" else f"{ro.estimator}'s reward")
-        plan.phases.append(Item(f"decoding and rewarding {scored} images ({why})", decoding))
+        plan.phases.append(Item(f"decoding and rewarding {scored} images ({why})", decoding, calls))
     seen = min(ro.prompt_cache, prompts_seen(cfg, prompt_count, cfg.rollout_workers))
     plan.host = [cache_item(parts, seen, tokens, ro.dtype, f"at most rollout.prompt_cache={ro.prompt_cache} prompts")]
     plan.fixes = [
@@ -307,7 +327,7 @@ def learner_ranks(cfg, rewards: dict[str, torch.nn.Module], prompt_count: int | 
     trainable = trainable_params(transformer)
     shards = train.num_workers if train.zero_stage >= 1 else 1
     without_text = {part: m for part, m in parts.items() if not part.startswith("text_encoder")}
-    learner = RolePlan("learner rank", train.num_workers, train.gpus_per_worker, gpu_gib)
+    learner = RolePlan("learner rank", train.num_workers, train.gpus_per_worker, gpu_gib, models=[*without_text.values()])
     learner.resident = [
         *parts_items(without_text, train.dtype),
         Item("LoRA adapters default, old, ema (float32)", lora_bytes(transformer)),
@@ -317,10 +337,9 @@ def learner_ranks(cfg, rewards: dict[str, torch.nn.Module], prompt_count: int | 
     ]
     if train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    saved = saved_bytes(velocity_call(transformer, ro.group_size, side, tokens))
-    transient = peak_live_bytes(velocity_call(transformer, ro.group_size, side, tokens))
+    step = velocity_call(transformer, ro.group_size, side, tokens)
     mode = "with" if train.gradient_checkpointing else "without"
-    learner.phases = [Item(f"NFT micro-step: {ro.group_size} latents, saved for the backward {mode} gradient checkpointing + one forward's transient", saved + transient)]
+    learner.phases = [Item(f"NFT micro-step: {ro.group_size} latents, saved for the backward {mode} gradient checkpointing + one forward's transient", saved_bytes(step) + peak_live_bytes(step), (step,), backward=True)]
     learner.fixes = [
         *([] if train.gradient_checkpointing else ["train.gradient_checkpointing=true"]),
         *([] if train.dtype == "bfloat16" else ["train.dtype=bfloat16"]),
@@ -328,14 +347,13 @@ def learner_ranks(cfg, rewards: dict[str, torch.nn.Module], prompt_count: int | 
         "a GPU with more memory (train.resources_per_worker / the cluster's learner node type)",
     ]
 
-    rank0 = RolePlan("learner rank 0", 1, train.gpus_per_worker, gpu_gib, [*learner.resident, *reward_items(rewards)], list(learner.phases))
+    rank0 = RolePlan("learner rank 0", 1, train.gpus_per_worker, gpu_gib, [*learner.resident, *reward_items(rewards)], list(learner.phases), models=[*learner.models, *rewards.values()])
     evaluated = cfg.eval_prompts if prompt_count is None else min(cfg.eval_prompts, prompt_count)
     rank0.host = [cache_item(parts, evaluated, tokens, train.dtype, "evaluation prompts")]
     rank0.phases.insert(0, Item("encoding the evaluation prompts at start (text encoders, freed after)", text_encoder_bytes(parts)))
     batch = min(cfg.eval_batch_size, cfg.eval_prompts)
-    evaluation = max(peak_live_bytes(velocity_call(transformer, batch, side, tokens)), peak_live_bytes(decode_call(vae, batch, side)))
-    evaluation = max(evaluation, *(peak_live_bytes(clip_image_call(m, batch)) for m in rewards.values()))
-    rank0.phases.append(Item(f"evaluation: {batch} prompts at a time sampled, decoded and rewarded", evaluation))
+    calls = (velocity_call(transformer, batch, side, tokens), decode_call(vae, batch, side), *(clip_image_call(m, batch) for m in rewards.values()))
+    rank0.phases.append(Item(f"evaluation: {batch} prompts at a time sampled, decoded and rewarded", max(peak_live_bytes(c) for c in calls), calls))
     rank0.fixes = [*learner.fixes, f"a smaller eval_batch_size ({cfg.eval_batch_size})"]
     return [learner, rank0]
 
@@ -413,23 +431,27 @@ def dps_roles(cfg, reward_sources: dict[str, str], value_model_dir: str) -> list
     plans = []
     for method in cfg.methods:
         kind = method.removeprefix("fk_")
-        plan = RolePlan(f"DPS worker ({method})", 1, 1.0, gpu_gib, parts_items(parts, cfg.dtype))
+        plan = RolePlan(f"DPS worker ({method})", 1, 1.0, gpu_gib, parts_items(parts, cfg.dtype), models=[*parts.values()])
         n = cfg.batch_size * (cfg.guidance.particles if method.startswith("fk_") else 1)  # FK: every prompt's particles
-        sampling = peak_live_bytes(velocity_call(transformer, n * with_cfg, side, tokens))
-        plan.phases = [Item(f"the velocity of {n} latents{' (x2 with CFG)' if with_cfg > 1 else ''}", sampling)]
+        velocity = velocity_call(transformer, n * with_cfg, side, tokens)
+        sampling = peak_live_bytes(velocity)
+        plan.phases = [Item(f"the velocity of {n} latents{' (x2 with CFG)' if with_cfg > 1 else ''}", sampling, (velocity,))]
         if kind == "tweedie":
             clips = {name: reward_clip(name, source).requires_grad_(False) for name, source in reward_sources.items()}  # float32, as rewards load
             plan.resident += reward_items(clips)
-            grad = saved_bytes(velocity_call(transformer, n * with_cfg, side, tokens, grad=True)) + saved_bytes(decode_call(vae, n, side, grad=True))
-            grad += max((saved_bytes(clip_image_call(m, n, grad=True)) for m in clips.values()), default=0)
-            plan.phases.append(Item(f"d reward / d z through the transformer, VAE decode and reward CLIP ({n} latents), saved for the backward + the velocity's transient", grad + sampling))
+            plan.models += clips.values()
+            calls = (velocity_call(transformer, n * with_cfg, side, tokens, grad=True), decode_call(vae, n, side, grad=True), *(clip_image_call(m, n, grad=True) for m in clips.values()))
+            grad = saved_bytes(calls[0]) + saved_bytes(calls[1]) + max((saved_bytes(c) for c in calls[2:]), default=0)
+            plan.phases.append(Item(f"d reward / d z through the transformer, VAE decode and reward CLIP ({n} latents), saved for the backward + the velocity's transient", grad + sampling, calls, backward=True))
         if kind == "stitchvm":
             what, model = value_model(value_model_dir, cfg.backbone, reward_sources, cfg.dtype)
             model.requires_grad_(False)
             plan.resident.append(Item(f"{what} ({cfg.dtype})", sum(weight_bytes(model).values())))
-            grad = saved_bytes(value_call(model, n, side, transformer.config.in_channels, tokens, grad=True))
-            plan.phases.append(Item(f"d value / d z through the value model ({n} latents), saved for the backward", grad))
-        plan.phases.append(Item(f"decoding {cfg.batch_size} images", peak_live_bytes(decode_call(vae, cfg.batch_size, side))))
+            plan.models.append(model)
+            call = value_call(model, n, side, transformer.config.in_channels, tokens, grad=True)
+            plan.phases.append(Item(f"d value / d z through the value model ({n} latents), saved for the backward", saved_bytes(call), (call,), backward=True))
+        decoding = decode_call(vae, cfg.batch_size, side)
+        plan.phases.append(Item(f"decoding {cfg.batch_size} images", peak_live_bytes(decoding), (decoding,)))
         plan.fixes = ["a smaller batch_size", "dtype=bfloat16" if cfg.dtype == "float32" else "a GPU with more memory"]
         plans.append(plan)
     return plans
