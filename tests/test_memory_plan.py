@@ -120,3 +120,15 @@ def test_a_later_config_file_is_laid_over_the_earlier_section_by_section():
     assert (cfg.rollout_workers, cfg.rollout_resources, cfg.train.num_workers, cfg.train.resources_per_worker) == (4, {}, 4, {})
     assert cfg.train.gradient_checkpointing and cfg.train.dtype == "bfloat16" and cfg.train.lr == 1e-4  # the run config's other train keys stay
     assert cfg.rollout.estimator == "stitchvm" and cfg.memory.gpu_gib == 79.6
+
+
+@pytest.mark.parametrize("dtype, lora_dtype", [("bfloat16", None), ("bfloat16", torch.float32)], ids=["actor", "learner"])
+def test_planned_lora_bytes_are_the_three_adapters_the_policy_really_adds(dtype, lora_dtype):
+    from stitchvm_rl.policy import SD3Policy
+
+    policy = SD3Policy.from_pretrained("tiny-sd3", dtype=dtype)
+    policy.add_lora(4, 8, float32=lora_dtype is not None)
+    real = sum(p.numel() * p.element_size() for n, p in policy.transformer.named_parameters() if ".lora_" in n)
+    planned = memory_roles.sd3_parts("tiny-sd3", dtype)["transformer"]
+    memory_roles.add_lora(planned, 4, 8, lora_dtype)
+    assert memory_roles.lora_bytes(planned) == real
