@@ -17,7 +17,8 @@ CUDA_CONTEXT_GIB for the CUDA context and library workspaces. What a role keeps 
 (prompt-embedding caches) is shown, not checked.
 
 A role's GPU memory is `memory.gpu_gib`, else that of the node types of `memory.cluster_yaml` that
-offer the role's custom resources and a GPU (the smallest such GPU: Ray may place it on any).
+offer the role's custom resources and a GPU (the smallest such GPU: Ray may place it on any), else
+that of this machine's GPUs (nvidia-smi).
 """
 
 from __future__ import annotations
@@ -54,9 +55,9 @@ class MemoryConfig:
     """What the GPU memory plan checks every GPU role against before anything is placed (jobs/plan.py prints it)."""
 
     gpu_gib: Annotated[float, Range(0)] = 0.0
-    """GPU memory (GiB, as nvidia-smi reports it) of every GPU the job uses (0: each role's node type in cluster_yaml)."""
-    cluster_yaml: str = "cluster/aws.yaml"
-    """Ray cluster config whose node types give each GPU role its GPU memory, matched by the role's custom resources."""
+    """GPU memory (GiB, as nvidia-smi reports it) of every GPU the job uses (0: from cluster_yaml, else this machine's GPUs)."""
+    cluster_yaml: str = ""
+    """Ray cluster config whose node types give each GPU role its GPU memory, matched by the role's custom resources (e.g. cluster/aws.yaml)."""
     enforce: bool = True
     """Refuse to start when a role exceeds its GPU (false: print the plan's warning and start anyway)."""
 
@@ -83,6 +84,7 @@ class RolePlan:
     resident: list[Item] = field(default_factory=list)
     phases: list[Item] = field(default_factory=list)  # activations, one phase at a time
     fixes: list[str] = field(default_factory=list)  # what would make it fit, for the refusal
+    placement: str = ""  # where its GPU memory figure comes from (a cluster node type, memory.gpu_gib)
     host: list[Item] = field(default_factory=list)  # held in CPU memory (shown, not checked)
     models: list = field(default_factory=list)  # the resident modules on `meta` (`measure` materialises them)
 
@@ -219,35 +221,59 @@ def peak_live_bytes(call: Call) -> int:
 
 
 # ---------------------------------------------------------------- GPUs per role
-def cluster_gpu_gib(cluster_yaml: str, resources: dict[str, float]) -> float | None:
-    """GPU memory of the node types of `cluster_yaml` that offer `resources` (a role's custom
-    resources) and a GPU -- the smallest, as Ray may place the role on any of them; None when none does."""
+@dataclass(frozen=True)
+class GPU:
+    """The GPU memory a role gets (None: no GPU, nothing to check) and where the figure comes from."""
+
+    gib: float | None
+    where: str = ""
+
+
+def cluster_gpu(cluster_yaml: str, resources: dict[str, float], gpus_each: float) -> GPU | None:
+    """The node types of `cluster_yaml` that offer `resources` (a role's custom resources) and a
+    GPU: the smallest GPU among them, as Ray may place the role on any; None when none does."""
     import yaml
 
     if not Path(cluster_yaml).is_file():
         raise MemoryPlanError(f"memory.cluster_yaml={cluster_yaml} does not exist; pass the cluster config the run uses, or memory.gpu_gib=<GiB>")
     nodes = yaml.safe_load(Path(cluster_yaml).read_text()).get("available_node_types", {})  # none: a local provider
     found = []
-    for node in nodes.values():
+    for name, node in nodes.items():
         offered = node.get("resources", {})
         if offered.get("GPU") and all(offered.get(k, 0) >= v for k, v in resources.items()):
             config = node.get("node_config", {})
             instance = config.get("InstanceType") or config.get("machineType")
             if instance not in INSTANCE_GPU_GIB:
                 raise MemoryPlanError(f"{cluster_yaml}: the node type offering {resources or 'a GPU'} is a '{instance}', whose GPU memory is not known; pass memory.gpu_gib=<GiB>")
-            found.append(INSTANCE_GPU_GIB[instance])
-    return min(found, default=None)
+            per_node = min([int(offered["GPU"] / gpus_each)] + [int(offered[k] / v) for k, v in resources.items() if v])
+            found.append(GPU(INSTANCE_GPU_GIB[instance], f"node type '{name}' of {cluster_yaml}: {instance}, {offered['GPU']:g} GPU(s) of {INSTANCE_GPU_GIB[instance]} GiB, {per_node} per node"))
+    return min(found, key=lambda gpu: gpu.gib, default=None)
 
 
-def role_gpu_gib(gpus: float, resources: dict[str, float], memory: MemoryConfig, role: str) -> float | None:
-    """A role's GPU memory: memory.gpu_gib if given, else its cluster node types'; None without GPUs."""
-    if not gpus:
+def local_gpu() -> GPU | None:
+    """The smallest GPU of this machine as nvidia-smi reports it (no CUDA context is made in the
+    driver, whose GPU the actors may share); None without nvidia-smi."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
         return None
+    mib = [float(line) for line in out.split() if line.strip()]
+    return GPU(round(min(mib) / 1024, 1), f"this machine's {len(mib)} GPU(s), the smallest {min(mib) / 1024:.1f} GiB (nvidia-smi)") if mib else None
+
+
+def role_gpu(gpus: float, resources: dict[str, float], memory: MemoryConfig, role: str) -> GPU:
+    """A role's GPU: memory.gpu_gib if given, else its node types in memory.cluster_yaml, else this
+    machine's GPUs (one machine); GPU(None) without GPUs."""
+    if not gpus:
+        return GPU(None)
     if memory.gpu_gib:
-        return memory.gpu_gib
-    found = cluster_gpu_gib(memory.cluster_yaml, resources) if memory.cluster_yaml else None
+        return GPU(memory.gpu_gib, f"memory.gpu_gib={memory.gpu_gib:g} for every GPU")
+    found = cluster_gpu(memory.cluster_yaml, resources, gpus) if memory.cluster_yaml else local_gpu()
     if found is None:
-        raise MemoryPlanError(f"the {role} asks for GPUs but their memory is not known: pass memory.gpu_gib=<GiB>, or custom resources that a GPU node type of {memory.cluster_yaml} offers")
+        where = f"custom resources that a GPU node type of {memory.cluster_yaml} offers" if memory.cluster_yaml else "memory.cluster_yaml=<the cluster's config> (nvidia-smi finds no GPU here)"
+        raise MemoryPlanError(f"the {role} asks for GPUs but their memory is not known: pass memory.gpu_gib=<GiB>, or {where}")
     return found
 
 
@@ -340,7 +366,7 @@ def describe(plans: list[RolePlan]) -> str:
     lines = [f"attention traced as {ATTENTION}; allowance: CUDA context {CUDA_CONTEXT_GIB} GiB + allocator reserve {ALLOCATOR_RESERVE:.0%}"]
     for plan in plans:
         gpu = "no GPU (not checked)" if plan.budget_gib is None else f"{plan.budget_gib:.1f} GiB of GPU ({plan.gpus_each:g} GPU each)"
-        lines.append(f"\n{plan.role} x{plan.processes}: {gpu}")
+        lines.append(f"\n{plan.role} x{plan.processes}: {gpu}" + (f"; {plan.placement}" if plan.placement else ""))
         lines += [f"  {i.bytes / GIB:8.2f} GiB  {i.what}" for i in plan.resident]
         lines += [f"  {i.bytes / GIB:8.2f} GiB  {'*' if i is plan.peak_phase else ' '}{i.what}" for i in plan.phases]
         verdict = "fits" if plan.fits else "DOES NOT FIT"

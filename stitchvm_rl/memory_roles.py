@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from stitchvm_rl import zoo
-from stitchvm_rl.memory_plan import Call, Item, RolePlan, model_key, peak_live_bytes, role_gpu_gib, saved_bytes, weight_bytes
+from stitchvm_rl.memory_plan import GPU, Call, Item, RolePlan, model_key, peak_live_bytes, role_gpu, saved_bytes, weight_bytes
 
 # The reward models' CLIP architectures (zoo_configs/), for rewards whose weights are not at hand:
 # by reward name, and by the hub ids and converted folders (README) a source may name
@@ -266,16 +266,16 @@ def nft_roles(cfg, reward_sources: dict[str, str], value_models: list[str], prom
     from stitchvm_rl.rollout import actor_needs_rewards
 
     ro, train = cfg.rollout, cfg.train
-    rollout_gib = role_gpu_gib(cfg.rollout_gpus, cfg.rollout_resources, cfg.memory, "rollout actor")
-    learner_gib = role_gpu_gib(train.gpus_per_worker if train.use_gpu else 0, train.resources_per_worker, cfg.memory, "learner rank")
+    rollout_gpu = role_gpu(cfg.rollout_gpus, cfg.rollout_resources, cfg.memory, "rollout actor")
+    learner_gpu = role_gpu(train.gpus_per_worker if train.use_gpu else 0, train.resources_per_worker, cfg.memory, "learner rank")
     published = {name: reward_clip(name, source) for name, source in reward_sources.items()}
     return [
-        rollout_actor(cfg, published if actor_needs_rewards(ro.estimator, cfg.drift_every) else {}, reward_sources, value_models, prompt_count, rollout_gib),
-        *learner_ranks(cfg, published, prompt_count, learner_gib),
+        rollout_actor(cfg, published if actor_needs_rewards(ro.estimator, cfg.drift_every) else {}, reward_sources, value_models, prompt_count, rollout_gpu),
+        *learner_ranks(cfg, published, prompt_count, learner_gpu),
     ]
 
 
-def rollout_actor(cfg, rewards: dict[str, torch.nn.Module], reward_sources: dict[str, str], value_models: list[str], prompt_count: int | None, gpu_gib: float | None) -> RolePlan:
+def rollout_actor(cfg, rewards: dict[str, torch.nn.Module], reward_sources: dict[str, str], value_models: list[str], prompt_count: int | None, gpu: GPU) -> RolePlan:
     """A rollout actor: the whole pipeline in rollout.dtype (it encodes its prompts) with three LoRA
     adapters, the value models (stitchvm), the rewards it needs; one phase at a time."""
     ro = cfg.rollout
@@ -283,7 +283,7 @@ def rollout_actor(cfg, rewards: dict[str, torch.nn.Module], reward_sources: dict
     transformer, vae = parts["transformer"], parts["vae"]
     add_lora(transformer, ro.lora_rank, ro.lora_alpha, None)
     side, tokens = latent_side(vae, transformer, ro.resolution), text_tokens(parts, t5_tokens(cfg.backbone, ro.max_sequence_length))
-    plan = RolePlan("rollout actor", cfg.rollout_workers, cfg.rollout_gpus, gpu_gib)
+    plan = RolePlan("rollout actor", cfg.rollout_workers, cfg.rollout_gpus, gpu.gib, placement=gpu.where)
     plan.resident = [*parts_items(parts, ro.dtype), Item(f"LoRA adapters default, old, ema ({ro.dtype})", lora_bytes(transformer))]
     plan.models = [*parts.values()]
     sampling = velocity_call(transformer, ro.group_size, side, tokens)
@@ -314,7 +314,7 @@ def rollout_actor(cfg, rewards: dict[str, torch.nn.Module], reward_sources: dict
     return plan
 
 
-def learner_ranks(cfg, rewards: dict[str, torch.nn.Module], prompt_count: int | None, gpu_gib: float | None) -> list[RolePlan]:
+def learner_ranks(cfg, rewards: dict[str, torch.nn.Module], prompt_count: int | None, gpu: GPU) -> list[RolePlan]:
     """A learner rank: the pipeline in train.dtype without text encoders (its prompt embeddings come
     with the rollouts), float32 LoRA (three adapters), AdamW state and gradients partitioned by ZeRO,
     one NFT micro-step (a whole group). Rank 0 also holds the rewards and evaluates; it loads the text
@@ -327,7 +327,7 @@ def learner_ranks(cfg, rewards: dict[str, torch.nn.Module], prompt_count: int | 
     trainable = trainable_params(transformer)
     shards = train.num_workers if train.zero_stage >= 1 else 1
     without_text = {part: m for part, m in parts.items() if not part.startswith("text_encoder")}
-    learner = RolePlan("learner rank", train.num_workers, train.gpus_per_worker, gpu_gib, models=[*without_text.values()])
+    learner = RolePlan("learner rank", train.num_workers, train.gpus_per_worker, gpu.gib, models=[*without_text.values()], placement=gpu.where)
     learner.resident = [
         *parts_items(without_text, train.dtype),
         Item("LoRA adapters default, old, ema (float32)", lora_bytes(transformer)),
@@ -347,7 +347,7 @@ def learner_ranks(cfg, rewards: dict[str, torch.nn.Module], prompt_count: int | 
         "a GPU with more memory (train.resources_per_worker / the cluster's learner node type)",
     ]
 
-    rank0 = RolePlan("learner rank 0", 1, train.gpus_per_worker, gpu_gib, [*learner.resident, *reward_items(rewards)], list(learner.phases), models=[*learner.models, *rewards.values()])
+    rank0 = RolePlan("learner rank 0", 1, train.gpus_per_worker, gpu.gib, [*learner.resident, *reward_items(rewards)], list(learner.phases), models=[*learner.models, *rewards.values()], placement=gpu.where)
     evaluated = cfg.eval_prompts if prompt_count is None else min(cfg.eval_prompts, prompt_count)
     rank0.host = [cache_item(parts, evaluated, tokens, train.dtype, "evaluation prompts")]
     rank0.phases.insert(0, Item("encoding the evaluation prompts at start (text encoders, freed after)", text_encoder_bytes(parts)))
@@ -370,10 +370,10 @@ def stitch_roles(cfg) -> list[RolePlan]:
     transformer, vae = parts["transformer"], parts["vae"]
     side = latent_side(vae, transformer, data.resolution)
     clip = reward_clip("", cfg.reward_model)
-    data_gib = role_gpu_gib(data.actor_gpus, {}, cfg.memory, "stitch data actor")
+    data_gpu = role_gpu(data.actor_gpus, {}, cfg.memory, "stitch data actor")
     plans = []
     if data.source == "policy":  # PolicyImages: the pipeline in float32 samples and decodes
-        sampler = RolePlan("stitch data actor (policy images)", data.actors, data.actor_gpus, data_gib, parts_items(parts, "float32"))
+        sampler = RolePlan("stitch data actor (policy images)", data.actors, data.actor_gpus, data_gpu.gib, parts_items(parts, "float32"), placement=data_gpu.where)
         cfg_batch = data.batch_size * (2 if data.cfg_scale != 1 else 1)
         tokens = text_tokens(parts, t5_tokens(cfg.backbone, 256))
         sampler.phases = [
@@ -382,7 +382,7 @@ def stitch_roles(cfg) -> list[RolePlan]:
         ]
         sampler.fixes = ["a smaller data.batch_size", "a GPU with more memory"]
         plans.append(sampler)
-    teacher = RolePlan("stitch data actor (teacher targets)", data.actors, data.actor_gpus, data_gib, [*reward_items({"model " + cfg.reward_model: clip})])
+    teacher = RolePlan("stitch data actor (teacher targets)", data.actors, data.actor_gpus, data_gpu.gib, [*reward_items({"model " + cfg.reward_model: clip})], placement=data_gpu.where)
     if data.source == "folder":  # folder images are VAE-encoded here
         teacher.resident += parts_items({"vae": vae}, "float32")
         teacher.phases.append(Item(f"encoding {data.batch_size} images (VAE)", peak_live_bytes(encode_call(vae, data.batch_size, side * 8))))
@@ -402,7 +402,8 @@ def stitch_roles(cfg) -> list[RolePlan]:
         p.requires_grad_(True)
     count = sum(p.numel() for p in trainable)
     shards = train.num_workers if train.zero_stage >= 1 else 1
-    learner = RolePlan("stitch learner rank", train.num_workers, 1.0, role_gpu_gib(1.0 if train.use_gpu else 0, {}, cfg.memory, "stitch learner rank"))
+    learner_gpu = role_gpu(1.0 if train.use_gpu else 0, {}, cfg.memory, "stitch learner rank")
+    learner = RolePlan("stitch learner rank", train.num_workers, 1.0, learner_gpu.gib, placement=learner_gpu.where)
     learner.resident = [
         Item(f"value model StitchVM({i}, 1) over {cfg.reward_model} ({dtype})", sum(weight_bytes(model).values())),
         Item(f"gradients of the trainable parts ({dtype})", count * zoo.DTYPES[dtype].itemsize // (shards if train.zero_stage >= 2 else 1)),
@@ -422,7 +423,7 @@ def dps_roles(cfg, reward_sources: dict[str, str], value_model_dir: str) -> list
     """One DPS worker per method of a DPSConfig `cfg` (a Ray task with one GPU on device=cuda):
     the pipeline in cfg.dtype, the value model (stitchvm) or the rewards (tweedie), and one guided
     step of batch_size latents (x2 with CFG) under autograd."""
-    gpu_gib = role_gpu_gib(1.0 if cfg.device == "cuda" else 0, {}, cfg.memory, "DPS worker")
+    gpu = role_gpu(1.0 if cfg.device == "cuda" else 0, {}, cfg.memory, "DPS worker")
     parts = sd3_parts(cfg.backbone, cfg.dtype)
     transformer, vae = parts["transformer"], parts["vae"]
     transformer.requires_grad_(False)
@@ -431,7 +432,7 @@ def dps_roles(cfg, reward_sources: dict[str, str], value_model_dir: str) -> list
     plans = []
     for method in cfg.methods:
         kind = method.removeprefix("fk_")
-        plan = RolePlan(f"DPS worker ({method})", 1, 1.0, gpu_gib, parts_items(parts, cfg.dtype), models=[*parts.values()])
+        plan = RolePlan(f"DPS worker ({method})", 1, 1.0, gpu.gib, parts_items(parts, cfg.dtype), models=[*parts.values()], placement=gpu.where)
         n = cfg.batch_size * (cfg.guidance.particles if method.startswith("fk_") else 1)  # FK: every prompt's particles
         velocity = velocity_call(transformer, n * with_cfg, side, tokens)
         sampling = peak_live_bytes(velocity)
@@ -466,7 +467,8 @@ def sample_roles(cfg, reward_sources: dict[str, str], images: int) -> list[RoleP
     side, tokens = latent_side(vae, transformer, cfg.resolution), text_tokens(parts, t5_tokens(cfg.model, 256))
     clips = {name: reward_clip(name, source) for name, source in reward_sources.items()}
     with_cfg = 2 if cfg.cfg_scale != 1 else 1
-    plan = RolePlan("sampler (jobs/sample.py)", 1, 1.0, role_gpu_gib(1.0 if cfg.device.startswith("cuda") else 0, {}, cfg.memory, "sampler"))
+    gpu = role_gpu(1.0 if cfg.device.startswith("cuda") else 0, {}, cfg.memory, "sampler")
+    plan = RolePlan("sampler (jobs/sample.py)", 1, 1.0, gpu.gib, placement=gpu.where)
     plan.resident = [*parts_items(parts, cfg.dtype), *reward_items(clips)]
     plan.phases = [
         Item(f"sampling {cfg.batch_size} images{' (x2 with CFG)' if with_cfg > 1 else ''}", peak_live_bytes(velocity_call(transformer, cfg.batch_size * with_cfg, side, tokens))),

@@ -2,6 +2,7 @@
 at the published sizes, activations that match what autograd really keeps, every shipped config
 planned, refusals that name the role."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,9 @@ def test_every_shipped_config_passes_its_plan_and_the_learner_ranks_hold_no_text
     nft_plan = printed[printed.index("nft: "):]
     learner = nft_plan[nft_plan.index("\nlearner rank x8"):nft_plan.index("\nlearner rank 0")]
     assert "text_encoder" not in learner and "transformer weights (bfloat16)" in learner
+    # the layout: each role's GPU and how many of it a node of its type holds
+    assert "rollout actor x8: 45.0 GiB of GPU (1 GPU each); node type 'rollout_gpu' of cluster/aws.yaml: g6e.2xlarge, 1 GPU(s) of 45.0 GiB, 1 per node" in nft_plan
+    assert "learner rank x8: 40.0 GiB of GPU (1 GPU each); node type 'learner_gpu' of cluster/aws.yaml: p4d.24xlarge, 8 GPU(s) of 40.0 GiB, 8 per node" in nft_plan
 
 
 def test_the_24gb_rollout_layout_is_refused_naming_the_rollout_actor(tmp_path, capsys):
@@ -132,3 +136,14 @@ def test_planned_lora_bytes_are_the_three_adapters_the_policy_really_adds(dtype,
     planned = memory_roles.sd3_parts("tiny-sd3", dtype)["transformer"]
     memory_roles.add_lora(planned, 4, 8, lora_dtype)
     assert memory_roles.lora_bytes(planned) == real
+
+
+def test_without_a_cluster_config_each_role_gets_this_machines_smallest_gpu(tmp_path, monkeypatch):
+    fake = tmp_path / "nvidia-smi"  # two GPUs, as `nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits` prints them (MiB)
+    fake.write_text("#!/bin/sh\necho 81559\necho 40960\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    nft, cfg = _nft(["rollout_gpus=0.5", "train.use_gpu=true", "train.num_workers=1", "train.gpus_per_worker=0.5"])
+    plans = {p.role: p for p in nft.plan_memory(cfg)}
+    assert plans["rollout actor"].budget_gib == 20.0 and plans["learner rank"].budget_gib == 20.0  # half of the smaller GPU
+    assert "this machine's 2 GPU(s), the smallest 40.0 GiB (nvidia-smi)" in memory_plan.describe(list(plans.values()))
