@@ -162,7 +162,7 @@ def test_a_job_asking_for_more_than_the_cluster_has_says_what_it_waits_for_and_g
     """A GPU per rollout actor on a CPU-only cluster: within resource_wait_s the job says what it is
     waiting for, then fails with that message instead of hanging."""
     with pytest.raises(RuntimeError, match=r"gave up: waiting \d+ s for \d+ of \d+ rollout actors, each needing \{CPU: 1, GPU: 1\}"):
-        load_job("nft").main([f"output_dir={nft_out}", "run_name=gpu", "rollout_gpus=1", "resource_wait_s=2", *TINY])
+        load_job("nft").main([f"output_dir={nft_out}", "run_name=gpu", "rollout_gpus=1", "memory.gpu_gib=24", "resource_wait_s=2", *TINY])
     assert "waiting" in capsys.readouterr().out
 
 
