@@ -43,7 +43,7 @@ def plans(dry_run: bool, gpu_gib: float) -> list[memory_plan.RolePlan]:
     memory = [f"memory.gpu_gib={gpu_gib}"]
     nft_cfg = load_config(nft.NFTConfig, (DRY_NFT if dry_run else GPU_NFT) + memory)
     dps_cfg = load_config(dps.DPSConfig, (DRY_DPS if dry_run else GPU_DPS) + memory)
-    sources = {name: rewards.reward_source(name, dps_cfg.reward_sources) for name in dps_cfg.rewards if name in rewards.PUBLISHED}
+    sources = rewards.published_sources(dps_cfg.rewards, dps_cfg.reward_sources)
     value_model = dps.default_value_model(dps_cfg.backbone) if dry_run else SD35M_VALUE_MODEL
     return [*nft.plan_memory(nft_cfg), *memory_roles.dps_roles(dps_cfg, sources, value_model)]
 

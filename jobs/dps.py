@@ -102,7 +102,7 @@ def check(cfg: DPSConfig) -> None:
 
 def plan_memory(cfg: DPSConfig) -> list[memory_plan.RolePlan]:
     """Each method's worker's GPU memory plan (`stitchvm_rl.memory_roles.dps_roles`)."""
-    sources = {name: rewards.reward_source(name, cfg.reward_sources) for name in cfg.rewards if name in rewards.PUBLISHED}
+    sources = rewards.published_sources(cfg.rewards, cfg.reward_sources)
     uses_value_model = any(m.removeprefix("fk_") == "stitchvm" for m in cfg.methods)
     return memory_roles.dps_roles(cfg, sources, (cfg.value_model or default_value_model(cfg.backbone)) if uses_value_model else "")
 

@@ -155,7 +155,7 @@ def plan_memory(cfg: NFTConfig) -> list[memory_plan.RolePlan]:
         prompt_count = len(set(prompt_lists.resolve_prompts(cfg.prompts, cfg.prompt_file)))
     except OSError:  # the prompt file lives where the job runs: a process sees at most its share of the run's groups
         prompt_count = None
-    sources = {name: rewards.reward_source(name, cfg.reward_sources) for name in cfg.rewards if name in rewards.PUBLISHED}
+    sources = rewards.published_sources(cfg.rewards, cfg.reward_sources)
     return memory_roles.nft_roles(cfg, sources, stitch_value_models(cfg), prompt_count)
 
 

@@ -79,7 +79,7 @@ def check(cfg: SampleConfig) -> None:
 
 def plan_memory(cfg: SampleConfig) -> list[memory_plan.RolePlan]:
     """The sampling process's GPU memory plan (`stitchvm_rl.memory_roles.sample_roles`)."""
-    sources = {name: rewards.reward_source(name, cfg.reward_sources) for name in cfg.rewards if name in rewards.PUBLISHED}
+    sources = rewards.published_sources(cfg.rewards, cfg.reward_sources)
     try:
         images = len(prompt_lists.resolve_prompts(cfg.prompts, cfg.prompt_file)) * cfg.images_per_prompt
     except OSError:

@@ -230,10 +230,15 @@ def reward_source(name: str, sources: dict[str, str] | None = None) -> str:
     return (sources or {}).get(name) or PUBLISHED[name].source
 
 
+def published_sources(weights: dict[str, float], sources: dict[str, str] | None = None) -> dict[str, str]:
+    """{name: source} of every published reward in `weights`: the CLIP models they load."""
+    return {name: reward_source(name, sources) for name in weights if name in PUBLISHED}
+
+
 def weight_sources(weights: dict[str, float], sources: dict[str, str] | None = None) -> dict[str, str]:
     """{reward_sources key: source} of every published reward in `weights` (the aesthetic head too):
     what the processes that build these rewards will open."""
-    used = {name: reward_source(name, sources) for name in weights if name in PUBLISHED}
+    used = published_sources(weights, sources)
     if "aesthetic" in weights:
         used[HEAD_SOURCE] = (sources or {}).get(HEAD_SOURCE) or PUBLISHED["aesthetic"].head
     return used
