@@ -13,12 +13,19 @@ Roles of jobs/nft.py (`nft_roles`; the rank and node layout is jobs/nft.py's and
                         them over the ranks), one NFT micro-step (a whole group)
     learner rank 0      the same, plus the reward models and the evaluation (eval_batch_size prompts
                         at a time); the text encoders only while it encodes its evaluation prompts
-Roles of jobs/stitch.py (`stitch_roles`; stage 1 and the accuracy evaluation run on the driver's CPU):
-    data actor          `data.actors` per pool, `data.actor_gpus` each: policy images (the pipeline,
-                        float32) or the teacher targets (VAE + the reward's CLIP, float32)
+Roles of jobs/stitch.py (`stitch_roles`):
+    search task         one, `search.num_gpus`: the pipeline (float32; its text encoders only while the
+                        probe prompts are encoded), the reward's CLIP, float64 Gram matrices of every
+                        candidate block, one probe batch's features after every block
+    data actor          `data.actors` per learner rank, `data.actor_gpus` each (source=policy: the
+                        pipeline, float32, sampling and decoding; image files are read on CPUs)
     learner rank        `train.num_workers`, a GPU each with train.use_gpu: the value model in bf16
                         (DeepSpeed), its trainable parts' float32 master, AdamW state and gradients
-                        (ZeRO-2 partitions them), one batch through head, stitch and tail
+                        (ZeRO-2 partitions them), the teacher (the reward's image tower, bf16) and for
+                        image files the VAE (float32); one batch through head, stitch and tail
+    accuracy task       one per noise level, `eval.num_gpus` each: the pipeline and value model in bf16,
+                        the reward's CLIP (float32); eval.batch_size latents per transformer pass,
+                        eval.decode_batch_size per decode
 Roles of jobs/dps.py (`dps_roles`): one DPS worker per method, a GPU each with device=cuda: the
 pipeline in dtype, the value model (stitchvm) or the rewards (tweedie), one guided batch.
 jobs/sample.py (`sample_roles`): one process, the pipeline, the rewards, batch_size images at a time.
@@ -360,40 +367,36 @@ def learner_ranks(cfg, rewards: dict[str, torch.nn.Module], prompt_count: int | 
 
 # ---------------------------------------------------------------- the roles of jobs/stitch.py
 def stitch_roles(cfg) -> list[RolePlan]:
-    """The data actors and learner ranks of a StitchConfig `cfg` (see the module docstring). The
-    learners' value model is planned at the largest head the stage-1 search may pick (i =
-    max_dit_block, j = 1): stage 1 runs before it is known."""
-    from stitchvm_rl.value.model import ValueModelConfig
+    """The search task, data actors, learner ranks and accuracy tasks of a StitchConfig `cfg` (see the
+    module docstring). The learners' value model is planned at the largest head the stage-1 search
+    may pick (i = search.max_dit_block, j = 1): stage 1 runs before it is known."""
+    from stitchvm_rl.value.train import Teacher
 
     data, train = cfg.data, cfg.train
     parts = sd3_parts(cfg.backbone, "float32")
     transformer, vae = parts["transformer"], parts["vae"]
     side = latent_side(vae, transformer, data.resolution)
+    pixels = side * 2 ** (len(vae.config.block_out_channels) - 1)
     clip = reward_clip("", cfg.reward_model)
-    data_gpu = role_gpu(data.actor_gpus, {}, cfg.memory, "stitch data actor")
-    plans = []
+    tokens = text_tokens(parts, t5_tokens(cfg.backbone, 256))
+    blocks = len(transformer.transformer_blocks)
+    i = min(cfg.search.max_dit_block or blocks, blocks)
+    plans = [search_task(cfg, parts, clip, side, pixels, tokens, i)]
     if data.source == "policy":  # PolicyImages: the pipeline in float32 samples and decodes
-        sampler = RolePlan("stitch data actor (policy images)", data.actors, data.actor_gpus, data_gpu.gib, parts_items(parts, "float32"), placement=data_gpu.where)
+        data_gpu = role_gpu(data.actor_gpus, {}, cfg.memory, "stitch data actor")
+        sampler = RolePlan("stitch data actor (policy images)", data.actors * train.num_workers, data.actor_gpus, data_gpu.gib, parts_items(parts, "float32"), placement=data_gpu.where)
         cfg_batch = data.batch_size * (2 if data.cfg_scale != 1 else 1)
-        tokens = text_tokens(parts, t5_tokens(cfg.backbone, 256))
         sampler.phases = [
             Item(f"sampling {data.batch_size} images (transformer{', x2 with CFG' if cfg_batch > data.batch_size else ''})", peak_live_bytes(velocity_call(transformer, cfg_batch, side, tokens))),
             Item(f"decoding {data.batch_size} images", peak_live_bytes(decode_call(vae, data.batch_size, side))),
         ]
         sampler.fixes = ["a smaller data.batch_size", "a GPU with more memory"]
         plans.append(sampler)
-    teacher = RolePlan("stitch data actor (teacher targets)", data.actors, data.actor_gpus, data_gpu.gib, [*reward_items({"model " + cfg.reward_model: clip})], placement=data_gpu.where)
-    if data.source == "folder":  # folder images are VAE-encoded here
-        teacher.resident += parts_items({"vae": vae}, "float32")
-        teacher.phases.append(Item(f"encoding {data.batch_size} images (VAE)", peak_live_bytes(encode_call(vae, data.batch_size, side * 8))))
-    teacher.phases.append(Item(f"the reward CLIP on {data.batch_size} images", peak_live_bytes(clip_image_call(clip, data.batch_size))))
-    teacher.fixes = ["a smaller data.batch_size", "a GPU with more memory"]
-    plans.append(teacher)
 
     # learner rank: DeepSpeed's bf16 mode on GPU holds the model in bf16 and a float32 master of the trainable parts
+    from stitchvm_rl.value.model import ValueModelConfig
+
     dtype = "bfloat16" if train.use_gpu else "float32"
-    blocks = len(transformer.transformer_blocks)
-    i = min(cfg.max_dit_block or blocks, blocks)
     config = ValueModelConfig(i, 1, cfg.head, cfg.backbone, cfg.reward_model, "", head_conditioning=cfg.head_conditioning, head_trained=train.train_head)
     model = stitched_on_meta(config, clip, dtype)
     model.requires_grad_(False)
@@ -404,18 +407,69 @@ def stitch_roles(cfg) -> list[RolePlan]:
     shards = train.num_workers if train.zero_stage >= 1 else 1
     learner_gpu = role_gpu(1.0 if train.use_gpu else 0, {}, cfg.memory, "stitch learner rank")
     learner = RolePlan("stitch learner rank", train.num_workers, 1.0, learner_gpu.gib, placement=learner_gpu.where)
+    teacher = clip.to(zoo.DTYPES[dtype])  # the teacher's image tower (its text tower is dropped)
     learner.resident = [
         Item(f"value model StitchVM({i}, 1) over {cfg.reward_model} ({dtype})", sum(weight_bytes(model).values())),
         Item(f"gradients of the trainable parts ({dtype})", count * zoo.DTYPES[dtype].itemsize // (shards if train.zero_stage >= 2 else 1)),
         Item(f"AdamW moments + float32 master (1/{shards} of {count:,} parameters)", (3 if train.use_gpu else 2) * count * 4 // shards),
+        Item(f"teacher: the reward's image tower ({dtype})", sum(weight_bytes(teacher.vision_model).values()) + sum(weight_bytes(teacher.visual_projection).values())),
     ]
-    tokens = text_tokens(parts, t5_tokens(cfg.backbone, 256))
     saved = saved_bytes(value_call(model, train.batch_size, side, transformer.config.in_channels, tokens))
-    learner.phases = [Item(f"a training step: {train.batch_size} latents through head, stitch and tail, saved for the backward + transient", saved + peak_live_bytes(value_call(model, train.batch_size, side, transformer.config.in_channels, tokens)))]
+    learner.phases = [
+        Item(f"a training step: {train.batch_size} latents through head, stitch and tail, saved for the backward + transient", saved + peak_live_bytes(value_call(model, train.batch_size, side, transformer.config.in_channels, tokens))),
+        Item(f"the teacher's targets of {train.batch_size} images", peak_live_bytes(clip_image_call(teacher, train.batch_size))),
+    ]
+    if data.source != "policy":  # image files come without latents: the learner encodes them
+        learner.resident.append(Item("VAE (float32)", sum(weight_bytes(vae).values())))
+        learner.phases.append(Item(f"encoding {Teacher.ENCODE_BATCH} images at {pixels}^2 (VAE)", peak_live_bytes(encode_call(vae, Teacher.ENCODE_BATCH, pixels))))
     if cfg.head_conditioning == "prompt":  # value.train.prompt_table: the pipeline encodes every training prompt once
         learner.phases.insert(0, Item("encoding the training prompts at start (the SD3 pipeline, float32, freed after)", sum(sum(weight_bytes(m).values()) for m in parts.values())))
-    learner.fixes = ["a smaller train.batch_size", f"a smaller max_dit_block ({i})", "a GPU with more memory"]
-    return [*plans, learner]
+    learner.fixes = ["a smaller train.batch_size", f"a smaller search.max_dit_block ({i})", "a GPU with more memory"]
+    return [*plans, learner, accuracy_task(cfg, model, clip, side, tokens)]
+
+
+def search_task(cfg, parts: dict, clip, side: int, pixels: int, tokens: int, blocks: int) -> RolePlan:
+    """Stage 1's one task (`value.search.build_value_model`): float32 models, the text encoders
+    freed once the probe prompts are encoded, a probe batch's features after every candidate block."""
+    search, transformer, vae = cfg.search, parts["transformer"], parts["vae"]
+    gpu = role_gpu(search.num_gpus, {}, cfg.memory, "stitch search task")
+    plan = RolePlan("stitch search task (stage 1)", 1, search.num_gpus, gpu.gib, placement=gpu.where)
+    encoders = {k: m for k, m in parts.items() if not k.startswith("text_encoder")}
+    c_in, c_out = transformer.inner_dim + 1, clip.config.vision_config.hidden_size * len(search.rm_blocks)
+    plan.resident = [*parts_items(encoders, "float32"), *reward_items({"model " + cfg.reward_model: clip}),
+                     Item(f"float64 Gram matrices of {blocks} candidate blocks", blocks * (c_in * c_in + c_in * c_out + 2 * c_out) * 8)]
+    grid = (clip.config.vision_config.image_size // clip.config.vision_config.patch_size) ** 2
+    features = blocks * search.batch_size * (side // transformer.config.patch_size) ** 2 * transformer.inner_dim * 4
+    rows = search.batch_size * grid * (c_in + c_out) * 8  # one batch's regression rows in float64
+    plan.phases = [
+        Item("encoding the probe prompts (the three text encoders, freed after)", text_encoder_bytes(parts)),
+        Item(f"{search.batch_size} probes through {blocks} blocks, every block's features kept + their float64 rows",
+             peak_live_bytes(velocity_call(transformer, search.batch_size, side, tokens)) + features + rows),
+    ]
+    if cfg.data.source != "policy":
+        plan.phases.append(Item(f"encoding {search.batch_size} probes at {pixels}^2 (VAE, 4 at a time)", peak_live_bytes(encode_call(vae, 4, pixels))))
+    plan.fixes = ["a smaller search.batch_size", "a smaller search.max_dit_block", "a GPU with more memory"]
+    return plan
+
+
+def accuracy_task(cfg, model, clip, side: int, tokens: int) -> RolePlan:
+    """One noise level's task of the value-accuracy evaluation (`value.evaluate`): policy and value
+    model in bf16 on a GPU (float32 on CPUs), the reward's CLIP in float32."""
+    ev = cfg.eval
+    dtype = "bfloat16" if ev.num_gpus else "float32"
+    parts = sd3_parts(cfg.backbone, dtype)
+    gpu = role_gpu(ev.num_gpus, {}, cfg.memory, "value-accuracy task")
+    plan = RolePlan("value-accuracy task (one per noise level)", len(ev.sigmas), ev.num_gpus, gpu.gib, placement=gpu.where)
+    model = model.to(zoo.DTYPES[dtype])
+    plan.resident = [*parts_items(parts, dtype), Item(f"value model ({dtype})", sum(weight_bytes(model).values())), *reward_items({"model " + cfg.reward_model: clip.float()})]
+    with_cfg = 2 if ev.cfg_scale != 1 else 1
+    plan.phases = [
+        Item(f"{ev.batch_size} latents through the transformer{' (x2 with CFG)' if with_cfg > 1 else ''}", peak_live_bytes(velocity_call(parts["transformer"], ev.batch_size * with_cfg, side, tokens))),
+        Item(f"{ev.batch_size} latents through the value model", peak_live_bytes(value_call(model, ev.batch_size, side, parts["transformer"].config.in_channels, tokens))),
+        Item(f"decoding {ev.decode_batch_size} latents", peak_live_bytes(decode_call(parts["vae"], ev.decode_batch_size, side))),
+    ]
+    plan.fixes = ["a smaller eval.batch_size or eval.decode_batch_size", "a GPU with more memory"]
+    return plan
 
 
 # ---------------------------------------------------------------- the roles of jobs/dps.py

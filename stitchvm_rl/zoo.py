@@ -351,6 +351,30 @@ def check_source(source: str, key: str) -> None:
         raise ConfigError(f"{key}: {err}") from None
 
 
+def config_file(source: str, file: str = "config.json") -> dict | None:
+    """A model source's config (`file` inside it) read without any weights: from storage, a directory,
+    the published configs (SD3.5-Medium, the published CLIPs) or the hub's cache. {} when the source
+    has no such file; None where it cannot be read here (a hub id not in the cache)."""
+    from stitchvm_rl import storage
+
+    if storage.is_uri(source):
+        text = storage.read_text(source, file)
+        return json.loads(text) if text else {}
+    if source == SD35_MEDIUM and file.endswith("config.json") and file.count("/") == 1:
+        return published_config(f"sd35_medium_{file.split('/')[0]}")
+    path = Path(resolve(source))
+    if path.is_dir():
+        return json.loads((path / file).read_text()) if (path / file).is_file() else {}
+    from stitchvm_rl.memory_roles import SOURCE_ARCHITECTURES
+
+    if file == "config.json" and source in SOURCE_ARCHITECTURES:
+        return published_config(SOURCE_ARCHITECTURES[source])
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(source, file)
+    return json.loads(Path(cached).read_text()) if isinstance(cached, str) else None
+
+
 def _load_error(source: str, kind: str, err: Exception) -> ModelSourceError:
     if Path(source).is_dir():
         return ModelSourceError(f"'{source}' is not a loadable {kind} directory ({type(err).__name__}: {err})")

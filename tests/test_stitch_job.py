@@ -1,5 +1,6 @@
-"""jobs/stitch.py end to end on the toy world: stage 1, Ray Data, Ray Train + DeepSpeed, a killed
-learner worker, evaluation. Small sizes: the figures of the default run are in the README."""
+"""jobs/stitch.py end to end on the toy world: stage 1 (a Ray task), Ray Data, Ray Train + DeepSpeed,
+the evaluation (a Ray task per noise level), and its bad input. A killed learner and its resume:
+tests/test_stitch_stream.py. Small sizes: the figures of the default run are in the README."""
 
 import json
 from pathlib import Path
@@ -13,10 +14,11 @@ from stitchvm_rl import toyworld, zoo
 from stitchvm_rl.config import ConfigError
 from stitchvm_rl.policy import SD3Policy
 from stitchvm_rl.value.model import StitchedValueModel
-from stitchvm_rl.value.train import PolicyImages, TeacherTargets, distill_loss
+from stitchvm_rl.value.data import PolicyImages
+from stitchvm_rl.value.train import Teacher, distill_loss
 
 SMALL = [
-    "probe_images=32",
+    "search.probe_images=32",
     "data.num_images=96",
     "data.batch_size=32",
     "train.epochs=2",
@@ -31,19 +33,17 @@ SMALL = [
 
 
 @pytest.mark.slow
-def test_stitch_job_survives_a_killed_learner_and_exports_the_value_model(tmp_path):
+def test_stitch_job_exports_a_value_model_that_learned(tmp_path):
     job = load_job("stitch")
-    summary = job.main([f"output_dir={tmp_path}", "testing.crash_after_epoch=0", *SMALL, "train.epochs=3"])
+    summary = job.main([f"output_dir={tmp_path}", *SMALL, "train.epochs=3", "search.num_cpus=2"])
     run = tmp_path / "stitch"
     for name in ("config.yaml", "stitch_search.json", "summary.json", "accuracy.png", "value_model/value_model.json"):
         assert (run / name).is_file(), name
-    # rank 1 died hard after epoch 0's checkpoint; Ray Train restarted the group from that checkpoint
-    assert (tmp_path / "ray" / "stitch" / "files" / ".crash-injected").is_file()  # in storage: seen from every node
-    # (from epoch 0's checkpoint, or epoch 1's if rank 0 reported it before the death was noticed)
-    assert summary["train_metrics"]["epoch"] == 2 and summary["train_metrics"]["resumed_from_epoch"] >= 1
-    assert summary["train_metrics"]["world_size"] == 2
+    assert (tmp_path / "ray" / "stitch" / "files" / "init" / "value_model.json").is_file()  # stage 1's model, where every rank reads it
+    assert summary["train_metrics"]["epoch"] == 2 and summary["train_metrics"]["world_size"] == 2
     search = json.loads((run / "stitch_search.json").read_text())
     assert len(search["table"]) == 16 and summary["stitch"]["dit_block"] == search["best"][0]
+    assert search["resources"] == {"CPU": 2.0}  # the search task ran as search.num_cpus placed it
     rows = summary["value_accuracy"]["table"]
     assert {r["estimator"] for r in rows} == {"stitchvm", "tweedie", "mc"}
     cost = summary["value_accuracy"]["cost"]
@@ -56,7 +56,7 @@ def test_stitch_job_survives_a_killed_learner_and_exports_the_value_model(tmp_pa
     # the stage-1 model it started from, at every noise level
     held_out = _held_out_batch()
     for t in (0.25, 0.5, 0.75):
-        init, trained = (_held_out_loss(run / name, held_out, t) for name in ("init", "value_model"))
+        init, trained = (_held_out_loss(tmp_path / "ray" / "stitch" / "files" / name, held_out, t) for name in ("init", "value_model"))
         assert trained < 0.9 * init, (t, trained, init)
 
 
@@ -64,7 +64,7 @@ def _held_out_batch() -> dict:
     """16 fresh policy images (latents z0 and the teacher's targets), for the stage-2 loss."""
     prompts = toyworld.CAPTIONS[:16]
     rows = PolicyImages("toyworld", 20, 1.0, 0)({"prompt": np.array(prompts, dtype=object), "seed": np.arange(16) + 7_000_000})
-    batch = {k: torch.as_tensor(v) for k, v in TeacherTargets("toyworld", "toyworld-clip", "", encode=False)(rows).items() if k != "prompt"}
+    batch = Teacher("toyworld", "toyworld-clip", "cpu", "float32", encode=False)(rows)
     return {**batch, "prompt_embeds": SD3Policy.from_pretrained("toyworld").encode_prompts(prompts)}
 
 
@@ -96,13 +96,52 @@ def test_inconsistent_settings_stop_before_any_work(tmp_path, args, message):
 
 def test_policy_rows_keep_the_policys_own_latents():
     """The value model reads policy latents; a VAE re-encoding of the decoded image differs (~11 % on
-    the toy world), so policy rows carry their latents through the teacher untouched."""
+    the toy world), so policy rows carry their latents (float16) and the learner's teacher keeps
+    them, and encodes only image files, which come without."""
     from stitchvm_rl.policy import vae_encode
 
     rows = PolicyImages("toyworld", 4, 1.0, 0)({"prompt": np.array(["a red circle on the left"] * 2, dtype=object), "seed": np.array([1, 2])})
-    kept = TeacherTargets("toyworld", "toyworld-clip", "", encode=False)(dict(rows))
-    assert np.array_equal(kept["z0"], rows["z0"])
-    encoder = TeacherTargets("toyworld", "toyworld-clip", "", encode=True)  # folder images
-    reencoded = encoder({k: v for k, v in rows.items() if k != "z0"})["z0"]
-    assert np.allclose(reencoded, vae_encode(encoder.vae, torch.as_tensor(rows["image"])).numpy())
-    assert not np.allclose(reencoded, rows["z0"], atol=1e-2)
+    assert rows["image"].dtype == np.uint8 and rows["z0"].dtype == np.float16
+    teacher = Teacher("toyworld", "toyworld-clip", "cpu", "float32", encode=True)
+    kept = teacher(rows)["z0"]
+    assert torch.equal(kept, torch.as_tensor(rows["z0"]).float())
+    files = {k: v for k, v in rows.items() if k != "z0"}  # as image files arrive
+    reencoded = teacher(files)["z0"]
+    assert torch.allclose(reencoded, vae_encode(teacher.vae, torch.as_tensor(rows["image"]).float() / 255))
+    assert not torch.allclose(reencoded, kept, atol=1e-2)
+
+
+def _bad_inputs(tmp_path) -> dict[str, tuple[list[str], str]]:
+    """Each bad input of a stitch run: (its arguments, the refusal it gets)."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"not a png")
+    listed = tmp_path / "images.jsonl"
+    listed.write_text(json.dumps({"path": "missing.png", "prompt": "a red circle"}) + "\n")
+    text_only = tmp_path / "text-only-clip"
+    text_only.mkdir()
+    (text_only / "config.json").write_text(json.dumps({"model_type": "clip_text_model", "hidden_size": 64}))
+    files = ["head_conditioning=empty", "train.score_weight=0"]
+    return {
+        "folder, no readable image": (["data.source=folder", f"data.folder={broken}", *files], "cannot be read"),
+        "folder, every image skipped": (["data.source=folder", f"data.folder={broken}", "data.skip_broken_images=true", *files], "holds no readable"),
+        "JSONL, a missing path": (["data.source=jsonl", f"data.jsonl={listed}"], "missing.png' does not exist"),
+        "reward model without an image tower": ([f"reward_model={text_only}"], "has no image tower"),
+        "i beyond the backbone": (["search.max_dit_block=9"], "beyond the backbone's 4 transformer blocks"),
+        "j beyond the reward model": (["search.rm_blocks=[1,7]"], r"within 1\.\.6"),
+    }
+
+
+BAD_INPUTS = ["folder, no readable image", "folder, every image skipped", "JSONL, a missing path", "reward model without an image tower", "i beyond the backbone", "j beyond the reward model"]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_refused_before_any_model_loads(tmp_path, monkeypatch, case):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(zoo, "load_sd3_pipeline", no_loading)
+    monkeypatch.setattr(zoo, "load_clip", no_loading)
+    args, message = _bad_inputs(tmp_path)[case]
+    with pytest.raises(ConfigError, match=message):
+        load_job("stitch").main([f"output_dir={tmp_path}", *args])

@@ -4,6 +4,11 @@ For each sigma: groups of `group_size` ODE rollouts per prompt are stopped at z_
 early-stopped estimators of `stitchvm_rl.estimators` are compared with a reference, the mean
 terminal reward of `reference_k` independent SDE completions. Within-group Spearman is what
 advantage estimation needs (it ranks samples of one prompt).
+
+Each noise level is one Ray task placed by `num_gpus`/`num_cpus` (independent seeds per level, so
+the levels run side by side on as many GPUs); the value model is read from where every node sees it.
+The budget: prompts x group_size rollouts per level, reference_k completions of each, mc_k more for
+the mc estimator -- (reference_k + mc_k) x prompts x group_size decodes a level.
 """
 
 from __future__ import annotations
@@ -46,7 +51,13 @@ class ValueEvalConfig:
     noise_level: Annotated[float, Range(0)] = 0.7
     """Flow-SDE noise level of the completions."""
     batch_size: Annotated[int, Range(1)] = 256
-    """Latents per forward batch."""
+    """Latents per transformer pass."""
+    decode_batch_size: Annotated[int, Range(1)] = 16
+    """Latents per VAE decode + reward (a decode at 1024^2 keeps ~1.5 GiB an image)."""
+    num_gpus: Annotated[float, Range(0)] = 0.0
+    """GPUs of each noise level's task (1 at real scale)."""
+    num_cpus: Annotated[float, Range(0)] = 1.0
+    """CPUs of each noise level's task."""
 
 
 def agreement(estimate: torch.Tensor, reference: torch.Tensor, groups: int) -> dict:
@@ -60,39 +71,56 @@ def agreement(estimate: torch.Tensor, reference: torch.Tensor, groups: int) -> d
     }
 
 
-def evaluate_value_accuracy(value_dir: str | Path, cfg: ValueEvalConfig, analytic_reward: str = "", seed: int = 0) -> dict:
-    """Run the comparison; returns {"table": [...per sigma and estimator...], "cost": {...}}."""
-    from stitchvm_rl.value.model import StitchedValueModel
+def evaluate_value_accuracy(value_dir: str, cfg: ValueEvalConfig, analytic_reward: str = "", seed: int = 0) -> dict:
+    """Run the comparison, one Ray task per noise level; returns {"table": [...per sigma and
+    estimator...], "cost": {...}}. `value_dir`: a path every node sees or a storage URI."""
+    import ray
 
-    value_model = StitchedValueModel.from_pretrained(value_dir)
-    policy = SD3Policy.from_pretrained(value_model.config.backbone)
-    if analytic_reward:
-        reward = rewards.ANALYTIC[analytic_reward]
-    else:
-        reward = rewards.CLIPScore(zoo.load_clip(value_model.config.reward_model), scale=value_model.config.score_scale)
-    est = Estimators(policy, value_model, reward, cfg.steps, cfg.cfg_scale, cfg.noise_level, cfg.batch_size)
-    base = cfg.prompt_list or toyworld.CAPTIONS[: cfg.prompts]
-    prompts = [p for p in base for _ in range(cfg.group_size)]
-    table, seconds = [], {name: 0.0 for name in EARLY_STOPPED}
-    for n, sigma in enumerate(cfg.sigmas):
-        z = est.rollouts_to(sigma, prompts, seed + n)
-        reference = est.completions(z, sigma, prompts, cfg.reference_k, seed=10_000 + n)
-        values = {}
-        for name in EARLY_STOPPED:
-            mark = time.perf_counter()
-            values[name] = est.score(name, z, sigma, prompts, cfg.mc_k, seed=20_000 + n)
-            seconds[name] += time.perf_counter() - mark
-        for name, value in values.items():
-            table.append({"sigma": sigma, "estimator": name, **agreement(value, reference, len(base))})
-    one_z, one_p, mid = z[:1], prompts[:1], cfg.sigmas[len(cfg.sigmas) // 2]
+    from stitchvm_rl import runtime
+
+    task = ray.remote(num_gpus=cfg.num_gpus, num_cpus=cfg.num_cpus)(_accuracy_at)
+    refs = [task.remote(value_dir, cfg, analytic_reward, seed, n) for n in range(len(cfg.sigmas))]
+    runtime.wait_for_placement(refs, f"{len(refs)} value-accuracy tasks", {"CPU": cfg.num_cpus, "GPU": cfg.num_gpus}, timeout_s=0)
+    levels = ray.get(refs)
+    groups = len(cfg.prompt_list or toyworld.CAPTIONS[: cfg.prompts])
+    estimates = groups * cfg.group_size * len(cfg.sigmas)
     cost = {
         name: {
-            "seconds_per_estimate": seconds[name] / (len(prompts) * len(cfg.sigmas)),
-            "flops_per_estimate_at_mid_sigma": count_flops(lambda name=name: est.score(name, one_z, mid, one_p, cfg.mc_k, seed=0)),
+            "seconds_per_estimate": sum(level["seconds"][name] for level in levels) / estimates,
+            "flops_per_estimate_at_mid_sigma": levels[len(levels) // 2]["flops"][name],
         }
         for name in EARLY_STOPPED
     }
-    return {"table": table, "cost": cost, "config": {"prompts": len(base), "group_size": cfg.group_size, "mc_k": cfg.mc_k, "reference_k": cfg.reference_k}}
+    return {"table": [row for level in levels for row in level["rows"]], "cost": cost,
+            "config": {"prompts": groups, "group_size": cfg.group_size, "mc_k": cfg.mc_k, "reference_k": cfg.reference_k}}
+
+
+def _accuracy_at(value_dir: str, cfg: ValueEvalConfig, analytic_reward: str, seed: int, n: int) -> dict:
+    """One noise level (`cfg.sigmas[n]`), in a Ray task: rollouts stopped there, the reference value,
+    each estimator's agreement with it, its seconds and the FLOPs of one estimate."""
+    from stitchvm_rl.value.model import StitchedValueModel
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    value_model = StitchedValueModel.from_pretrained(value_dir, device=device)
+    policy = SD3Policy.from_pretrained(value_model.config.backbone, device=device)
+    if analytic_reward:
+        reward = rewards.ANALYTIC[analytic_reward]
+    else:
+        reward = rewards.CLIPScore(zoo.load_clip(value_model.config.reward_model, device=device), scale=value_model.config.score_scale)
+    est = Estimators(policy, value_model, reward, cfg.steps, cfg.cfg_scale, cfg.noise_level, cfg.batch_size, cfg.decode_batch_size)
+    base = cfg.prompt_list or toyworld.CAPTIONS[: cfg.prompts]
+    prompts = [p for p in base for _ in range(cfg.group_size)]
+    sigma = cfg.sigmas[n]
+    z = est.rollouts_to(sigma, prompts, seed + n)
+    reference = est.completions(z, sigma, prompts, cfg.reference_k, seed=10_000 + n)
+    rows, seconds = [], {}
+    for name in EARLY_STOPPED:
+        mark = time.perf_counter()
+        value = est.score(name, z, sigma, prompts, cfg.mc_k, seed=20_000 + n)
+        seconds[name] = time.perf_counter() - mark
+        rows.append({"sigma": sigma, "estimator": name, **agreement(value, reference, len(base))})
+    flops = {name: count_flops(lambda name=name: est.score(name, z[:1], sigma, prompts[:1], cfg.mc_k, seed=0)) for name in EARLY_STOPPED}
+    return {"rows": rows, "seconds": seconds, "flops": flops}
 
 
 def plot_accuracy(accuracy: dict, path: Path) -> None:

@@ -50,19 +50,21 @@ FROZEN = ("head.blocks", "head.pos_embed", "head.time_text_embed", "head.context
 
 class DiTHead(nn.Module):
     """The first `i` joint blocks of a frozen SD3 transformer, conditioned on the empty prompt or on
-    the given prompt embeddings."""
+    the given prompt embeddings. `share=True` uses the transformer's own modules instead of copies
+    (the stage-1 search reads every block's features; a copy would double the transformer)."""
 
-    def __init__(self, transformer, i: int, null_embeds: torch.Tensor, null_pooled: torch.Tensor):
+    def __init__(self, transformer, i: int, null_embeds: torch.Tensor, null_pooled: torch.Tensor, share: bool = False):
         super().__init__()
         if getattr(transformer, "peft_config", None):
             raise ValueError("the DiT head must copy the *base* transformer, not one carrying LoRA adapters")
         n = len(transformer.transformer_blocks)
         if not 1 <= i <= n:
             raise ValueError(f"DiT block i={i} is outside 1..{n}")
-        self.pos_embed = copy.deepcopy(transformer.pos_embed)
-        self.time_text_embed = copy.deepcopy(transformer.time_text_embed)
-        self.context_embedder = copy.deepcopy(transformer.context_embedder)
-        self.blocks = nn.ModuleList(copy.deepcopy(transformer.transformer_blocks[b]) for b in range(i))
+        own = (lambda m: m) if share else copy.deepcopy
+        self.pos_embed = own(transformer.pos_embed)
+        self.time_text_embed = own(transformer.time_text_embed)
+        self.context_embedder = own(transformer.context_embedder)
+        self.blocks = nn.ModuleList(own(transformer.transformer_blocks[b]) for b in range(i))
         self.patch_size = transformer.config.patch_size
         self.width = transformer.inner_dim
         self.register_buffer("null_embeds", null_embeds.detach().clone())
@@ -310,9 +312,10 @@ class StitchedValueModel(nn.Module):
 
     # ------------------------------------------------------------ build / save / load
     @classmethod
-    def from_parts(cls, pipe, clip: zoo.CLIPBundle, i: int, j: int, head: str, backbone: str, reward_model: str, score_scale: float = 1.0, head_conditioning: str = "empty", embed_target: str = "unit", embed_scale: float = 1.0) -> StitchedValueModel:
-        """A fresh value model at (i, j) from a loaded SD3 pipeline and CLIP (F at default init)."""
-        dit = DiTHead(pipe.transformer, i, *null_prompt_embeds(pipe))
+    def from_parts(cls, pipe, clip: zoo.CLIPBundle, i: int, j: int, head: str, backbone: str, reward_model: str, score_scale: float = 1.0, head_conditioning: str = "empty", embed_target: str = "unit", embed_scale: float = 1.0, null: tuple[torch.Tensor, torch.Tensor] | None = None) -> StitchedValueModel:
+        """A fresh value model at (i, j) from a loaded SD3 pipeline and CLIP (F at default init);
+        `null`: the empty prompt's embeddings when the pipeline's text encoders are already dropped."""
+        dit = DiTHead(pipe.transformer, i, *(null or null_prompt_embeds(pipe)))
         config = ValueModelConfig(i, j, head, backbone, reward_model, head_fingerprint(dit), score_scale, head_conditioning, embed_target=embed_target, embed_scale=embed_scale)
         return cls(config, dit, clip.model, clip.tokenizer).to(pipe.transformer.device)
 

@@ -1,11 +1,12 @@
 """Stage 2: finetune the stitched value model -- a Ray Train job (DeepSpeed) fed by Ray Data.
 
-    Ray Data:  prompts --[PolicyImages actors: sample + decode]--> clean images   (or an image folder)
-               images  --[TeacherTargets actors: frozen reward model (+ VAE encode of folder images)]--> z0, targets
-    Ray Train: every worker takes its shard, noises z0 to z_t (t ~ logit-normal, fresh each epoch,
-               seeded by (seed, epoch, rank) so a resumed run draws the same noise), and trains the
-               stitch + reward tail (+ the DiT head's blocks: train_head) with DeepSpeed (ZeRO-2;
-               CPU: gloo + fp32); a head that reads the prompt gets each row's SD3 prompt embedding.
+    Ray Data:  each rank, each epoch, streams its rows of a seeded order (`value.data`): image files
+               read by CPU actors, or policy samples made by GPU actors, as uint8 images (+ z0)
+    Ray Train: every rank computes the teacher's targets from the images (`Teacher`: frozen reward
+               model, + VAE encode of files), noises z0 to z_t (t ~ logit-normal, seeded by (seed,
+               epoch, rank) so a resumed run draws the same noise), and trains the stitch + reward
+               tail (+ the DiT head's blocks: train_head) with DeepSpeed (ZeRO-2; CPU: gloo + fp32);
+               a head that reads the prompt gets each row's SD3 prompt embedding.
 
 Rank layout: `num_workers` identical learner ranks (data parallel); rank 0 also writes the value
 model into each checkpoint. Checkpoints are DeepSpeed engine states reported with `ray.train.report`,
@@ -14,12 +15,11 @@ so a restarted worker group (FailureConfig) or a re-run with the same name resum
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -32,10 +32,12 @@ from stitchvm_rl.policy import PromptEmbeds, SD3Policy, vae_encode
 class StitchDataConfig:
     """Where the clean images come from."""
 
-    source: Literal["policy", "folder"] = "policy"
-    """policy: samples of the backbone for `prompts`; folder: images in `folder` (no captions)."""
+    source: Literal["policy", "folder", "jsonl"] = "policy"
+    """policy: samples of the backbone for `prompts`; folder: images in `folder` (no captions); jsonl: the images (and captions) `jsonl` lists."""
     folder: str = ""
-    """Image folder (read by Ray Data) when source=folder."""
+    """Image folder when source=folder (a path every node sees)."""
+    jsonl: str = ""
+    """source=jsonl: a file of {"path": ..., "prompt": ...} lines (relative paths: from its folder; every node sees them)."""
     num_images: Annotated[int, Range(1)] = 2048
     """Policy samples to generate (source=policy)."""
     prompts: list[str] = field(default_factory=list)
@@ -49,13 +51,13 @@ class StitchDataConfig:
     batch_size: Annotated[int, Range(1)] = 64
     """Rows per Ray Data batch."""
     actors: Annotated[int, Range(1)] = 1
-    """Actors in each Ray Data actor pool."""
+    """Ray Data actors that read or sample images, per learner rank (each rank streams its own rows)."""
     actor_cpus: Annotated[float, Range(0)] = 0.5
     """CPUs reserved per Ray Data actor (fractional, so data and learners share a small machine)."""
     actor_gpus: Annotated[float, Range(0)] = 0.0
-    """GPUs per Ray Data actor."""
+    """GPUs per Ray Data actor of source=policy (file readers use none: the learner encodes their images)."""
     skip_broken_images: bool = False
-    """source=folder: skip unreadable images with a counted warning (default: stop, naming the first)."""
+    """source=folder or jsonl: skip unreadable or missing images with a counted warning (default: stop, naming the first)."""
 
 
 @dataclass
@@ -100,114 +102,34 @@ class StitchTrainConfig:
     """Worker-group restarts Ray Train may make (FailureConfig)."""
 
 
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+class Teacher:
+    """The frozen reward model's targets, computed on the learner from the streamed uint8 images: the
+    unit image embedding and the tokens of its last layer (the distillation targets), and the VAE
+    latents of images that come without the policy's own (folder and JSONL rows)."""
 
+    ENCODE_BATCH = 4  # images per VAE encode: its activations at 1024^2 are ~1.5 GiB an image in float32
 
-class PolicyImages:
-    """Ray Data actor: clean images sampled from the (base) policy, one noise seed per row, with
-    the policy's own final latents (the value model must read those, not a VAE re-encoding of the
-    decoded image: on the toy world the two differ by 11 %)."""
-
-    def __init__(self, backbone: str, steps: int, cfg_scale: float, resolution: int):
-        self.policy = SD3Policy.from_pretrained(backbone, device=_device())
-        self.steps, self.cfg_scale, self.resolution = steps, cfg_scale, resolution or None
-
-    def __call__(self, batch: dict) -> dict:
-        prompts = [str(p) for p in batch["prompt"]]
-        shape = self.policy.latent_shape_at(self.resolution)
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in batch["seed"]])
-        with torch.no_grad():
-            traj = self.policy.sample(prompts, self.steps, self.cfg_scale, noise=noise)
-            images = self.policy.decode(traj.final)
-        return {"prompt": np.array(prompts, dtype=object), "image": images.cpu().numpy(), "z0": traj.final.float().cpu().numpy()}
-
-
-class TeacherTargets:
-    """Ray Data actor: the frozen reward model's targets on clean images, and their latents (VAE
-    encoded with `encode`; policy rows already carry the policy's own)."""
-
-    def __init__(self, backbone: str, reward_model: str, analytic: str, encode: bool):
-        self.device = _device()
-        self.vae = zoo.load_vae(backbone, device=self.device) if encode else None
-        self.clip = zoo.load_clip(reward_model, device=self.device)
-        self.analytic = rewards.ANALYTIC[analytic] if analytic else None
+    def __init__(self, backbone: str, reward_model: str, device: str, dtype: str, encode: bool):
+        self.clip = zoo.load_clip(reward_model, dtype=dtype, device=device)
+        self.clip.model.text_model = None  # the value model holds its own text tower; the teacher reads images only
+        self.vae = zoo.load_vae(backbone, device=device) if encode else None  # float32, as diffusers' SD3 trainers keep it
+        self.device = device
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
-        images = torch.as_tensor(np.asarray(batch["image"], dtype=np.float32)).to(self.device)
-        if images.shape[-1] == 3:  # folder images arrive as HWC uint8
-            images = images.permute(0, 3, 1, 2) / 255.0
-        prompts = [str(p) for p in batch.get("prompt", [""] * len(images))]
+        """A numpy batch of the stream -> {z0, embeds, tokens, reward} tensors on the device."""
+        images = torch.as_tensor(batch["image"]).to(self.device).float() / 255
         out = self.clip.model.vision_model(pixel_values=rewards.clip_pixels(images, self.clip))
-        embeds = F.normalize(self.clip.model.visual_projection(out.pooler_output).float(), dim=-1)
-        reward = self.analytic(images, prompts) if self.analytic else torch.zeros(len(images))
+        if "z0" in batch:
+            z0 = torch.as_tensor(batch["z0"]).to(self.device).float()
+        else:
+            z0 = torch.cat([vae_encode(self.vae, chunk).float() for chunk in images.split(self.ENCODE_BATCH)])
         return {
-            "prompt": np.array(prompts, dtype=object),
-            "z0": vae_encode(self.vae, images).float().cpu().numpy() if self.vae is not None else np.asarray(batch["z0"], dtype=np.float32),
-            "embeds": embeds.cpu().numpy(),
-            "tokens": out.last_hidden_state.float().cpu().numpy(),
-            "reward": reward.float().cpu().numpy(),
+            "z0": z0,
+            "embeds": F.normalize(self.clip.model.visual_projection(out.pooler_output).float(), dim=-1),
+            "tokens": out.last_hidden_state.float(),
+            "reward": torch.as_tensor(batch["reward"]).to(self.device).float(),
         }
-
-
-def build_dataset(backbone: str, reward_model: str, analytic: str, data: StitchDataConfig, prompts: list[str], seed: int, size: int):
-    """The Ray Data pipeline of clean latents + teacher targets, materialised once (every epoch
-    re-reads it; only the noise is new per epoch)."""
-    import ray
-
-    common = dict(batch_size=data.batch_size, num_cpus=data.actor_cpus, num_gpus=data.actor_gpus, compute=ray.data.ActorPoolStrategy(size=data.actors))
-    if data.source == "folder":
-        from stitchvm_rl.storage import job_path
-
-        paths = [str(p) for p in scan_image_folder(job_path(data.folder), data.skip_broken_images)]  # absolute: read on any node
-        images = ray.data.read_images(paths, size=(size, size), mode="RGB", ignore_missing_paths=False)
-    else:
-        rows = [{"prompt": prompts[n % len(prompts)], "seed": seed * 1_000_003 + n} for n in range(data.num_images)]
-        images = ray.data.from_items(rows).map_batches(
-            PolicyImages, fn_constructor_args=(backbone, data.sample_steps, data.cfg_scale, data.resolution), **common
-        )
-    targets = images.map_batches(TeacherTargets, fn_constructor_args=(backbone, reward_model, analytic, data.source == "folder"), **common)
-    return targets.materialize()
-
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
-
-
-def scan_image_folder(folder: str, skip_broken: bool = False) -> list[Path]:
-    """The readable images of a folder, checked before any work starts (PIL's header check, no
-    decode). A broken one stops the job, naming it -- or, with `skip_broken`, is left out and counted."""
-    import warnings
-
-    from PIL import Image
-
-    if not Path(folder).is_dir():
-        raise FileNotFoundError(f"image folder '{folder}' does not exist; set data.folder or use data.source=policy")
-    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    good, broken = [], []
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                image.verify()
-            good.append(path)
-        except Exception as err:  # PIL raises many types for damaged files
-            if not skip_broken:
-                raise ValueError(f"image '{path}' cannot be read ({type(err).__name__}); remove it, or set data.skip_broken_images=true to skip such files") from None
-            broken.append(path)
-    if broken:
-        warnings.warn(f"skipped {len(broken)} unreadable image(s) of {len(paths)} in '{folder}', e.g. '{broken[0].name}'", stacklevel=2)
-    if not good:
-        raise FileNotFoundError(f"image folder '{folder}' holds no readable .png/.jpg/.webp images")
-    return good
-
-
-def read_image_folder(folder: str, n: int, size: int, skip_broken: bool = False) -> torch.Tensor:
-    """Up to `n` images of a folder as (n, 3, size, size) in [0, 1] (the stage-1 probes)."""
-    from PIL import Image
-
-    paths = scan_image_folder(folder, skip_broken)[:n]
-    arrays = [np.asarray(Image.open(p).convert("RGB").resize((size, size)), dtype=np.float32) / 255.0 for p in paths]
-    return torch.as_tensor(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
 def distill_loss(student_embeds, student_tokens, batch, token_weight: float, smooth_l1: bool = False, score=None, score_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
@@ -254,7 +176,9 @@ def train_loop(loop_config: dict) -> None:
 
     from stitchvm_rl.value.model import StitchedValueModel
 
-    train = from_dict(StitchTrainConfig, loop_config["train"])
+    from stitchvm_rl.value.data import epoch_rows, stream
+
+    train, data = from_dict(StitchTrainConfig, loop_config["train"]), from_dict(StitchDataConfig, loop_config["data"])
     seed, crash_after_epoch = loop_config["seed"], loop_config["crash_after_epoch"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -274,18 +198,26 @@ def train_loop(loop_config: dict) -> None:
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(train.zero_stage, train.batch_size, 1, bf16=device == "cuda")
     )
     dtype = next(p.dtype for p in engine.module.stitch.parameters())
-    table = prompt_table(loop_config["backbone"], loop_config["prompts"], device) if model.config.head_conditioning == "prompt" else None
+    rows = ray.get(loop_config["rows"])
+    table = prompt_table(loop_config["backbone"], sorted({r["prompt"] for r in rows}), device) if model.config.head_conditioning == "prompt" else None
+    teacher = Teacher(loop_config["backbone"], loop_config["reward_model"], device, "bfloat16" if device == "cuda" else "float32", encode=data.source != "policy")
 
+    # One stream over every epoch still to train (its actors start once), in each epoch's seeded order.
     start = resume_epoch(engine)
-    shard = ray.train.get_dataset_shard("train")
-    for epoch in range(start, train.epochs):
+    epochs = {epoch: epoch_rows(rows, seed, epoch, rank, world, train.batch_size) for epoch in range(start, train.epochs)}
+    everything = [row for mine in epochs.values() for row in mine]
+    batches = iter(stream(everything, data, loop_config["backbone"], loop_config["size"], loop_config["analytic"]).iter_batches(
+        batch_size=train.batch_size, batch_format="numpy", drop_last=True
+    ))  # one iterator: each epoch takes the next len(mine) rows of it
+    for epoch, mine in epochs.items():
         gen = torch.Generator().manual_seed(seed * 7919 + epoch * 131 + rank)
         totals: dict[str, float] = {}
-        steps = 0
-        for batch in shard.iter_batches(batch_size=train.batch_size, batch_format="numpy", drop_last=True):
+        steps, streamed = 0, 0
+        for batch in itertools.islice(batches, len(mine) // train.batch_size):
             prompts = [str(p) for p in batch["prompt"]]
+            streamed += sum(v.nbytes for v in batch.values())
             cond = PromptEmbeds.cat([table[p] for p in prompts]) if table is not None else None
-            batch = {k: torch.as_tensor(v).to(engine.device) for k, v in batch.items() if k != "prompt"}
+            batch = teacher(batch)
             z0 = batch["z0"]
             t = torch.sigmoid(train.t_logit_mean + train.t_logit_std * torch.randn(len(z0), generator=gen)).to(engine.device)
             eps = torch.randn(z0.shape, generator=gen).to(engine.device)
@@ -306,7 +238,10 @@ def train_loop(loop_config: dict) -> None:
                 crash_once(RunFiles(loop_config["storage"], loop_config["run_name"]))
             for k, v in {"loss": loss.item(), **parts}.items():
                 totals[k] = totals.get(k, 0.0) + v
-        metrics = {"epoch": epoch, "steps": steps, "world_size": world, "resumed_from_epoch": start, **{k: v / max(steps, 1) for k, v in totals.items()}}
+        metrics = {
+            "epoch": epoch, "steps": steps, "world_size": world, "resumed_from_epoch": start, "streamed_bytes": streamed,
+            "order_digest": order_digest(mine), **{k: v / max(steps, 1) for k, v in totals.items()},
+        }
         last = epoch == train.epochs - 1
         if (epoch + 1) % train.checkpoint_every == 0 or last:
             export = (lambda d: engine.module.save(d / "value_model")) if rank == 0 else None
@@ -315,18 +250,29 @@ def train_loop(loop_config: dict) -> None:
             ray.train.report(metrics)
 
 
+def order_digest(rows: list[dict]) -> str:
+    """A short fingerprint of the order a rank trained on in one epoch (reported with its metrics)."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(f"{r['path']}|{r['prompt']}|{r['seed']}" for r in rows).encode()).hexdigest()[:12]
+
+
 def run_training(
-    init: str, storage_path: str, run_name: str, train: StitchTrainConfig, dataset, seed: int, backbone: str, prompts: list[str], crash_after_epoch: int = -1
+    init: str, storage_path: str, run_name: str, train: StitchTrainConfig, data: StitchDataConfig, rows: list[dict], seed: int,
+    backbone: str, reward_model: str, size: int, analytic: str = "", crash_after_epoch: int = -1,
 ):
     """One TorchTrainer.fit(); returns the ray.train Result (its checkpoint holds the value model).
     `init`: the stage-1 model where every rank can read it (a shared path or a storage URI);
-    `prompts`: every prompt the dataset's rows carry (a prompt-conditioned head reads their embeddings);
-    `crash_after_epoch`: fault injection for tests (`StitchFaults`)."""
+    `rows`: every training row (`value.data.source_rows`), which each rank streams its epochs from;
+    `size`: the training images' side; `crash_after_epoch`: fault injection for tests (`StitchFaults`)."""
+    import ray
+
     from stitchvm_rl.runtime import fit, torch_trainer
 
-    # Each rank gets ~1/num_workers of the rows and drops its last partial batch (the decay's horizon).
-    total_steps = train.epochs * (dataset.count() // train.num_workers // train.batch_size)
-    loop_config = {"train": to_dict(train), "seed": seed, "total_steps": total_steps, "init_dir": init, "storage": storage_path, "run_name": run_name, "backbone": backbone, "prompts": prompts,
+    # Every rank takes the same number of full batches (`value.data.epoch_rows`): the decay's horizon.
+    total_steps = train.epochs * (len(rows) // (train.num_workers * train.batch_size))
+    loop_config = {"train": to_dict(train), "data": to_dict(data), "rows": ray.put(rows), "seed": seed, "total_steps": total_steps, "init_dir": init,
+                   "storage": storage_path, "run_name": run_name, "backbone": backbone, "reward_model": reward_model, "size": size, "analytic": analytic,
                    "crash_after_epoch": crash_after_epoch}
-    trainer = torch_trainer(train_loop, loop_config, train.num_workers, train.use_gpu, train.max_failures, storage_path, run_name, datasets={"train": dataset})
+    trainer = torch_trainer(train_loop, loop_config, train.num_workers, train.use_gpu, train.max_failures, storage_path, run_name)
     return fit(trainer, "stage 2 (stitch finetuning)")

@@ -96,7 +96,7 @@ def chained(cluster) -> dict:
     command with epochs=7 (a re-run of the run name resumes from storage): the reference of the
     node-loss run."""
     out, storage = cluster.driver_dir / "chain", cluster.shared_dir / "ray"
-    small = ["probe_images=16", "data.num_images=64", "data.batch_size=32", "train.epochs=1", "train.batch_size=16", "eval.sigmas=[0.5]",
+    small = ["search.probe_images=16", "data.num_images=64", "data.batch_size=32", "train.epochs=1", "train.batch_size=16", "eval.sigmas=[0.5]",
              "eval.prompts=2", "eval.group_size=2", "eval.mc_k=2", "eval.reference_k=2"]
     run_driver(cluster, [str(ROOT / "jobs" / "stitch.py"), f"output_dir={out}", f"storage_path={storage}", *small])
     nft = [NFT, f"output_dir={out}", f"storage_path={storage}", f"value_models=[{storage / 'stitch' / 'files' / 'value_model'}]", "run_name=chained", *TINY]
