@@ -14,8 +14,8 @@ Roles of jobs/nft.py (`nft_roles`; the rank and node layout is jobs/nft.py's and
     learner rank 0      the same, plus the reward models and the evaluation (eval_batch_size prompts
                         at a time); the text encoders only while it encodes its evaluation prompts
 Roles of jobs/stitch.py (`stitch_roles`):
-    search task         one, `search.num_gpus`: the pipeline (float32; its text encoders only while the
-                        probe prompts are encoded), the reward's CLIP, float64 Gram matrices of every
+    search task         one, `search.num_gpus`: the pipeline (float32; its text encoders, bf16 on a GPU,
+                        only while the probe prompts are encoded), the reward's CLIP, float64 Gram matrices of every
                         candidate block, one probe batch's features after every block
     data actor          `data.actors` per learner rank, `data.actor_gpus` each (source=policy: the
                         pipeline, float32, sampling and decoding; image files are read on CPUs)
@@ -441,8 +441,9 @@ def search_task(cfg, parts: dict, clip, side: int, pixels: int, tokens: int, blo
     grid = (clip.config.vision_config.image_size // clip.config.vision_config.patch_size) ** 2
     features = blocks * search.batch_size * (side // transformer.config.patch_size) ** 2 * transformer.inner_dim * 4
     rows = search.batch_size * grid * (c_in + c_out) * 8  # one batch's regression rows in float64
+    text = text_encoder_bytes(parts) // (2 if search.num_gpus else 1)  # bfloat16 on a GPU
     plan.phases = [
-        Item("encoding the probe prompts (the three text encoders, freed after)", text_encoder_bytes(parts)),
+        Item(f"encoding the probe prompts (the three text encoders in {'bfloat16' if search.num_gpus else 'float32'}, freed after)", text),
         Item(f"{search.batch_size} probes through {blocks} blocks, every block's features kept + their float64 rows",
              peak_live_bytes(velocity_call(transformer, search.batch_size, side, tokens)) + features + rows),
     ]

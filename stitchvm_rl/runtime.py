@@ -231,7 +231,7 @@ def learner_bundle(use_gpu: bool, gpus_per_worker: float = 1.0, resources: dict[
     return {"CPU": 1.0, **({"GPU": gpus_per_worker} if use_gpu else {}), **(resources or {})}
 
 
-def torch_trainer(train_fn, loop_config: dict, num_workers: int, use_gpu: bool, max_failures: int, storage_path: str, run_name: str, datasets: dict | None = None, gpus_per_worker: float = 1.0, resources: dict[str, float] | None = None):
+def torch_trainer(train_fn, loop_config: dict, num_workers: int, use_gpu: bool, max_failures: int, storage_path: str, run_name: str, gpus_per_worker: float = 1.0, resources: dict[str, float] | None = None):
     """A TorchTrainer as every job here uses it: `num_workers` ranks, each `learner_bundle(...)` (a
     fractional GPU colocates ranks with rollout actors), gloo on CPU / NCCL on GPU, restarts after
     worker failures, the last 2 checkpoints kept under storage_path/run_name (re-running the same
@@ -250,7 +250,6 @@ def torch_trainer(train_fn, loop_config: dict, num_workers: int, use_gpu: bool, 
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        datasets=datasets,
     )
 
 

@@ -87,12 +87,16 @@ def _shipped_plans():
     runs = {p.name: ["--config", str(p)] for p in shipped}
     layout = CONFIGS / "nft_layout_one_node_8x80gb.yaml"
     runs |= {f"{p.name} + {layout.name}": ["--config", str(p), "--config", str(layout)] for p in shipped if p.name.startswith("nft_")}
+    # each stitch layout over one stitch config (the ViT-H ones are the largest); docs/memory.md has every combination
+    for files in (["stitch_sd35m_hpsv2.yaml", "stitch_layout_1024.yaml"], ["stitch_sd35m_clip.yaml", "stitch_layout_one_node_8x80gb.yaml"],
+                  ["stitch_sd35m_dfn_clip.yaml", "stitch_layout_1024.yaml", "stitch_layout_one_node_8x80gb.yaml"]):
+        runs[" + ".join(files)] = [arg for f in files for arg in ("--config", str(CONFIGS / f))]
     return plan, runs
 
 
 def test_every_shipped_config_passes_its_plan_and_the_learner_ranks_hold_no_text_encoder(capsys):
     plan, runs = _shipped_plans()
-    assert len(runs) == 8  # 2 NFT configs, their one-node layout, 3 stitch configs, 1 sample config
+    assert len(runs) == 11  # 2 NFT configs + their one-node layout, 4 stitch configs + 3 with the stitch layouts, 1 sample config
     for name, argv in runs.items():
         result = plan.main(argv)
         assert all(role["fits"] and role["budget_gib"] for role in result.values()), (name, result)

@@ -20,7 +20,7 @@ from conftest import load_job
 from stitchvm_rl import nft, prompts, toyworld
 from stitchvm_rl.config import ConfigError, load_config
 from stitchvm_rl.policy import SD3Policy
-from stitchvm_rl.value.train import scan_image_folder
+from stitchvm_rl.value.data import scan_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -101,8 +101,9 @@ def _accuracy_at(value_dir: str, cfg: ValueEvalConfig, analytic_reward: str, see
     from stitchvm_rl.value.model import StitchedValueModel
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    value_model = StitchedValueModel.from_pretrained(value_dir, device=device)
-    policy = SD3Policy.from_pretrained(value_model.config.backbone, device=device)
+    dtype = "bfloat16" if device == "cuda" else "float32"  # as the rollout actors score
+    value_model = StitchedValueModel.from_pretrained(value_dir, device=device, dtype=dtype)
+    policy = SD3Policy.from_pretrained(value_model.config.backbone, dtype=dtype, device=device)
     if analytic_reward:
         reward = rewards.ANALYTIC[analytic_reward]
     else:

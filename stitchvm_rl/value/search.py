@@ -162,7 +162,12 @@ def build_value_model(backbone: str, reward_model: str, images: torch.Tensor, he
     from stitchvm_rl.policy import SD3Policy
     from stitchvm_rl.value.model import DiTHead, StitchedValueModel, null_prompt_embeds
 
-    policy = SD3Policy(zoo.load_sd3_pipeline(backbone, device=device))
+    pipe = zoo.load_sd3_pipeline(backbone)  # float32, on the CPU until each part is placed
+    pipe.transformer.to(device), pipe.vae.to(device)
+    text_dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32  # T5-XXL alone is 19 GB in float32
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        encoder.to(device, text_dtype)
+    policy = SD3Policy(pipe)
     head_prompts = prompts or [""] * len(images)
     conds = [policy.encode_prompts(head_prompts[s : s + batch_size]) for s in range(0, len(images), batch_size)] if head_conditioning == "prompt" else None
     null = null_prompt_embeds(policy.pipe)
