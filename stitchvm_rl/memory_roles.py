@@ -17,8 +17,9 @@ Roles of jobs/stitch.py (`stitch_roles`):
     search task         one, `search.num_gpus`: the pipeline (float32; its text encoders, bf16 on a GPU,
                         only while the probe prompts are encoded), the reward's CLIP, float64 Gram matrices of every
                         candidate block, one probe batch's features after every block
-    data actor          `data.actors` per learner rank, `data.actor_gpus` each (source=policy: the
-                        pipeline, float32, sampling and decoding; image files are read on CPUs)
+    data actor          source=policy: `data.actors`, `data.actor_gpus` each, sampling and decoding the
+                        training images once before stage 2 (the pipeline, float32); the readers that
+                        stream images into the learner ranks use CPUs only
     learner rank        `train.num_workers`, a GPU each with train.use_gpu: the value model in bf16
                         (DeepSpeed), its trainable parts' float32 master, AdamW state and gradients
                         (ZeRO-2 partitions them), the teacher (the reward's image tower, bf16) and for
@@ -384,7 +385,7 @@ def stitch_roles(cfg) -> list[RolePlan]:
     plans = [search_task(cfg, parts, clip, side, pixels, tokens, i)]
     if data.source == "policy":  # PolicyImages: the pipeline in float32 samples and decodes
         data_gpu = role_gpu(data.actor_gpus, {}, cfg.memory, "stitch data actor")
-        sampler = RolePlan("stitch data actor (policy images)", data.actors * train.num_workers, data.actor_gpus, data_gpu.gib, parts_items(parts, "float32"), placement=data_gpu.where)
+        sampler = RolePlan("stitch data actor (policy samples, made once)", data.actors, data.actor_gpus, data_gpu.gib, parts_items(parts, "float32"), placement=data_gpu.where)
         cfg_batch = data.batch_size * (2 if data.cfg_scale != 1 else 1)
         sampler.phases = [
             Item(f"sampling {data.batch_size} images (transformer{', x2 with CFG' if cfg_batch > data.batch_size else ''})", peak_live_bytes(velocity_call(transformer, cfg_batch, side, tokens))),

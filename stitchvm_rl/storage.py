@@ -237,6 +237,13 @@ def read_text(source: str, name: str) -> str | None:
         return f.read().decode("utf-8")
 
 
+def read_bytes(source: str) -> bytes:
+    """The bytes of the file at `source` (a path or a URI), read where it is."""
+    fs, path = filesystem(source)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
 def source_exists(source: str) -> bool:
     """Whether a file or directory is at `source` (a path or a URI)."""
     fs, path = filesystem(source)

@@ -14,7 +14,7 @@ from stitchvm_rl import toyworld, zoo
 from stitchvm_rl.config import ConfigError
 from stitchvm_rl.policy import SD3Policy
 from stitchvm_rl.value.model import StitchedValueModel
-from stitchvm_rl.value.data import PolicyImages
+from stitchvm_rl.value.data import ImageRows, PolicyImages, as_uint8
 from stitchvm_rl.value.train import Teacher, distill_loss
 
 SMALL = [
@@ -64,7 +64,8 @@ def test_stitch_job_exports_a_value_model_that_learned(tmp_path):
 def _held_out_batch() -> dict:
     """16 fresh policy images (latents z0 and the teacher's targets), for the stage-2 loss."""
     prompts = toyworld.CAPTIONS[:16]
-    rows = PolicyImages("toyworld", 20, 1.0, 0)({"prompt": np.array(prompts, dtype=object), "seed": np.arange(16) + 7_000_000})
+    images, z0 = PolicyImages("toyworld", 20, 1.0, 0).sample(prompts, np.arange(16) + 7_000_000)
+    rows = {"image": as_uint8(images), "z0": z0.half().numpy(), "reward": np.zeros(16, np.float32)}  # as the stream brings them
     batch = Teacher("toyworld", "toyworld-clip", "cpu", "float32", encode=False)(rows)
     return {**batch, "prompt_embeds": SD3Policy.from_pretrained("toyworld").encode_prompts(prompts)}
 
@@ -95,17 +96,20 @@ def test_inconsistent_settings_stop_before_any_work(tmp_path, args, message):
         job.main([f"output_dir={tmp_path}", *args])
 
 
-def test_policy_rows_keep_the_policys_own_latents():
+def test_policy_samples_keep_the_policys_own_latents(tmp_path):
     """The value model reads policy latents; a VAE re-encoding of the decoded image differs (~11 % on
-    the toy world), so policy rows carry their latents (float16) and the learner's teacher keeps
-    them, and encodes only image files, which come without."""
+    the toy world), so policy samples are stored with their latents (float16) beside the lossless
+    PNG, streamed with them, and the learner's teacher keeps them; it encodes only image files."""
     from stitchvm_rl.policy import vae_encode
 
-    rows = PolicyImages("toyworld", 4, 1.0, 0)({"prompt": np.array(["a red circle on the left"] * 2, dtype=object), "seed": np.array([1, 2])})
-    assert rows["image"].dtype == np.uint8 and rows["z0"].dtype == np.float16
+    sampler = PolicyImages("toyworld", 4, 1.0, 0, str(tmp_path), "run")
+    written = sampler({"prompt": np.array(["a red circle on the left"] * 2, dtype=object), "seed": np.array([1, 2])})
+    images, z0 = sampler.sample(["a red circle on the left"] * 2, [1, 2])
+    rows = ImageRows(32, "")(written)
+    assert np.array_equal(rows["image"], as_uint8(images)) and np.array_equal(rows["z0"], z0.half().numpy())
     teacher = Teacher("toyworld", "toyworld-clip", "cpu", "float32", encode=True)
     kept = teacher(rows)["z0"]
-    assert torch.equal(kept, torch.as_tensor(rows["z0"]).float())
+    assert torch.equal(kept, z0.half().float())
     files = {k: v for k, v in rows.items() if k != "z0"}  # as image files arrive
     reencoded = teacher(files)["z0"]
     assert torch.allclose(reencoded, vae_encode(teacher.vae, torch.as_tensor(rows["image"]).float() / 255))

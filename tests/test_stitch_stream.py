@@ -88,24 +88,31 @@ def test_a_dataset_larger_than_the_object_store_streams_and_a_resumed_run_equals
         torch.testing.assert_close(resumed_weights[key], value, rtol=0, atol=1e-6, msg=key)
 
 
-def test_stage_1_runs_where_its_config_places_it_and_finds_todays_closed_form_solution(tmp_path):
+@pytest.mark.parametrize("source", ["policy", "jsonl"])
+def test_stage_1_runs_where_its_config_places_it_and_finds_todays_closed_form_solution(tmp_path, source):
     """The search as a Ray task (the backbone's blocks read in place, its text encoders dropped)
-    picks the same (i, j) and the same least-squares F as the search run in this process."""
+    picks the same (i, j) and the same least-squares F as the search run in this process, on policy
+    samples (made in the task) or on image files (read there)."""
     from stitchvm_rl import runtime, toyworld
     from stitchvm_rl.config import load_config
     from stitchvm_rl.value.build import StitchConfig, stage1
-    from stitchvm_rl.value.data import PolicyImages
+    from stitchvm_rl.value.data import PolicyImages, read_images, source_rows
     from stitchvm_rl.value.model import StitchedValueModel
     from stitchvm_rl.value.search import build_value_model
 
     runtime.init_ray(8)
-    cfg = load_config(StitchConfig, ["search.probe_images=16", "search.num_cpus=2", "search.max_dit_block=3", "search.rm_blocks=[1,2]", "data.sample_steps=4"])
+    files = (["data.source=jsonl", f"data.jsonl={_image_list(tmp_path, 16)}", "data.resolution=64"] if source == "jsonl" else [])
+    cfg = load_config(StitchConfig, ["search.probe_images=16", "search.num_cpus=2", "search.max_dit_block=3", "search.rm_blocks=[1,2]", "data.sample_steps=4", *files])
     prompts = toyworld.CAPTIONS
-    found = stage1(cfg, prompts, "toyworld", "toyworld-clip", str(tmp_path))
+    rows = source_rows(cfg.data, prompts, 0)[:16]
+    found = stage1(cfg, prompts, "toyworld", "toyworld-clip", str(tmp_path), rows)
     assert found["resources"] == {"CPU": 2.0}
 
-    probe_prompts = [prompts[k % len(prompts)] for k in range(16)]
-    images, latents = PolicyImages("toyworld", 4, 1.0, 0).sample(probe_prompts, [10**9 + k for k in range(16)])
+    if source == "policy":
+        probe_prompts = [prompts[k % len(prompts)] for k in range(16)]
+        images, latents = PolicyImages("toyworld", 4, 1.0, 0).sample(probe_prompts, [10**9 + k for k in range(16)])
+    else:
+        probe_prompts, images, latents = [r["prompt"] for r in rows], read_images([r["path"] for r in rows], 64), None
     _, here = build_value_model("toyworld", "toyworld-clip", images, "clip", 3, (1, 2), 1.0, "cpu", 0, latents, 16, "prompt", probe_prompts, "mean")
     assert found["best"] == [here.best_i, here.best_j] and len(found["table"]) == 6
     for theirs, mine in zip(found["table"], here.table):

@@ -30,7 +30,7 @@ from stitchvm_rl.config import Range
 from stitchvm_rl.faults import StitchFaults
 from stitchvm_rl.memory_plan import MemoryConfig
 from stitchvm_rl.tracking import RunDir
-from stitchvm_rl.value.data import PolicyImages, read_images, source_rows
+from stitchvm_rl.value.data import PolicyImages, read_images, sample_policy, source_rows
 from stitchvm_rl.value.evaluate import ValueEvalConfig, evaluate_value_accuracy, plot_accuracy
 from stitchvm_rl.value.search import SearchConfig, build_value_model
 from stitchvm_rl.value.train import StitchDataConfig, StitchTrainConfig, run_training
@@ -102,16 +102,18 @@ def build_and_evaluate(cfg: StitchConfig) -> dict:
         return evaluate(cfg, cfg.evaluate_only, run, files, {})
     start = time.perf_counter()
 
-    # Stage 1: one Ray task searches (i, j) and writes the stage-1 model to storage.
-    search = stage1(cfg, prompts, backbone, reward_model, root)
+    # Stage 1: one Ray task searches (i, j) on the first rows and writes the stage-1 model to storage.
+    rows = source_rows(cfg.data, prompts, cfg.seed)
+    search = stage1(cfg, prompts, backbone, reward_model, root, rows[: cfg.search.probe_images])
     run.write_json("stitch_search.json", search)
     print(f"stage 1: stitching DiT block {search['best'][0]} to reward-model block {search['best'][1]} ({time.perf_counter() - start:.0f} s, on {search['resources']})")
 
-    # Stage 2: Ray Train ranks, each streaming its rows through Ray Data. The autoscaler is asked for both up front.
-    rows = source_rows(cfg.data, prompts, cfg.seed)
-    data_bundle = {"CPU": cfg.data.actor_cpus, "GPU": cfg.data.actor_gpus if cfg.data.source == "policy" else 0}
+    # Stage 2: Ray Train ranks, each streaming its rows through Ray Data (policy samples: made once first).
+    # The autoscaler is asked for the readers and the learners up front.
+    if cfg.data.source == "policy":
+        rows = sample_policy(rows, cfg.data, backbone, root, cfg.run_name)
     learner_bundles = [runtime.learner_bundle(cfg.train.use_gpu)] * cfg.train.num_workers
-    runtime.request_resources([data_bundle] * cfg.data.actors * cfg.train.num_workers + learner_bundles)
+    runtime.request_resources([{"CPU": cfg.data.actor_cpus}] * cfg.data.actors * cfg.train.num_workers + learner_bundles)
     try:
         runtime.wait_for_bundles(learner_bundles, f"group of {cfg.train.num_workers} learner ranks", 0)
         result = run_training(
@@ -132,18 +134,19 @@ def build_and_evaluate(cfg: StitchConfig) -> dict:
     return evaluate(cfg, files.uri("value_model"), run, files, build)
 
 
-def stage1(cfg: StitchConfig, prompts: list[str], backbone: str, reward_model: str, root: str) -> dict:
+def stage1(cfg: StitchConfig, prompts: list[str], backbone: str, reward_model: str, root: str, probe_rows: list[dict] | None = None) -> dict:
     """Run the stitch search as one Ray task placed by `cfg.search`; it writes init/ to the run's
-    storage and returns {best, table, resources} (the resources the task was given)."""
+    storage and returns {best, table, resources} (the resources the task was given). `probe_rows`:
+    the image files to probe with (folder and JSONL data; policy probes are sampled in the task)."""
     import ray
 
     task = ray.remote(num_gpus=cfg.search.num_gpus, num_cpus=cfg.search.num_cpus)(_search_task)
-    ref = task.remote(cfg, prompts, backbone, reward_model, root)
+    ref = task.remote(cfg, prompts, backbone, reward_model, root, probe_rows or [])
     runtime.wait_for_placement([ref], "stitch-search task", {"CPU": cfg.search.num_cpus, "GPU": cfg.search.num_gpus}, timeout_s=0)
     return ray.get(ref)
 
 
-def _search_task(cfg: StitchConfig, prompts: list[str], backbone: str, reward_model: str, root: str) -> dict:
+def _search_task(cfg: StitchConfig, prompts: list[str], backbone: str, reward_model: str, root: str, probe_rows: list[dict]) -> dict:
     """Stage 1 on whichever node Ray placed it: probe images (policy samples, or the first image files),
     the search, and the stage-1 model uploaded to storage as init/."""
     import ray
@@ -157,9 +160,8 @@ def _search_task(cfg: StitchConfig, prompts: list[str], backbone: str, reward_mo
         probes, latents = sampler.sample(probe_prompts, [10**9 + k for k in range(n)])
         del sampler
     else:
-        rows = source_rows(cfg.data, prompts, cfg.seed)[:n]
-        probes = read_images([r["path"] for r in rows], image_size(cfg))
-        probe_prompts = [r["prompt"] for r in rows]
+        probes = read_images([r["path"] for r in probe_rows], image_size(cfg))
+        probe_prompts = [r["prompt"] for r in probe_rows]
     has_captions = cfg.data.source != "folder"
     model, result = build_value_model(
         backbone, reward_model, probes, cfg.head, cfg.search.max_dit_block or None, tuple(cfg.search.rm_blocks), cfg.score_scale, device, cfg.seed, latents,

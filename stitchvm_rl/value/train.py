@@ -174,9 +174,8 @@ def train_loop(loop_config: dict) -> None:
     import deepspeed
     import ray.train
 
-    from stitchvm_rl.value.model import StitchedValueModel
-
     from stitchvm_rl.value.data import epoch_rows, stream
+    from stitchvm_rl.value.model import StitchedValueModel
 
     train, data = from_dict(StitchTrainConfig, loop_config["train"]), from_dict(StitchDataConfig, loop_config["data"])
     seed, crash_after_epoch = loop_config["seed"], loop_config["crash_after_epoch"]
@@ -186,8 +185,11 @@ def train_loop(loop_config: dict) -> None:
     model = StitchedValueModel.from_pretrained(loop_config["init_dir"], device=device)
     model.config.head_trained = train.train_head
     model.train()
+    if model.aesthetic is not None:  # the published predictor scores, frozen: no dropout
+        model.aesthetic.eval()
     stitch = list(model.stitch.parameters())
     rest = [p for p in model.trainable_parameters() if all(p is not q for q in stitch)]
+    model.requires_grad_(False)  # only what the optimizer steps builds gradients
     for p in model.trainable_parameters():
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(
@@ -200,13 +202,13 @@ def train_loop(loop_config: dict) -> None:
     dtype = next(p.dtype for p in engine.module.stitch.parameters())
     rows = ray.get(loop_config["rows"])
     table = prompt_table(loop_config["backbone"], sorted({r["prompt"] for r in rows}), device) if model.config.head_conditioning == "prompt" else None
-    teacher = Teacher(loop_config["backbone"], loop_config["reward_model"], device, "bfloat16" if device == "cuda" else "float32", encode=data.source != "policy")
+    teacher = Teacher(loop_config["backbone"], loop_config["reward_model"], device, "bfloat16" if device == "cuda" else "float32", encode=not rows[0]["latent"])
 
     # One stream over every epoch still to train (its actors start once), in each epoch's seeded order.
     start = resume_epoch(engine)
     epochs = {epoch: epoch_rows(rows, seed, epoch, rank, world, train.batch_size) for epoch in range(start, train.epochs)}
     everything = [row for mine in epochs.values() for row in mine]
-    batches = iter(stream(everything, data, loop_config["backbone"], loop_config["size"], loop_config["analytic"]).iter_batches(
+    batches = iter(stream(everything, data, loop_config["size"], loop_config["analytic"]).iter_batches(
         batch_size=train.batch_size, batch_format="numpy", drop_last=True
     ))  # one iterator: each epoch takes the next len(mine) rows of it
     for epoch, mine in epochs.items():
