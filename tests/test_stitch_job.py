@@ -150,3 +150,15 @@ def test_bad_input_is_refused_before_any_model_loads(tmp_path, monkeypatch, case
     args, message = _bad_inputs(tmp_path)[case]
     with pytest.raises(ConfigError, match=message):
         load_job("stitch").main([f"output_dir={tmp_path}", *args])
+
+
+def test_the_accuracy_alone_on_an_exported_value_model(tmp_path):
+    """`evaluate_only` measures an exported model (here the committed toy one) without stages 1 and 2:
+    one Ray task per noise level, each level's seeds as in a full run."""
+    from stitchvm_rl.value import TOYWORLD_VALUE_MODEL
+
+    summary = load_job("stitch").main([f"output_dir={tmp_path}", f"evaluate_only={TOYWORLD_VALUE_MODEL}", "eval.sigmas=[0.25,0.75]", "eval.prompts=2",
+                                       "eval.group_size=3", "eval.mc_k=2", "eval.reference_k=2", "eval.decode_batch_size=2"])
+    assert "stitch" not in summary and summary["value_model"] == str(TOYWORLD_VALUE_MODEL)
+    assert [(r["sigma"], r["estimator"]) for r in summary["value_accuracy"]["table"]] == [(s, e) for s in (0.25, 0.75) for e in ("stitchvm", "tweedie", "mc")]
+    assert (tmp_path / "stitch" / "accuracy.png").is_file() and not (tmp_path / "stitch" / "value_model").exists()

@@ -93,7 +93,8 @@ def build_and_evaluate(cfg: StitchConfig) -> dict:
     root = storage.storage_root(cfg.storage_path, cfg.output_dir)
     backbone, reward_model = storage.local_source(cfg.backbone), storage.local_source(cfg.reward_model)
     runtime.init_ray(cfg.ray_cpus)
-    shared = {"storage_path": storage.node_marker(root)} | {k: v for k, v in (("backbone", backbone), ("reward_model", reward_model)) if storage.is_located(v)}
+    sources = (("backbone", backbone), ("reward_model", reward_model), ("evaluate_only", cfg.evaluate_only))  # the accuracy tasks read the value model on any node
+    shared = {"storage_path": storage.node_marker(root)} | {k: v for k, v in sources if v and storage.is_located(v)}
     images = {"folder": ("data.folder", cfg.data.folder), "jsonl": ("data.jsonl", str(Path(cfg.data.jsonl).parent))}.get(cfg.data.source)
     runtime.check_every_node_sees(shared | ({images[0]: storage.job_path(images[1])} if images else {}))
     run = RunDir(cfg.output_dir, cfg.run_name, cfg)
