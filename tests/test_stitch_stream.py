@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from stitchvm_rl.config import from_dict
 from stitchvm_rl.value import TOYWORLD_VALUE_MODEL
-from stitchvm_rl.value.data import epoch_rows, read_jsonl
+from stitchvm_rl.value.data import epoch_rows, source_rows
 from stitchvm_rl.value.train import StitchDataConfig, StitchTrainConfig, run_training
 
 STORE_MIB = 8  # the object store of the streaming test's Ray cluster
@@ -67,7 +67,7 @@ def test_a_dataset_larger_than_the_object_store_streams_and_a_resumed_run_equals
 
     data = from_dict(StitchDataConfig, {"source": "jsonl", "jsonl": _image_list(tmp_path, 768), "resolution": 64, "batch_size": 32})
     train = from_dict(StitchTrainConfig, {"epochs": 2, "batch_size": 64, "checkpoint_every": 1, "warmup_steps": 2, "train_head": False})
-    rows = [{**row, "seed": 0} for row in read_jsonl(data.jsonl)]
+    rows = source_rows(data, [], 0)
 
     def run(name: str, crash_after_epoch: int = -1):
         result = run_training(str(TOYWORLD_VALUE_MODEL), str(tmp_path / "ray"), name, train, data, rows, 0, "toyworld", "toyworld-clip", 64, "", crash_after_epoch)
@@ -96,7 +96,7 @@ def test_stage_1_runs_where_its_config_places_it_and_finds_todays_closed_form_so
     from stitchvm_rl import runtime, toyworld
     from stitchvm_rl.config import load_config
     from stitchvm_rl.value.build import StitchConfig, stage1
-    from stitchvm_rl.value.data import PolicyImages, read_images, source_rows
+    from stitchvm_rl.value.data import PolicyImages, read_images
     from stitchvm_rl.value.model import StitchedValueModel
     from stitchvm_rl.value.search import build_value_model
 
