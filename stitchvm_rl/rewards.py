@@ -66,8 +66,12 @@ class CLIPScore:
         return cls(zoo.load_clip(source, dtype=dtype, device=device, tokenizer_source=tokenizer), scale, logit_scale)
 
     def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
-        """L2-normalised projected image embeddings (B, P)."""
-        out = self.bundle.model.get_image_features(pixel_values=clip_pixels(images, self.bundle))
+        """L2-normalised projected image embeddings (B, P) of [0, 1] images."""
+        return self.pixel_embeds(clip_pixels(images, self.bundle))
+
+    def pixel_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """L2-normalised projected image embeddings (B, P) of preprocessed CLIP pixel values."""
+        out = self.bundle.model.get_image_features(pixel_values=pixel_values.to(self.bundle.model.device, self.bundle.model.dtype))
         return F.normalize(out.pooler_output.float(), dim=-1)
 
     @torch.no_grad()

@@ -1,0 +1,124 @@
+"""The evaluation's two Ray Data stages.
+
+    driver: rows (policy, prompt index, prompt, noise seed), the ones scores.jsonl lacks
+      --map_batches(SampleImages, one actor per GPU)-->  N images per row: PNGs written under the
+                                                         run's files, uint8 arrays passed on
+      --map_batches(ScoreImages, scorer actors)-->       N scores per scorer and row (images dropped)
+    driver: each row appended to scores.jsonl as it arrives
+
+Every image's initial noise comes from its row's seed alone (N draws from one generator per prompt),
+never from the batch it lands in or the actor that samples it: a re-run, a resumed run and another
+policy see the same noise for the same image.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from stitchvm_rl import storage
+from stitchvm_rl.evaluation.scorers import Scorer
+from stitchvm_rl.policy import SD3Policy
+
+# The evaluation's noise lives far above every rollout seed and apart from the training-time
+# evaluation's stream (`evaluator.EVAL_NOISE_SEED`), so a policy is never scored on training noise.
+NOISE_SEED_BASE = 2**41
+PROMPTS_PER_SEED = 2**20  # a suite has fewer prompts than this
+
+
+def noise_seed(seed: int, index: int) -> int:
+    """The generator seed of prompt `index`'s images."""
+    return NOISE_SEED_BASE + seed * PROMPTS_PER_SEED + index
+
+
+def image_name(policy: str, index: int, k: int) -> str:
+    """Where image k of a prompt lives under the run's files."""
+    return f"images/{policy}/{index:04d}_{k}.png"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The sampling settings every policy of one evaluation shares."""
+
+    num_steps: int
+    cfg_scale: float
+    resolution: int
+    sampler: str
+    images_per_prompt: int
+
+
+class SampleImages:
+    """Ray Data actor: the backbone loaded once, with each policy's LoRA as a named adapter; a batch
+    of rows becomes N images per row, saved as PNG to the run's files and passed on as uint8."""
+
+    def __init__(self, backbone: str, loras: dict[str, str], sampling: Sampling, files_root: tuple[str, str], device: str, dtype: str):
+        self.policy = SD3Policy.from_pretrained(backbone, dtype=dtype, device=device)
+        self.loras = loras
+        for name, lora in loras.items():
+            if lora:
+                self.policy.pipe.load_lora_weights(storage.local_copy(lora), adapter_name=name)
+        self.sampling = sampling
+        self.files = storage.RunFiles(*files_root)
+
+    def _use(self, policy: str) -> None:
+        """Switch the transformer to `policy`'s adapter (none: the base)."""
+        transformer = self.policy.transformer
+        if not any(self.loras.values()):
+            return
+        if self.loras[policy]:
+            transformer.enable_adapters()
+            transformer.set_adapter(policy)
+        else:
+            transformer.disable_adapters()
+
+    def noise(self, seeds: list[int]) -> torch.Tensor:
+        n, res = self.sampling.images_per_prompt, self.sampling.resolution or None
+        return torch.cat([self.policy.initial_noise(n, torch.Generator().manual_seed(int(s)), resolution=res) for s in seeds])
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        s, n = self.sampling, self.sampling.images_per_prompt
+        images = np.zeros((len(batch["index"]), n, 0, 0, 3), np.uint8)
+        for policy in dict.fromkeys(batch["policy"].tolist()):
+            rows = np.flatnonzero(batch["policy"] == policy)
+            prompts = [batch["prompt"][r] for r in rows for _ in range(n)]
+            self._use(policy)
+            z = self.policy.sample(prompts, s.num_steps, s.cfg_scale, s.sampler, noise=self.noise(batch["noise_seed"][rows].tolist())).final
+            x = (self.policy.decode(z).float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            x = x.reshape(len(rows), n, *x.shape[1:])
+            if images.shape[2] == 0:
+                images = np.zeros((len(batch["index"]), *x.shape[1:]), np.uint8)
+            images[rows] = x
+            for r, row_images in zip(rows, x):
+                for k, image in enumerate(row_images):
+                    self.files.write_bytes(image_name(policy, int(batch["index"][r]), k), png_bytes(image))
+        return {**batch, "images": images}
+
+
+class ScoreImages:
+    """Ray Data actor: every scorer loaded once; a batch's images become N scores per scorer and row."""
+
+    def __init__(self, names: list[str], sources: dict[str, str], device: str, dtype: str, batch_size: int):
+        self.scorers = {name: Scorer.load(name, sources, device=device, dtype=dtype) for name in names}
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = batch.pop("images")
+        rows, n = images.shape[:2]
+        flat = images.reshape(rows * n, *images.shape[2:])
+        prompts = [p for p in batch["prompt"].tolist() for _ in range(n)]
+        for name, scorer in self.scorers.items():
+            scores = [scorer(flat[i : i + self.batch_size], prompts[i : i + self.batch_size]) for i in range(0, len(flat), self.batch_size)]
+            batch[f"score:{name}"] = np.concatenate(scores).reshape(rows, n)
+        return batch
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, format="PNG")
+    return out.getvalue()
