@@ -26,6 +26,7 @@ node, or a storage URI), as for rewards; `aesthetic_head` names the MLP file.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -92,15 +93,21 @@ def _weights_problem(name: str, sources: dict[str, str] | None) -> str:
             )
     if storage.is_uri(source):
         return "" if storage.source_exists(source) else f"scorer '{name}': '{source}' does not exist in its storage"
-    try:
-        found = zoo.config_file(source)
-    except zoo.ModelSourceError as err:
-        return f"scorer '{name}': {err}"
-    from huggingface_hub import constants
-
-    if found is None and constants.HF_HUB_OFFLINE:  # a hub id that is not in the hub cache
-        return f"scorer '{name}': '{source}' is not in the hub cache and the hub is off (HF_HUB_OFFLINE=1); download it once, or pass a local copy as scorer_sources.{name}"
+    for needed in [source] + ([spec.tokenizer] if spec.tokenizer and source == spec.source else []):
+        try:
+            path = zoo.resolve(needed)
+        except zoo.ModelSourceError as err:
+            return f"scorer '{name}': {err}"
+        if not Path(path).is_dir() and not _in_hub_cache(path):
+            return f"scorer '{name}': '{path}' is not in the hub cache and the hub is off (HF_HUB_OFFLINE=1); download it once, or pass a local copy as scorer_sources.{name}"
     return ""
+
+
+def _in_hub_cache(repo: str) -> bool:
+    """A hub id that loads here: the hub is on, or its files are in the cache."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    return not constants.HF_HUB_OFFLINE or isinstance(try_to_load_from_cache(repo, "config.json"), str) or isinstance(try_to_load_from_cache(repo, "tokenizer_config.json"), str)
 
 
 def check_scorers(names: list[str], sources: dict[str, str] | None = None) -> None:
@@ -159,7 +166,9 @@ class Scorer:
         spec = SCORERS[name]
         if spec.score == "caption":
             return cls(name)
-        clip = rewards.CLIPScore(zoo.load_clip(scorer_source(name, sources), dtype=dtype, device=device, tokenizer_source=spec.tokenizer))
+        source = scorer_source(name, sources)
+        tokenizer = spec.tokenizer if source == spec.source else None  # a given source brings its tokenizer
+        clip = rewards.CLIPScore(zoo.load_clip(source, dtype=dtype, device=device, tokenizer_source=tokenizer))
         head = load_aesthetic_head(head_source(sources), clip.bundle.model.config.projection_dim, device) if spec.head else None
         return cls(name, clip, head)
 

@@ -1,0 +1,59 @@
+"""jobs/evaluate.py on the toy world: a resumed evaluation equals an uninterrupted one without
+re-scoring what was recorded, the paired table, and bad input refused before Ray starts."""
+
+import json
+
+import pytest
+
+from conftest import load_job
+from stitchvm_rl.config import ConfigError
+
+SMALL = ["max_prompts=6", "images_per_prompt=2", "num_steps=6", "prompts_per_batch=4", "grid_prompts=2"]
+
+
+@pytest.mark.slow
+def test_resumed_evaluation_equals_an_uninterrupted_one(tmp_path):
+    job = load_job("evaluate")
+    whole = job.main([f"output_dir={tmp_path}", "run_name=whole", *SMALL])
+    assert whole["prompts_scored_this_run"] == 12
+    # the committed LoRA (the README's main command) beats the base policy on the toy CLIP
+    gain = whole["paired"]["nft - base"]["toy_clip"]
+    assert gain["prompts"] == 6 and gain["mean"] > 0
+
+    with pytest.raises(RuntimeError, match="stopped after 5 prompts"):
+        job.main([f"output_dir={tmp_path}", "run_name=resumed", "crash_after_prompts=5", *SMALL])
+    resumed = job.main([f"output_dir={tmp_path}", "run_name=resumed", f"baseline={tmp_path / 'whole'}", *SMALL])
+    assert resumed["prompts_scored_this_run"] == 7  # the 5 recorded prompts are not sampled or scored again
+
+    def records(run):
+        lines = (tmp_path / run / "scores.jsonl").read_text().splitlines()
+        return {(r["policy"], r["index"]): r for r in map(json.loads, lines)}, len(lines)
+
+    (a, _), (b, lines) = records("whole"), records("resumed")
+    assert lines == 12 and a.keys() == b.keys()
+    for key in a:
+        assert a[key]["noise_seed"] == b[key]["noise_seed"]
+        for scorer in ("toy_clip", "caption"):
+            assert b[key]["scores"][scorer] == pytest.approx(a[key]["scores"][scorer], abs=1e-5)
+    # paired against the uninterrupted evaluation: the same images, so no difference
+    assert resumed["paired"]["base - baseline"]["toy_clip"]["mean"] == pytest.approx(0.0, abs=1e-5)
+    assert (tmp_path / "resumed" / "grid.png").is_file() and "nft - base" in (tmp_path / "resumed" / "table.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["policies={base: base, mine: /no/such/lora}"], "policies.mine: '/no/such/lora' is not a LoRA directory"),
+        (["suite=drawbenhc"], "suite 'drawbenhc' is unknown"),
+        (["scorers=[toy_clip, pickscor]"], "did you mean 'pickscore'"),
+        (["scorers=[hpsv21]"], "convert_weights.py kind=hpsv2"),
+        (["images_per_prompt=0"], "images_per_prompt"),
+        (["suite=drawbench", "scorers=[caption]"], "toy-world captions only"),
+        (["baseline=/no/such/evaluation"], "holds no evaluation.json"),
+    ],
+)
+def test_bad_input_is_refused_before_ray_starts(tmp_path, monkeypatch, args, message):
+    job = load_job("evaluate")
+    monkeypatch.setattr(job.runtime, "init_ray", lambda *a: pytest.fail("Ray started"))
+    with pytest.raises(ConfigError, match=message):
+        job.main([f"output_dir={tmp_path}", *args])
