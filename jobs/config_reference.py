@@ -19,6 +19,7 @@ JOB_CONFIGS = {
     "stitch": "StitchConfig",
     "dps": "DPSConfig",
     "sample": "SampleConfig",
+    "evaluate": "EvaluateConfig",
     "report": "ReportConfig",
     "bench": "BenchConfig",
     "cost": "CostConfig",

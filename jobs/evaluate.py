@@ -20,11 +20,13 @@ a row per prompt, a column per policy), summary.json.
 
 import re
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Literal
 
-from stitchvm_rl import runtime, storage, toyworld, zoo
+from stitchvm_rl import memory_plan, memory_roles, runtime, storage, toyworld, zoo
 from stitchvm_rl.config import ConfigError, Range, load_config, run_main
+from stitchvm_rl.memory_plan import MemoryConfig
 from stitchvm_rl.evaluation import results, scorers, suites
 from stitchvm_rl.evaluation.workers import Sampling, image_name, noise_seed
 from stitchvm_rl.tracking import RunDir
@@ -85,6 +87,8 @@ class EvaluateConfig:
     """Sampling dtype (bfloat16 on GPU); scorers run in float32 as their reference implementations do."""
     ray_cpus: Annotated[int, Range(1)] = 4
     """Logical CPUs of a local Ray cluster (ignored when joining a cluster)."""
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    """The GPU memory plan each actor is checked against on device=cuda (jobs/plan.py)."""
     crash_after_prompts: Annotated[int, Range(0)] = 0
     """Testing: fail after this many prompts are recorded in this run (0: never), to test resuming."""
 
@@ -161,6 +165,19 @@ def check(cfg: EvaluateConfig) -> None:
         import json
 
         check_same_images(mine, json.loads(base), f"baseline '{cfg.baseline}'", "evaluate with the same suite, sampling and seed to pair against it")
+    if cfg.device == "cuda":
+        memory_plan.check(plan_memory(cfg), cfg.memory.enforce)
+
+
+def plan_memory(cfg: EvaluateConfig) -> list[memory_plan.RolePlan]:
+    """The sampling and scoring actors' GPU memory plan (`stitchvm_rl.memory_roles.evaluate_roles`)."""
+    _, sampling, names, loras = resolve(cfg)
+    sources = {n: scorers.scorer_source(n, cfg.scorer_sources) for n in names if scorers.SCORERS[n].source}
+    lora_bytes = {}
+    for name, lora in loras.items():
+        if lora and not storage.is_uri(lora):
+            lora_bytes[name] = (Path(lora) / "pytorch_lora_weights.safetensors").stat().st_size
+    return memory_roles.evaluate_roles(cfg, sampling, sources, lora_bytes)
 
 
 # ---------------------------------------------------------------- the run

@@ -30,6 +30,8 @@ Roles of jobs/stitch.py (`stitch_roles`):
 Roles of jobs/dps.py (`dps_roles`): one DPS worker per method, a GPU each with device=cuda: the
 pipeline in dtype, the value model (stitchvm) or the rewards (tweedie), one guided batch.
 jobs/sample.py (`sample_roles`): one process, the pipeline, the rewards, batch_size images at a time.
+jobs/evaluate.py (`evaluate_roles`): sampling actors (the pipeline with every policy's LoRA, a GPU each)
+and scoring actors (every scorer's CLIP in float32, score_gpus each).
 """
 
 from __future__ import annotations
@@ -533,3 +535,37 @@ def sample_roles(cfg, reward_sources: dict[str, str], images: int) -> list[RoleP
     ]
     plan.fixes = ["a smaller batch_size", "dtype=bfloat16" if cfg.dtype == "float32" else "a GPU with more memory"]
     return [plan]
+
+
+# ---------------------------------------------------------------- the roles of jobs/evaluate.py
+SCORER_REWARDS = {"hpsv2": "hpsv2", "hpsv21": "hpsv2", "pickscore": "pickscore", "aesthetic": "aesthetic", "dfn_clip": "dfn_clip", "clipscore": "clipscore", "toy_clip": "toy_clip"}
+
+
+def evaluate_roles(cfg, sampling, scorer_sources: dict[str, str], lora_files: dict[str, int]) -> list[RolePlan]:
+    """jobs/evaluate.py's actors (EvaluateConfig `cfg`, its `Sampling`): `sample_actors` sampling
+    actors, a GPU each with device=cuda: the pipeline in cfg.dtype with every policy's LoRA
+    (`lora_files`: {policy: bytes}), prompts_per_batch x N images sampled (x2 with CFG) and decoded
+    at a time; `score_actors` scoring actors, `score_gpus` each: every scorer's CLIP in float32
+    (`scorer_sources`: {scorer: source}), score_batch_size images through the largest image tower."""
+    gpu_count = 1.0 if cfg.device == "cuda" else 0
+    parts = sd3_parts(cfg.backbone, cfg.dtype)
+    transformer, vae = parts["transformer"], parts["vae"]
+    side, tokens = latent_side(vae, transformer, sampling.resolution), text_tokens(parts, t5_tokens(cfg.backbone, 256))
+    images = cfg.prompts_per_batch * sampling.images_per_prompt
+    with_cfg = 2 if sampling.cfg_scale != 1 else 1
+    gpu = role_gpu(gpu_count, {}, cfg.memory, "sampling actor")
+    sampler = RolePlan("sampling actor", cfg.sample_actors, gpu_count, gpu.gib, placement=gpu.where)
+    sampler.resident = [*parts_items(parts, cfg.dtype), *[Item(f"LoRA of {name}", size) for name, size in lora_files.items()]]
+    sampler.phases = [
+        Item(f"sampling {images} images{' (x2 with CFG)' if with_cfg > 1 else ''}", peak_live_bytes(velocity_call(transformer, images * with_cfg, side, tokens))),
+        Item(f"decoding {images} images", peak_live_bytes(decode_call(vae, images, side))),
+    ]
+    sampler.fixes = ["a smaller prompts_per_batch", "dtype=bfloat16" if cfg.dtype == "float32" else "a GPU with more memory"]
+    clips = {name: reward_clip(SCORER_REWARDS[name], source) for name, source in scorer_sources.items()}
+    score_gpus = cfg.score_gpus if gpu_count else 0
+    gpu = role_gpu(score_gpus, {}, cfg.memory, "scoring actor")
+    scorer = RolePlan("scoring actor", cfg.score_actors, score_gpus, gpu.gib, placement=gpu.where)
+    scorer.resident = reward_items(clips)
+    scorer.phases = [Item(f"scoring {cfg.score_batch_size} images", max(peak_live_bytes(clip_image_call(m, cfg.score_batch_size)) for m in clips.values()))] if clips else []
+    scorer.fixes = ["a smaller score_batch_size", "score_gpus=1 (a GPU of its own)", "fewer scorers per evaluation"]
+    return [sampler, scorer]
