@@ -2,6 +2,7 @@
 
     python jobs/report.py outputs/nft-terminal outputs/nft-stitchvm            # any number of runs and seeds
     python jobs/report.py outputs/nft-* stitch_run=outputs/stitch dps_run=outputs/dps out=outputs/report
+    python jobs/report.py outputs/nft-* "evaluations=[outputs/evaluate]"      # + jobs/evaluate.py tables and grids
     python jobs/report.py outputs/cmp-* wandb_project=stitchvm-rl wandb_save=true      # + a wandb Report (online)
 
 Runs are grouped by estimator (several seeds of one estimator are averaged; the spread is shown).
@@ -34,6 +35,8 @@ class ReportConfig:
     """A jobs/stitch.py run directory or storage URI: its value accuracy against noise level is shown."""
     dps_run: str = ""
     """A jobs/dps.py run directory or storage URI: its guidance results are shown."""
+    evaluations: list[str] = field(default_factory=list)
+    """jobs/evaluate.py run directories or storage URIs: their tables (mean ± s.e., paired differences) and grids are shown."""
     wandb_project: str = ""
     """Also build a wandb Report of the runs' wandb group in this project (empty: none)."""
     wandb_entity: str = ""
@@ -98,6 +101,23 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _evaluation_section(path: Path, out: Path) -> tuple[str, dict, str]:
+    """(HTML, table.json, table.md) of one jobs/evaluate.py run: its scores and paired differences
+    as tables (mean ± s.e. over prompts), and its captioned grid."""
+    from stitchvm_rl.evaluation.results import _cell
+
+    table = json.loads((path / "table.json").read_text())
+    scorers = list(next(iter(table["scores"].values())))
+    html = f"<h2>Evaluation '{path.name}' (jobs/evaluate.py)</h2><p>Mean ± standard error over prompts; differences are paired on the same prompts and seeds.</p>"
+    html += _table(["policy", *scorers], [[p, *(_cell(row[s]) for s in scorers)] for p, row in table["scores"].items()])
+    if table["paired"]:
+        html += _table(["difference", *scorers], [[d, *(_cell(row[s], signed=True) for s in scorers)] for d, row in table["paired"].items()])
+    if (path / "grid.png").is_file():
+        shutil.copy(path / "grid.png", out / f"evaluation_{path.name}.png")
+        html += _img(out / f"evaluation_{path.name}.png", wide=True)
+    return html, table, (path / "table.md").read_text()
+
+
 def main(argv: list[str]) -> dict:
     bare = [a for a in argv if "=" not in a and not a.startswith("-")]
     cfg = load_config(ReportConfig, [a for a in argv if a not in bare])
@@ -106,6 +126,7 @@ def main(argv: list[str]) -> dict:
         raise ConfigError("no run directories given: python jobs/report.py RUN_DIR [RUN_DIR ...]")
     cfg.runs = [storage.local_copy(r, fresh=True) for r in cfg.runs]  # a storage URI: <storage>/<run>/files
     cfg.stitch_run, cfg.dps_run = (storage.local_copy(r, fresh=True) if r else r for r in (cfg.stitch_run, cfg.dps_run))
+    cfg.evaluations = [storage.local_copy(r, fresh=True) for r in cfg.evaluations]
     runs = [load_run(path) for path in cfg.runs]
     curves = by_estimator(runs)
     speed = speedups(curves, cfg.baseline)
@@ -153,6 +174,12 @@ def main(argv: list[str]) -> dict:
         report["dps"] = dps
         rows = [[m, r["reward_total"], r.get("caption_accuracy"), r["seconds_per_sample"], r["peak_memory_mib"]] for m, r in dps["methods"].items()]
         sections.append("<h2>Guidance (jobs/dps.py)</h2>" + _table(["method", "reward", "caption accuracy", "s / sample", "peak MiB"], rows))
+    markdown_tables = []
+    for path in cfg.evaluations:
+        html, table, markdown = _evaluation_section(Path(path), out)
+        sections.append(html)
+        report.setdefault("evaluations", {})[Path(path).name] = table
+        markdown_tables.append(markdown)
     # sample grids of each estimator's first run at the evaluation steps every curve shares
     shared = sorted(set.intersection(*(set(c.steps) for c in curves.values())))
     grids = []
@@ -173,9 +200,9 @@ def main(argv: list[str]) -> dict:
 
         tracking = yaml.safe_load((runs[0].path / "config.yaml").read_text())["wandb"]
         group = tracking["group"] or runs[0].name
-        wandb_report = build_wandb_report(list(curves), cfg.wandb_project, cfg.wandb_entity or tracking["entity"] or "offline", group, cfg.baseline)
-        grid = wandb_report.blocks[-1]
-        report["wandb_report"] = {"group": group, "runsets": [rs.name for rs in grid.runsets], "panels": [p.title for p in grid.panels], "url": None}
+        wandb_report = build_wandb_report(list(curves), cfg.wandb_project, cfg.wandb_entity or tracking["entity"] or "offline", group, cfg.baseline, markdown_tables)
+        grid = next(b for b in wandb_report.blocks if hasattr(b, "runsets"))
+        report["wandb_report"] = {"group": group, "runsets": [rs.name for rs in grid.runsets], "panels": [p.title for p in grid.panels], "tables": len(markdown_tables), "url": None}
         if cfg.wandb_save:
             report["wandb_report"]["url"] = wandb_report.save().url
     run_dir.write_json("report.json", report)

@@ -175,11 +175,12 @@ def speedups(curves: dict[str, Curve], baseline: str) -> dict:
     return out
 
 
-def build_wandb_report(estimators: list[str], project: str, entity: str, group: str, baseline: str = "terminal"):
+def build_wandb_report(estimators: list[str], project: str, entity: str, group: str, baseline: str = "terminal", tables: list[str] | None = None):
     """A wandb Report (wandb-workspaces) of one comparison group: a run set per estimator (filtered
     by the run config's `rollout.estimator` and the wandb group), evaluation reward and caption
-    accuracy against device-hours and step (seeds averaged, spread shaded), seconds per phase, and
-    the evaluation sample grids. Built without network; `report.save()` publishes it (online only)."""
+    accuracy against device-hours and step (seeds averaged, spread shaded), seconds per phase, the
+    evaluation sample grids, then `tables` (jobs/evaluate.py's table.md, one markdown block each).
+    Built without network; `report.save()` publishes it (online only)."""
     import wandb_workspaces.reports.v2 as wr
     from wandb_workspaces import expr
 
@@ -204,5 +205,10 @@ def build_wandb_report(estimators: list[str], project: str, entity: str, group: 
         entity=entity,
         title=f"StitchVM vs the Monte Carlo baseline ({group})",
         description=f"Estimators {', '.join(estimators)}; baseline '{baseline}'. Built by jobs/report.py.",
-        blocks=[wr.H1("StitchVM vs the Monte Carlo baseline"), wr.P(f"Runs of wandb group '{group}', one run set per estimator."), wr.PanelGrid(runsets=runsets, panels=panels)],
+        blocks=[
+            wr.H1("StitchVM vs the Monte Carlo baseline"),
+            wr.P(f"Runs of wandb group '{group}', one run set per estimator."),
+            wr.PanelGrid(runsets=runsets, panels=panels),
+            *[wr.MarkdownBlock(text=table) for table in tables or []],
+        ],
     )

@@ -45,8 +45,22 @@ def test_compare_trains_every_estimator_and_seed_with_everything_else_equal(tmp_
     assert [Path(d).name for d in result["run_dirs"]] == [c.run_name for c in calls]
 
 
+def _evaluation_dir(tmp_path) -> tuple[Path, dict]:
+    """A jobs/evaluate.py run's table files, made from records as the job makes them."""
+    from stitchvm_rl.evaluation import results
+
+    records = [{"policy": p, "index": i, "category": "", "scores": {"toy_clip": [v + i / 10, v + i / 5]}} for p, v in (("base", 0.5), ("nft", 0.7)) for i in range(3)]
+    table = results.build_table(records, ["base", "nft"], ["toy_clip"])
+    folder = tmp_path / "evaluate"
+    folder.mkdir()
+    (folder / "table.json").write_text(json.dumps(table))
+    (folder / "table.md").write_text(results.to_markdown(table, ["toy_clip"], "toyworld"))
+    return folder, table
+
+
 def test_report_numbers_are_the_runs_own_and_the_speedup_follows(two_runs, tmp_path):
-    report = _load("report").main([str(two_runs / "terminal"), str(two_runs / "stitchvm"), f"out={tmp_path / 'report'}", "wandb_project=test"])
+    evaluation, table = _evaluation_dir(tmp_path)
+    report = _load("report").main([str(two_runs / "terminal"), str(two_runs / "stitchvm"), f"out={tmp_path / 'report'}", "wandb_project=test", f"evaluations=[{evaluation}]"])
     out = tmp_path / "report"
     assert {"report.html", "report.json", "reward_vs_seconds.png", "reward_vs_device_hours.png", "accuracy_vs_device_hours.png", "phases.png"} <= {p.name for p in out.iterdir()}
     saved = json.loads((out / "report.json").read_text())
@@ -83,6 +97,9 @@ def test_report_numbers_are_the_runs_own_and_the_speedup_follows(two_runs, tmp_p
     # the wandb Report of the same comparison, built offline (not saved): one run set per estimator
     assert saved["wandb_report"]["group"] == "terminal" and saved["wandb_report"]["runsets"] == ["terminal", "stitchvm"] and saved["wandb_report"]["url"] is None
     html = (out / "report.html").read_text()
+    # the evaluation's table beside the curves (and as a markdown block of the wandb report)
+    assert saved["evaluations"]["evaluate"] == table and saved["wandb_report"]["tables"] == 1
+    assert "<td>nft - base</td><td>+0.2000 ± 0.0000</td>" in html and "<td>base</td><td>0.6500 ± 0.0866</td>" in html
     assert html.count("data:image/png;base64,") >= 4 and "Time to reach the baseline" in html
     # each run's paired gain over the base policy, recomputed from its per-image evaluation rewards
     for row in saved["runs"]:
@@ -129,6 +146,8 @@ def test_wandb_report_is_built_offline_with_a_run_set_per_estimator_and_its_pane
     assert {(p.x, p.y[0]) for p in lines} >= {("device_hours", "eval_reward_mean"), ("Step", "eval_reward_mean"), ("device_hours", "eval_caption_accuracy")}
     assert all(p.groupby == "rollout.estimator" and p.groupby_aggfunc == "mean" for p in lines)
     assert any(isinstance(p, wr.BarPlot) for p in grid.panels) and any(isinstance(p, wr.MediaBrowser) and p.media_keys == ["eval_samples"] for p in grid.panels)
+    with_table = build_wandb_report(["terminal"], project="p", entity="e", group="g", tables=["| policy | toy_clip |"])
+    assert isinstance(with_table.blocks[-1], wr.MarkdownBlock) and with_table.blocks[-1].text == "| policy | toy_clip |"
 
 
 def test_the_report_page_is_self_contained_and_every_plot_decodes(two_runs, tmp_path):

@@ -180,3 +180,17 @@ def test_a_value_model_only_the_driver_has_is_refused_before_any_model_loads(clu
     assert process.returncode != 0
     assert f"error: value_models[0]: '{mine}' is not visible on node" in output and "every node must see it" in output, output[-2000:]
     assert "RolloutWorker" not in output and not (out / "refused").exists()
+
+
+def test_an_evaluation_samples_and_scores_on_worker_nodes_into_s3(cluster):
+    """jobs/evaluate.py with its actors on the worker nodes (the head has no CPUs): the images they
+    write and the driver's records land in S3, and the driver's folder gets the table and grid."""
+    out = cluster.driver_dir / "evaluations"
+    args = [str(ROOT / "jobs" / "evaluate.py"), f"output_dir={out}", f"storage_path=s3://{BUCKET}/ray", "run_name=evaluate_mn",
+            "max_prompts=2", "images_per_prompt=1", "num_steps=4", "grid_prompts=2"]
+    run_driver(cluster, args)
+    fs = _s3_fs()
+    stored = {i.path.removeprefix(f"{BUCKET}/ray/evaluate_mn/files/") for i in fs.get_file_info(pafs.FileSelector(f"{BUCKET}/ray/evaluate_mn/files", recursive=True))}
+    assert {"images/base/0000_0.png", "images/nft/0001_0.png", "scores.jsonl", "table.json", "grid.png"} <= stored, sorted(stored)
+    assert len((out / "evaluate_mn" / "scores.jsonl").read_text().splitlines()) == 4
+    assert "nft - base" in (out / "evaluate_mn" / "table.md").read_text() and (out / "evaluate_mn" / "grid.png").is_file()
