@@ -12,10 +12,13 @@ The final images of every method are scored by the clean reward models. With no 
 toy world's committed value model is used (as jobs/nft.py does).
 
 Writes outputs/<run_name>/: config.yaml, grid.png (one column per method, same noise per row),
-summary.json (reward and caption accuracy per method, seconds per sample, peak memory, and the
-stitchvm / tweedie ratios).
+summary.json (reward and caption accuracy per method, seconds per sample, peak memory, model
+evaluations per image -- transformer rows and value or reward rows -- and the stitchvm / tweedie
+ratios). best_of_n (N unguided samples, the best by the clean reward) runs at the budget the fk_*
+method before it spent, unless guidance.bon_samples sets N.
 """
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
@@ -25,13 +28,13 @@ import torch
 from stitchvm_rl import prompts as prompt_lists
 from stitchvm_rl import memory_plan, memory_roles, rewards, runtime, storage, toyworld, zoo
 from stitchvm_rl.config import ConfigError, Range, check_names, did_you_mean, load_config, run_main
-from stitchvm_rl.guidance import GuidanceConfig, run_guided
+from stitchvm_rl.guidance import GuidanceConfig, matched_samples, run_guided
 from stitchvm_rl.memory_plan import MemoryConfig
 from stitchvm_rl.tracking import RunDir
 from stitchvm_rl.value import default_value_model
 from stitchvm_rl.value.model import check_value_model_dir
 
-METHODS = ("none", "tweedie", "stitchvm", "fk_tweedie", "fk_stitchvm")
+METHODS = ("none", "tweedie", "stitchvm", "fk_tweedie", "fk_stitchvm", "best_of_n")
 
 
 @dataclass
@@ -48,8 +51,8 @@ class DPSConfig:
     """Where published rewards' weights come from {name or aesthetic_head: hub id, path on every node, or s3:// / gs:// URI} (empty: rewards.PUBLISHED's)."""
     value_model: str = ""
     """Value-model directory or storage URI for stitchvm (empty: the toy world's committed one)."""
-    methods: list[str] = field(default_factory=lambda: ["none", "tweedie", "stitchvm", "fk_stitchvm"])
-    """Methods to run: none, tweedie, stitchvm, fk_tweedie, fk_stitchvm."""
+    methods: list[str] = field(default_factory=lambda: ["none", "tweedie", "stitchvm", "fk_stitchvm", "best_of_n"])
+    """Methods to run: none, tweedie, stitchvm, fk_tweedie, fk_stitchvm, best_of_n (after an fk_* method: at its budget)."""
     scales: dict[str, float] = field(default_factory=lambda: {"tweedie": 0.02, "stitchvm": 0.02})
     """DPS scale per value, swept separately as in the paper (toy world: the best reward of 0.005-0.1 for each)."""
     prompts: list[str] = field(default_factory=list)
@@ -87,7 +90,7 @@ def check(cfg: DPSConfig) -> None:
         hint = did_you_mean(unknown[0], METHODS) if unknown else ""
         raise ConfigError(f"methods {unknown or '[]'} unknown or empty; choose from {', '.join(METHODS)}{hint}")
     check_names("scales", cfg.scales, ("tweedie", "stitchvm"), "guidance value")  # the values a DPS scale is for (fk_* share them)
-    for kind in {m.removeprefix("fk_") for m in cfg.methods if m.removeprefix("fk_") != "none"}:
+    for kind in {m.removeprefix("fk_") for m in cfg.methods if m.removeprefix("fk_") not in ("none", "best_of_n")}:
         if kind not in cfg.scales:
             raise ConfigError(f"method '{kind}' has no DPS scale; set scales.{kind}=...")
     if cfg.value_model:
@@ -105,6 +108,17 @@ def plan_memory(cfg: DPSConfig) -> list[memory_plan.RolePlan]:
     sources = rewards.published_sources(cfg.rewards, cfg.reward_sources)
     uses_value_model = any(m.removeprefix("fk_") == "stitchvm" for m in cfg.methods)
     return memory_roles.dps_roles(cfg, sources, (cfg.value_model or default_value_model(cfg.backbone)) if uses_value_model else "")
+
+
+def best_of_n_budget(guidance: GuidanceConfig, results: dict) -> GuidanceConfig:
+    """Best-of-N's guidance settings: `bon_samples` as given, else as many samples as the first FK
+    method already run spent in counted evaluations per image (the paper's Table 2 compares them at
+    equal compute), else `particles`."""
+    if guidance.bon_samples:
+        return guidance
+    fk = next((r for m, r in results.items() if m.startswith("fk_")), None)
+    samples = matched_samples(fk["transformer_rows_per_image"], fk["value_rows_per_image"], guidance.num_steps) if fk else guidance.particles
+    return dataclasses.replace(guidance, bon_samples=samples)
 
 
 def main(argv: list[str]) -> dict:
@@ -128,7 +142,9 @@ def main(argv: list[str]) -> dict:
         for method in cfg.methods:
             print(f"running {method} ...", flush=True)
             scale = cfg.scales.get(method.removeprefix("fk_"), 0.0)
-            results[method] = ray.get(task.remote(method, backbone, cfg.rewards, value_model, todo, cfg.guidance, scale, cfg.batch_size, cfg.resolution, cfg.seed, cfg.device, cfg.dtype, cfg.compile, sources))
+            guidance = best_of_n_budget(cfg.guidance, results) if method == "best_of_n" else cfg.guidance
+            results[method] = ray.get(task.remote(method, backbone, cfg.rewards, value_model, todo, guidance, scale, cfg.batch_size, cfg.resolution, cfg.seed, cfg.device, cfg.dtype, cfg.compile, sources))
+            results[method]["samples_per_prompt"] = guidance.bon_samples if method == "best_of_n" else cfg.guidance.particles if method.startswith("fk_") else 1
     finally:
         runtime.request_resources([])
 
@@ -141,6 +157,9 @@ def main(argv: list[str]) -> dict:
             "reward_total": sum(cfg.rewards[name] * v.mean().item() for name, v in scores.items()),
             "seconds_per_sample": out["seconds_per_sample"],
             "peak_memory_mib": out["peak_memory_mib"],
+            "samples_per_prompt": out["samples_per_prompt"],
+            "transformer_rows_per_image": out["transformer_rows_per_image"],
+            "value_rows_per_image": out["value_rows_per_image"],
             "process": out["process"],
         }
         if out["head_shared_with"]:  # StitchVM's head was the start of this CFG pass (frozen base blocks)

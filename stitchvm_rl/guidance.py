@@ -24,6 +24,12 @@ FK steering (Feynman-Kac particle resampling): `particles` SDE samples per promp
 exp(lambda (V_now - V_at_last_resampling)); optionally (the paper's "M-proposal" variant) during the
 first `proposal_fraction` of the steps each particle draws `proposals` SDE noises and keeps the one
 whose next latent has the highest V. The particle with the highest final value is returned.
+
+Best-of-N (the paper's Table 2 baseline): N unguided SDE samples per prompt, each decoded and scored
+by the clean reward, the best kept. Every method counts its model evaluations per image -- rows
+through the policy's transformer (`benchmark.TransformerCalls`; CFG's two passes count twice) and
+rows scored by its value or reward (`CountedValue`) -- so Best-of-N can be given FK steering's
+budget (`bon_samples=0`: N = FK's counted evaluations per image / (num_steps + 1), at least 1).
 """
 
 from __future__ import annotations
@@ -71,6 +77,8 @@ class GuidanceConfig:
     """FK steering: SDE proposals per particle and step (the paper's M; 1 = plain FK)."""
     proposal_fraction: Annotated[float, Range(0, 1)] = 0.4
     """FK steering: share of the first steps that use `proposals`."""
+    bon_samples: Annotated[int, Range(0)] = 0
+    """Best-of-N: samples per prompt (0: as many as FK steering's counted evaluations per image pay for)."""
 
 
 class NoValue:
@@ -103,6 +111,26 @@ class TweedieValue:
         cond = self.policy.encode_prompts(prompts)
         v = self.policy.velocity(z, t, cond, self.cfg_scale)
         return self.reward(self.policy.decode(flow.tweedie_x0(z, t, v)), prompts).float()
+
+
+class CountedValue:
+    """A value whose evaluations are counted: rows scored by `value` or differentiated by
+    `velocity_and_gradient` (the transformer's own rows are `benchmark.TransformerCalls`')."""
+
+    def __init__(self, inner):
+        self.inner, self.rows = inner, 0
+
+    def __getattr__(self, name):  # e.g. StitchValue.shared
+        return getattr(self.inner, name)
+
+    def value(self, z, t, prompts):
+        self.rows += len(z)
+        return self.inner.value(z, t, prompts)
+
+    def velocity_and_gradient(self, policy: SD3Policy, z, t, cond, prompts, cfg_scale):
+        v, grad, value = self.inner.velocity_and_gradient(policy, z, t, cond, prompts, cfg_scale)
+        self.rows += len(z) if grad is not None else 0
+        return v, grad, value
 
 
 def shared_head_branch(policy: SD3Policy, value_model) -> str | None:
@@ -234,6 +262,36 @@ def fk_steer(policy: SD3Policy, prompts: list[str], value, cfg: GuidanceConfig, 
     return flow.tweedie_x0(z, t, v)
 
 
+@torch.no_grad()
+def best_of_n(policy: SD3Policy, prompts: list[str], reward: CountedValue, cfg: GuidanceConfig, noise: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Best-of-N: `noise` holds N latents per prompt (prompt-major); each runs the unguided SDE, is
+    decoded and scored by the clean reward (`reward.value` at t = 0); each prompt's best (B, C, H, W)."""
+    samples = len(noise) // len(prompts)
+    expanded = [p for p in prompts for _ in range(samples)]
+    z0 = dps_sample(policy, expanded, NoValue(), cfg, noise, generator)
+    scores = reward.value(z0, torch.zeros(len(z0), device=z0.device), expanded)
+    best = scores.view(-1, samples).argmax(1) + samples * torch.arange(len(prompts), device=z0.device)
+    return z0[best]
+
+
+class CleanReward:
+    """The clean reward of final latents, decoded: Best-of-N's selection score."""
+
+    def __init__(self, policy: SD3Policy, reward):
+        self.policy, self.reward = policy, reward
+
+    @torch.no_grad()
+    def value(self, z, t, prompts):
+        return self.reward(self.policy.decode(z), prompts).float()
+
+
+def matched_samples(transformer_rows: float, value_rows: float, num_steps: int) -> int:
+    """Best-of-N's N for another method's budget per image: each of its samples costs num_steps
+    transformer rows (the SDE's steps; CFG doubles both sides alike only if both use it -- the
+    caller counts rows as the transformer sees them) plus one reward evaluation."""
+    return max(1, math.floor((transformer_rows + value_rows) / (num_steps + 1)))
+
+
 def fk_resample(z: torch.Tensor, now: torch.Tensor, last: torch.Tensor, particles: int, potential_scale: float, generator: torch.Generator | None):
     """FK steering's resampling: each prompt's `particles` (prompt-major rows of `z`) are drawn again,
     with replacement, with weights exp(lambda (V_now - V_last)) normalised within the prompt -- the
@@ -245,10 +303,12 @@ def fk_resample(z: torch.Tensor, now: torch.Tensor, last: torch.Tensor, particle
 
 
 def build_value(method: str, policy: SD3Policy, reward=None, value_model=None, cfg_scale: float = 1.0):
-    """The value object of a method name (none, tweedie, stitchvm, fk_tweedie, fk_stitchvm)."""
+    """The value object of a method name (none, tweedie, stitchvm, fk_tweedie, fk_stitchvm, best_of_n)."""
     kind = method.removeprefix("fk_")
     if kind == "none":
         return NoValue()
+    if kind == "best_of_n":
+        return CleanReward(policy, reward)
     if kind == "tweedie":
         if reward is None:
             raise ValueError(f"method '{method}' needs a pixel reward")
@@ -260,18 +320,20 @@ def build_value(method: str, policy: SD3Policy, reward=None, value_model=None, c
     raise ValueError(f"unknown guidance method '{method}'; choose none, tweedie, stitchvm, fk_tweedie or fk_stitchvm")
 
 
-Method = Literal["none", "tweedie", "stitchvm", "fk_tweedie", "fk_stitchvm"]
+Method = Literal["none", "tweedie", "stitchvm", "fk_tweedie", "fk_stitchvm", "best_of_n"]
 
 
 def run_guided(method: str, backbone: str, reward_weights: dict[str, float], value_model: str, prompts: list[str], cfg: GuidanceConfig, scale: float, batch_size: int, resolution: int, seed: int, device: str, dtype: str, compile: bool = False, reward_sources: dict[str, str] | None = None) -> dict:
     """One method, meant for its own process (a Ray task with max_calls=1): load what it needs, then
     sample `prompts` while measuring seconds and peak memory (after loading). Initial noise comes from
-    `seed` (FK steering: the first particle of each prompt), so methods share it image by image.
-    `compile`: torch.compile the SD3 and CLIP blocks; one untimed batch compiles them first."""
+    `seed` (FK steering and Best-of-N: the first particle of each prompt), so methods share it image
+    by image. `compile`: torch.compile the SD3 and CLIP blocks; one untimed batch compiles them first.
+    Also returns the model evaluations per image: transformer rows and value (or reward) rows."""
     import os
     import time
 
     from stitchvm_rl import rewards
+    from stitchvm_rl.benchmark import TransformerCalls
     from stitchvm_rl.runtime import PeakMemory
     from stitchvm_rl.value.model import StitchedValueModel
 
@@ -280,24 +342,29 @@ def run_guided(method: str, backbone: str, reward_weights: dict[str, float], val
     policy = SD3Policy.from_pretrained(backbone, dtype=dtype, device=device)
     policy.transformer.requires_grad_(False)
     policy.vae.requires_grad_(False)
-    reward = rewards.build_rewards(reward_weights, reward_sources, device=device) if kind == "tweedie" else None
+    reward = rewards.build_rewards(reward_weights, reward_sources, device=device) if kind in ("tweedie", "best_of_n") else None
     model = StitchedValueModel.from_pretrained(value_model, device=device, dtype=dtype) if kind == "stitchvm" else None
-    value = build_value(method, policy, reward, model, cfg.cfg_scale)
+    value = CountedValue(build_value(method, policy, reward, model, cfg.cfg_scale))
     cfg = dataclasses.replace(cfg, scale=scale)
     noise = policy.initial_noise(len(prompts), torch.Generator().manual_seed(seed), resolution=resolution or None)
 
+    def with_particles(first: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+        """Each prompt's shared first noise and count - 1 more, prompt-major."""
+        extra = policy.initial_noise(len(first) * (count - 1), generator, resolution=resolution or None)
+        return torch.cat([first.unsqueeze(1), extra.view(len(first), count - 1, *extra.shape[1:])], 1).flatten(0, 1)
+
     def guided(batch: list[str], first: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if method.startswith("fk_"):
-            extra = policy.initial_noise(len(batch) * (cfg.particles - 1), generator, resolution=resolution or None)
-            particles = torch.cat([first.unsqueeze(1), extra.view(len(batch), cfg.particles - 1, *extra.shape[1:])], 1)
-            return fk_steer(policy, batch, value, cfg, particles.flatten(0, 1), generator)
+            return fk_steer(policy, batch, value, cfg, with_particles(first, cfg.particles, generator), generator)
+        if method == "best_of_n":
+            return best_of_n(policy, batch, value, cfg, with_particles(first, cfg.bon_samples, generator), generator)
         return dps_sample(policy, batch, value, cfg, first, generator)
 
     if compile:
         zoo.compile_repeated_blocks(policy.transformer, *(reward.models() if reward else []), *([model] if model else []))
         guided(prompts[:batch_size], noise[:batch_size], torch.Generator().manual_seed(seed + 1))  # compiles, untimed
     generator = torch.Generator().manual_seed(seed + 1)
-    images = []
+    images, calls, value.rows = [], TransformerCalls(policy.transformer), 0
     with PeakMemory(device) as peak:
         start = time.perf_counter()
         for b in range(0, len(prompts), batch_size):
@@ -305,4 +372,5 @@ def run_guided(method: str, backbone: str, reward_weights: dict[str, float], val
             with torch.no_grad():
                 images.append(policy.decode(z0).float().cpu())
         seconds = time.perf_counter() - start
-    return {"method": method, "images": torch.cat(images), "seconds_per_sample": seconds / len(prompts), "peak_memory_mib": peak.mib, "process": os.getpid(), "head_shared_with": getattr(value, "shared", None)}
+    evaluations = {"transformer_rows_per_image": calls.take() / len(prompts), "value_rows_per_image": value.rows / len(prompts)}
+    return {"method": method, "images": torch.cat(images), "seconds_per_sample": seconds / len(prompts), "peak_memory_mib": peak.mib, "process": os.getpid(), "head_shared_with": getattr(value, "shared", None), **evaluations}

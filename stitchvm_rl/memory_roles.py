@@ -492,6 +492,8 @@ def dps_roles(cfg, reward_sources: dict[str, str], value_model_dir: str) -> list
         kind = method.removeprefix("fk_")
         plan = RolePlan(f"DPS worker ({method})", 1, 1.0, gpu.gib, parts_items(parts, cfg.dtype), models=[*parts.values()], placement=gpu.where)
         n = cfg.batch_size * (cfg.guidance.particles if method.startswith("fk_") else 1)  # FK: every prompt's particles
+        if kind == "best_of_n":  # N samples per prompt (0: FK's budget, planned as `particles`, which it stays near)
+            n = cfg.batch_size * (cfg.guidance.bon_samples or cfg.guidance.particles)
         velocity = velocity_call(transformer, n * with_cfg, side, tokens)
         sampling = peak_live_bytes(velocity)
         plan.phases = [Item(f"the velocity of {n} latents{' (x2 with CFG)' if with_cfg > 1 else ''}", sampling, (velocity,))]
@@ -509,6 +511,11 @@ def dps_roles(cfg, reward_sources: dict[str, str], value_model_dir: str) -> list
             plan.models.append(model)
             call = value_call(model, n, side, transformer.config.in_channels, tokens, grad=True)
             plan.phases.append(Item(f"d value / d z through the value model ({n} latents), saved for the backward", saved_bytes(call), (call,), backward=True))
+        if kind == "best_of_n":
+            clips = {name: reward_clip(name, source) for name, source in reward_sources.items()}
+            plan.resident += reward_items(clips)
+            calls = (decode_call(vae, n, side), *(clip_image_call(m, n) for m in clips.values()))
+            plan.phases.append(Item(f"decoding and rewarding all {n} samples", max(peak_live_bytes(c) for c in calls), calls))
         decoding = decode_call(vae, cfg.batch_size, side)
         plan.phases.append(Item(f"decoding {cfg.batch_size} images", peak_live_bytes(decoding), (decoding,)))
         plan.fixes = ["a smaller batch_size", "dtype=bfloat16" if cfg.dtype == "float32" else "a GPU with more memory"]

@@ -22,7 +22,7 @@ def load_job():
 
 @pytest.mark.slow
 def test_dps_job_runs_every_method_in_its_own_process(tmp_path, toy_value_dir):
-    methods = ["none", "tweedie", "stitchvm", "fk_stitchvm"]
+    methods = ["none", "tweedie", "stitchvm", "fk_stitchvm", "best_of_n"]
     args = [f"output_dir={tmp_path}", f"value_model={toy_value_dir}", f"methods=[{','.join(methods)}]", "prompts=[a red circle on the left, a green triangle on the right]",
             "images_per_prompt=2", "guidance.num_steps=6", "guidance.particles=2", "guidance.resample_every=2"]
     summary = load_job().main(args)
@@ -33,6 +33,13 @@ def test_dps_job_runs_every_method_in_its_own_process(tmp_path, toy_value_dir):
     assert set(summary["reward_gain_over_none"]) == set(methods[1:])
     # the same initial noise, so the unguided images differ from the guided ones only through guidance
     assert rows["tweedie"]["reward_total"] != rows["none"]["reward_total"]
+    # evaluations per image, counted: FK's 2 particles x 6 steps through the transformer, and 2 values at
+    # the start, 2 at each of the 2 resamplings (steps 2 and 4 of 6), 2 at the end; Best-of-N at that
+    # budget: floor(20 / (6 + 1)) = 2 samples, each 6 transformer rows and 1 reward
+    fk, bon = rows["fk_stitchvm"], rows["best_of_n"]
+    assert (fk["transformer_rows_per_image"], fk["value_rows_per_image"]) == (12, 8)
+    assert (bon["samples_per_prompt"], bon["transformer_rows_per_image"], bon["value_rows_per_image"]) == (2, 12, 2)
+    assert (rows["none"]["transformer_rows_per_image"], rows["none"]["value_rows_per_image"]) == (6, 0)
     assert (tmp_path / "dps" / "grid.png").is_file() and json.loads((tmp_path / "dps" / "summary.json").read_text())["methods"].keys() == rows.keys()
 
 

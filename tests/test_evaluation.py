@@ -62,6 +62,16 @@ def test_torchvision_crop_rounds_an_odd_margin_as_torchvision_does():
     assert torch.equal(ours[0], expected)
 
 
+def test_dfn_clip_squashes_the_whole_image_as_open_clip_does_for_dfn5b():
+    """open_clip's DFN5B pretrained config: resize_mode="squash" -- the whole image resized to the
+    square, no crop (a crop would drop the sides of a wide image)."""
+    image = _images(40, 64, n=1)
+    ours = scorers.torchvision_pixels(image, 32, [0.0] * 3, [1.0] * 3, squash=True)
+    expected = np.asarray(Image.fromarray(image[0]).resize((32, 32), Image.BICUBIC), dtype=np.float32) / 255
+    assert torch.equal(ours[0], torch.from_numpy(expected).permute(2, 0, 1))
+    assert scorers.SCORERS["dfn_clip"].preprocess == "squash" and scorers.SCORERS["hpsv21"].preprocess == "torchvision"
+
+
 # ---------------------------------------------------------------- scores on tiny CLIPs
 @pytest.fixture(scope="module")
 def tiny_sources(tmp_path_factory):
@@ -97,7 +107,7 @@ def test_every_scorer_loads_and_scores_as_its_reference_defines(name, tiny_sourc
     else:
         expected = cos
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-    reference_pipeline = "hf" if name in ("pickscore", "clipscore", "toy_clip") else "torchvision"
+    reference_pipeline = {"pickscore": "hf", "clipscore": "hf", "toy_clip": "hf", "dfn_clip": "squash"}.get(name, "torchvision")
     assert scorers.SCORERS[name].preprocess == reference_pipeline
 
 

@@ -9,15 +9,17 @@ included, on the uint8 image a user would save:
     hpsv21     HPS_v2.1_compressed.pt, converted               open_clip val (224)  cos   (hpsv2.score, v2.1)
     pickscore  yuvalkirstain/PickScore_v1                      transformers CLIP    exp(logit_scale) cos (PickScore README)
     aesthetic  CLIP ViT-L/14 + sac+logos+ava1-l14 MLP, conv.   OpenAI clip (224)    MLP(unit image embedding)
-    dfn_clip   apple/DFN5B-CLIP-ViT-H-14-378, converted        open_clip val (378)  cos
+    dfn_clip   apple/DFN5B-CLIP-ViT-H-14-378, converted        open_clip squash (378) cos
     clipscore  openai/clip-vit-large-patch14                   transformers CLIP    100 max(cos, 0) (torchmetrics)
     toy_clip   the toy world's CLIP                            transformers CLIP    cos
     caption    the toy world's caption classifier              --                   1 if colour, shape and side match
 
 "open_clip val" and "OpenAI clip" are the same torchvision pipeline on a PIL image (bicubic resize of
 the short side, centre crop rounded as torchvision does, /255, normalise with the CLIP mean and
-std), written here in PIL and numpy so that torchvision is not needed. "transformers CLIP" is
-transformers' own PIL image processor with the checkpoint's size and statistics.
+std), written here in PIL and numpy so that torchvision is not needed. DFN5B's open_clip pretrained
+config asks instead for resize_mode="squash": a bicubic resize of the whole image to size x size, no
+crop. "transformers CLIP" is transformers' own PIL image processor with the checkpoint's size and
+statistics.
 
 Weights come from `ScorerSpec.source` unless `scorer_sources` names another (hub id, a path on every
 node, or a storage URI), as for rewards; `aesthetic_head` names the MLP file.
@@ -43,7 +45,7 @@ class ScorerSpec:
     source: str
     """Default weights: hub id, local directory or storage URI of a transformers CLIPModel ('' for none)."""
     preprocess: str
-    """'hf' (transformers' CLIP image processor, PIL backend), 'torchvision' (open_clip / OpenAI clip) or 'none'."""
+    """'hf' (transformers' CLIP image processor, PIL backend), 'torchvision' (open_clip / OpenAI clip: short side, centre crop), 'squash' (open_clip's DFN5B) or 'none'."""
     score: str
     """'cosine', 'logit_scale_cosine', 'clipscore', 'aesthetic' or 'caption'."""
     tokenizer: str | None = None
@@ -60,7 +62,7 @@ SCORERS = {
     "hpsv21": ScorerSpec(P["hpsv2"].source, "torchvision", "cosine", convert="hpsv2"),
     "pickscore": ScorerSpec(P["pickscore"].source, "hf", "logit_scale_cosine", tokenizer=P["pickscore"].tokenizer),
     "aesthetic": ScorerSpec(P["aesthetic"].source, "torchvision", "aesthetic", head=P["aesthetic"].head, convert="aesthetic"),
-    "dfn_clip": ScorerSpec(P["dfn_clip"].source, "torchvision", "cosine", convert="dfn_clip"),
+    "dfn_clip": ScorerSpec(P["dfn_clip"].source, "squash", "cosine", convert="dfn_clip"),
     "clipscore": ScorerSpec(P["clipscore"].source, "hf", "clipscore"),
     "toy_clip": ScorerSpec("toyworld-clip", "hf", "cosine"),
     "caption": ScorerSpec("", "none", "caption"),
@@ -123,13 +125,17 @@ def check_scorers(names: list[str], sources: dict[str, str] | None = None) -> No
 
 
 # ---------------------------------------------------------------- preprocessing on PIL images
-def torchvision_pixels(images: np.ndarray, size: int, mean: list[float], std: list[float]) -> torch.Tensor:
+def torchvision_pixels(images: np.ndarray, size: int, mean: list[float], std: list[float], squash: bool = False) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, size, size) as open_clip's / OpenAI clip's eval transform:
     Resize(size, BICUBIC) on the PIL image (short side to `size`, long side truncated as torchvision
-    does), CenterCrop(size) (offsets rounded as torchvision does), ToTensor, Normalize."""
+    does), CenterCrop(size) (offsets rounded as torchvision does), ToTensor, Normalize. `squash`:
+    Resize((size, size), BICUBIC) instead, no crop (open_clip's resize_mode="squash")."""
     out = []
     for array in images:
         image = Image.fromarray(array).convert("RGB")
+        if squash:
+            out.append(np.asarray(image.resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0)
+            continue
         w, h = image.size
         short, long = min(w, h), max(w, h)
         new_long = int(size * long / short)
@@ -177,7 +183,7 @@ class Scorer:
         if self.processor is not None:
             return self.processor(images=[Image.fromarray(a) for a in images], return_tensors="pt").pixel_values
         b = self.clip.bundle
-        return torchvision_pixels(images, b.image_size, b.image_mean.tolist(), b.image_std.tolist())
+        return torchvision_pixels(images, b.image_size, b.image_mean.tolist(), b.image_std.tolist(), squash=self.spec.preprocess == "squash")
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
