@@ -20,6 +20,7 @@ JOB_CONFIGS = {
     "dps": "DPSConfig",
     "sample": "SampleConfig",
     "evaluate": "EvaluateConfig",
+    "evaluate_values": "ValuesConfig",
     "report": "ReportConfig",
     "bench": "BenchConfig",
     "cost": "CostConfig",

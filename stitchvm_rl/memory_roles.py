@@ -457,23 +457,36 @@ def search_task(cfg, parts: dict, clip, side: int, pixels: int, tokens: int, blo
 
 
 def accuracy_task(cfg, model, clip, side: int, tokens: int) -> RolePlan:
-    """One noise level's task of the value-accuracy evaluation (`value.evaluate`): policy and value
-    model in bf16 on a GPU (float32 on CPUs), the reward's CLIP in float32."""
-    ev = cfg.eval
+    """One noise level's task of the value-accuracy evaluation (`value.evaluate`)."""
+    return noise_level_task("value-accuracy task (one per noise level)", cfg.eval, cfg.backbone, cfg.reward_model, cfg.memory, model, clip, side, tokens, "eval.")
+
+
+def noise_level_task(role: str, ev, backbone: str, reward_model: str, memory, model, clip, side: int, tokens: int, prefix: str) -> RolePlan:
+    """A task that scores latents at one noise level with every estimator (`ev`: its batch_size,
+    decode_batch_size, cfg_scale, sigmas, num_gpus): policy and value model in bf16 on a GPU (float32
+    on CPUs), the reward's CLIP in float32."""
     dtype = "bfloat16" if ev.num_gpus else "float32"
-    parts = sd3_parts(cfg.backbone, dtype)
-    gpu = role_gpu(ev.num_gpus, {}, cfg.memory, "value-accuracy task")
-    plan = RolePlan("value-accuracy task (one per noise level)", len(ev.sigmas), ev.num_gpus, gpu.gib, placement=gpu.where)
+    parts = sd3_parts(backbone, dtype)
+    gpu = role_gpu(ev.num_gpus, {}, memory, role)
+    plan = RolePlan(role, len(ev.sigmas), ev.num_gpus, gpu.gib, placement=gpu.where)
     model = model.to(zoo.DTYPES[dtype])
-    plan.resident = [*parts_items(parts, dtype), Item(f"value model ({dtype})", sum(weight_bytes(model).values())), *reward_items({"model " + cfg.reward_model: clip.float()})]
+    plan.resident = [*parts_items(parts, dtype), Item(f"value model ({dtype})", sum(weight_bytes(model).values())), *reward_items({"model " + reward_model: clip.float()})]
     with_cfg = 2 if ev.cfg_scale != 1 else 1
     plan.phases = [
         Item(f"{ev.batch_size} latents through the transformer{' (x2 with CFG)' if with_cfg > 1 else ''}", peak_live_bytes(velocity_call(parts["transformer"], ev.batch_size * with_cfg, side, tokens))),
         Item(f"{ev.batch_size} latents through the value model", peak_live_bytes(value_call(model, ev.batch_size, side, parts["transformer"].config.in_channels, tokens))),
         Item(f"decoding {ev.decode_batch_size} latents", peak_live_bytes(decode_call(parts["vae"], ev.decode_batch_size, side))),
     ]
-    plan.fixes = ["a smaller eval.batch_size or eval.decode_batch_size", "a GPU with more memory"]
+    plan.fixes = [f"a smaller {prefix}batch_size or {prefix}decode_batch_size", "a GPU with more memory"]
     return plan
+
+
+def value_bench_roles(cfg, value_dir: str, backbone: str, reward_model: str, resolution: int) -> list[RolePlan]:
+    """jobs/evaluate_values.py's tasks, one per noise level (`cfg.bench.num_gpus` each)."""
+    parts = sd3_parts(backbone, "float32")
+    side, tokens = latent_side(parts["vae"], parts["transformer"], resolution), text_tokens(parts, t5_tokens(backbone, 256))
+    _, model = value_model(value_dir, backbone, {}, "float32")
+    return [noise_level_task("noise-level task", cfg.bench, backbone, reward_model, cfg.memory, model, reward_clip("", reward_model), side, tokens, "bench.")]
 
 
 # ---------------------------------------------------------------- the roles of jobs/dps.py

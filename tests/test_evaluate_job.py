@@ -41,19 +41,34 @@ def test_resumed_evaluation_equals_an_uninterrupted_one(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    "name, args, message",
     [
-        (["policies={base: base, mine: /no/such/lora}"], "policies.mine: '/no/such/lora' is not a LoRA directory"),
-        (["suite=drawbenhc"], "suite 'drawbenhc' is unknown"),
-        (["scorers=[toy_clip, pickscor]"], "did you mean 'pickscore'"),
-        (["scorers=[hpsv21]"], "convert_weights.py kind=hpsv2"),
-        (["images_per_prompt=0"], "images_per_prompt"),
-        (["suite=drawbench", "scorers=[caption]"], "toy-world captions only"),
-        (["baseline=/no/such/evaluation"], "holds no evaluation.json"),
+        ("evaluate", ["policies={base: base, mine: /no/such/lora}"], "policies.mine: '/no/such/lora' is not a LoRA directory"),
+        ("evaluate", ["suite=drawbenhc"], "suite 'drawbenhc' is unknown"),
+        ("evaluate", ["scorers=[toy_clip, pickscor]"], "did you mean 'pickscore'"),
+        ("evaluate", ["scorers=[hpsv21]"], "convert_weights.py kind=hpsv2"),
+        ("evaluate", ["images_per_prompt=0"], "images_per_prompt"),
+        ("evaluate", ["suite=drawbench", "scorers=[caption]"], "toy-world captions only"),
+        ("evaluate", ["baseline=/no/such/evaluation"], "holds no evaluation.json"),
+        ("evaluate_values", ["bench.sigmas=[0.5, 1.0]"], "strictly between 0 and 1"),
+        ("evaluate_values", ["bench.estimators=[stitchvm, tweedy]"], "did you mean 'tweedie'"),
+        ("evaluate_values", ["value_model=/no/such/model"], "not an exported value model"),
     ],
 )
-def test_bad_input_is_refused_before_ray_starts(tmp_path, monkeypatch, args, message):
-    job = load_job("evaluate")
+def test_bad_input_is_refused_before_ray_starts(tmp_path, monkeypatch, name, args, message):
+    job = load_job(name)
     monkeypatch.setattr(job.runtime, "init_ray", lambda *a: pytest.fail("Ray started"))
     with pytest.raises(ConfigError, match=message):
         job.main([f"output_dir={tmp_path}", *args])
+
+
+@pytest.mark.slow
+def test_values_on_noisy_latents_are_measured_for_every_estimator(tmp_path):
+    summary = load_job("evaluate_values").main([f"output_dir={tmp_path}", "bench.sigmas=[0.5]", "source.max_images=6", "bench.mc_k=1", "bench.steps=4"])
+    rows = {r["estimator"]: r for r in summary["table"]}
+    assert list(rows) == ["clean reward (sigma 0)", "stitchvm", "tweedie", "mc"] and summary["images"] == summary["captions"] == 6
+    assert rows["clean reward (sigma 0)"]["preference"] == 1.0
+    assert all(0 <= r[k] <= 1 for r in rows.values() for k in ("latent_to_caption", "caption_to_latent", "preference"))
+    flops = {name: c["flops_per_estimate"] for name, c in summary["cost_at_mid_sigma"].items()}
+    assert 0 < flops["stitchvm"] < flops["tweedie"] < flops["mc"]  # no decode for StitchVM; MC-K runs the rest of the schedule
+    assert (tmp_path / "evaluate_values" / "values.png").is_file()

@@ -164,3 +164,31 @@ def test_table_averages_images_per_prompt_then_pairs_prompts():
 def test_a_torn_last_line_is_dropped():
     text = json.dumps(_record("a", 0, [1.0])) + "\n" + '{"policy": "a", "ind'
     assert results.done_keys(results.read_records(text)) == {("a", 0)}
+
+
+# ---------------------------------------------------------------- values on noisy latents
+def test_retrieval_and_preference_count_what_they_claim():
+    from stitchvm_rl.evaluation import noisy
+
+    # 3 images of captions [0, 1, 1], 2 captions: V picks caption 0 for images 0 and 2, caption 1 for image 1
+    values = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.95, 0.6]])
+    own = torch.tensor([0, 1, 1])
+    got = noisy.retrieval(values, own)
+    assert got["latent_to_caption"] == pytest.approx(2 / 3)  # image 2 goes wrong
+    assert got["caption_to_latent"] == 0.5  # caption 0 -> image 2 (wrong), caption 1 -> image 1
+    # the clean reward orders pairs (0,1), (0,2), (1,2) under each caption; one tie (caption 1: images
+    # 1 and 2) is left out, and V gets caption 0's (0, 2) wrong: 4 of 5
+    clean = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 1.0]])
+    assert noisy.preference(values, clean) == pytest.approx(4 / 5)
+
+
+def test_the_value_matrix_pairs_every_latent_with_every_caption():
+    from stitchvm_rl.evaluation import noisy
+
+    class Probe:  # V(z, caption) = 10 * latent id + caption length: readable from the matrix
+        def score(self, name, z, sigma, prompts, mc_k, seed):
+            return z.flatten(1)[:, 0] * 10 + torch.tensor([len(p) for p in prompts], dtype=torch.float)
+
+    z = torch.arange(3.0).view(3, 1, 1, 1)
+    matrix = noisy.value_matrix(Probe(), "stitchvm", z, 0.5, ["a", "bbb"], mc_k=1, seed=0)
+    assert matrix.tolist() == [[1.0, 3.0], [11.0, 13.0], [21.0, 23.0]]

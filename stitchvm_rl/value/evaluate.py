@@ -80,7 +80,7 @@ def evaluate_value_accuracy(value_dir: str, cfg: ValueEvalConfig, analytic_rewar
 
     task = ray.remote(num_gpus=cfg.num_gpus, num_cpus=cfg.num_cpus)(_accuracy_at)
     refs = [task.remote(value_dir, cfg, analytic_reward, seed, n) for n in range(len(cfg.sigmas))]
-    runtime.wait_for_placement(refs, f"{len(refs)} value-accuracy tasks", {"CPU": cfg.num_cpus, "GPU": cfg.num_gpus}, timeout_s=0)
+    runtime.wait_for_placement(refs, "value-accuracy tasks", {"CPU": cfg.num_cpus, "GPU": cfg.num_gpus}, timeout_s=0)
     levels = ray.get(refs)
     groups = len(cfg.prompt_list or toyworld.CAPTIONS[: cfg.prompts])
     estimates = groups * cfg.group_size * len(cfg.sigmas)
