@@ -18,21 +18,28 @@ policy and scorer; paired differences against the first policy and `baseline`), 
 a row per prompt, a column per policy), summary.json.
 """
 
+import dataclasses
+import json
 import re
 import time
-from pathlib import Path
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Literal
 
-from stitchvm_rl import memory_plan, memory_roles, runtime, storage, toyworld, zoo
-from stitchvm_rl.config import ConfigError, Range, load_config, run_main
-from stitchvm_rl.memory_plan import MemoryConfig
+from stitchvm_rl import memory_plan, memory_roles, rewards, runtime, storage, toyworld, zoo
+from stitchvm_rl.config import ConfigError, Range, did_you_mean, load_config, run_main
 from stitchvm_rl.evaluation import results, scorers, suites
-from stitchvm_rl.evaluation.workers import Sampling, image_name, noise_seed
+from stitchvm_rl.evaluation.workers import Guidance, Sampling, guided_method, image_name, noise_seed
+from stitchvm_rl.guidance import GuidanceConfig
+from stitchvm_rl.memory_plan import MemoryConfig
 from stitchvm_rl.tracking import RunDir
+from stitchvm_rl.value import default_value_model
+from stitchvm_rl.value.model import check_value_model_dir
 
 TOY_NFT_LORA = zoo.TOYWORLD_DIR / "nft_lora"  # `python jobs/nft.py` (the README's main command), its lora/
 POLICY_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
+GUIDED_METHODS = ("tweedie", "stitchvm", "fk_tweedie", "fk_stitchvm", "best_of_n")  # jobs/dps.py's, as 'dps:<method>' policies
 
 
 @dataclass
@@ -46,7 +53,7 @@ class EvaluateConfig:
     backbone: str = "toyworld"
     """SD3 pipeline: hub id, local dir, storage URI, 'toyworld'."""
     policies: dict[str, str] = field(default_factory=lambda: {"base": "base", "nft": "toyworld-nft"})
-    """{name: policy}: 'base', a LoRA directory or URI, a jobs/nft.py run (its lora/), 'toyworld-nft' (committed); paired against the first."""
+    """{name: policy}: 'base', a LoRA directory or URI, a jobs/nft.py run (its lora/), 'toyworld-nft' (committed), 'dps:<method>' (jobs/dps.py's); paired against the first."""
     suite: str = "toyworld"
     """Prompt suite: drawbench, toyworld, or a .jsonl / .txt file."""
     max_prompts: Annotated[int, Range(0)] = 0
@@ -87,6 +94,16 @@ class EvaluateConfig:
     """Sampling dtype (bfloat16 on GPU); scorers run in float32 as their reference implementations do."""
     ray_cpus: Annotated[int, Range(1)] = 4
     """Logical CPUs of a local Ray cluster (ignored when joining a cluster)."""
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    """The sampler of 'dps:<method>' policies (jobs/dps.py's; its num_steps and cfg_scale are the protocol's)."""
+    guidance_scales: dict[str, float] = field(default_factory=lambda: {"tweedie": 0.02, "stitchvm": 0.02})
+    """DPS scale per value of the 'dps:' policies (fk_* share them)."""
+    value_model: str = ""
+    """Value-model directory or URI of 'dps:stitchvm' / 'dps:fk_stitchvm' (empty: the toy world's committed one)."""
+    guidance_rewards: dict[str, float] = field(default_factory=lambda: {"toy_clip": 1.0})
+    """Pixel rewards {name: weight} of 'dps:tweedie', 'dps:fk_tweedie' and 'dps:best_of_n' (rewards.py's names)."""
+    reward_sources: dict[str, str] = field(default_factory=dict)
+    """Where guidance_rewards' weights come from {name or aesthetic_head: source} (empty: rewards.PUBLISHED's)."""
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     """The GPU memory plan each actor is checked against on device=cuda (jobs/plan.py)."""
     crash_after_prompts: Annotated[int, Range(0)] = 0
@@ -95,8 +112,8 @@ class EvaluateConfig:
 
 # ---------------------------------------------------------------- checks, before Ray starts or a model loads
 def lora_of(name: str, source: str) -> str:
-    """The LoRA directory (path or URI) of policy `source`, '' for the base; a missing one is refused."""
-    if source == "base":
+    """The LoRA directory (path or URI) of policy `source`, '' for the base and guided policies; a missing one is refused."""
+    if source == "base" or guided_method(source):
         return ""
     if source == "toyworld-nft":
         return str(TOY_NFT_LORA)
@@ -126,9 +143,38 @@ def resolve(cfg: EvaluateConfig) -> tuple[suites.Suite, Sampling, list[str], dic
     return suite, sampling, names, {name: lora_of(name, source) for name, source in cfg.policies.items()}
 
 
+def guidance_of(cfg: EvaluateConfig) -> Guidance:
+    """What the 'dps:' policies share (the value model made absolute: the actors run on any node)."""
+    uses_value = any(guided_method(s).removeprefix("fk_") == "stitchvm" for s in cfg.policies.values())
+    value_model = (storage.local_source(cfg.value_model) or default_value_model(cfg.backbone)) if uses_value else ""
+    return Guidance(cfg.guidance, dict(cfg.guidance_scales), value_model, dict(cfg.guidance_rewards), {k: storage.local_source(v) for k, v in cfg.reward_sources.items()})
+
+
 def settings_of(cfg: EvaluateConfig, suite: suites.Suite, sampling: Sampling, names: list[str]) -> dict:
     """What makes two evaluations' images comparable (evaluation.json)."""
-    return {"suite": suite.name, "prompts": len(suite.prompts), "backbone": cfg.backbone, "sampling": asdict(sampling), "seed": cfg.seed, "scorers": names, "policies": dict(cfg.policies)}
+    settings = {"suite": suite.name, "prompts": len(suite.prompts), "backbone": cfg.backbone, "sampling": asdict(sampling), "seed": cfg.seed, "scorers": names, "policies": dict(cfg.policies)}
+    if any(guided_method(s) for s in cfg.policies.values()):
+        settings["guidance"] = {"sampler": asdict(cfg.guidance), "scales": dict(cfg.guidance_scales), "value_model": cfg.value_model, "rewards": dict(cfg.guidance_rewards)}
+    return settings
+
+
+def check_guided(cfg: EvaluateConfig) -> None:
+    """Refuse an unknown guidance method, a missing DPS scale, value model or reward."""
+    methods = {name: guided_method(source) for name, source in cfg.policies.items() if guided_method(source)}
+    for name, method in methods.items():
+        if method not in GUIDED_METHODS:
+            raise ConfigError(f"policies.{name}: 'dps:{method}' is not a guidance method; choose dps:{', dps:'.join(GUIDED_METHODS)}{did_you_mean(method, GUIDED_METHODS)}")
+        kind = method.removeprefix("fk_")
+        if kind in ("tweedie", "stitchvm") and kind not in cfg.guidance_scales:
+            raise ConfigError(f"policies.{name}: 'dps:{method}' has no DPS scale; set guidance_scales.{kind}=...")
+    kinds = {m.removeprefix("fk_") for m in methods.values()}
+    if "stitchvm" in kinds:
+        if cfg.value_model:
+            check_value_model_dir(cfg.value_model, cfg.backbone)
+        else:
+            default_value_model(cfg.backbone)  # refuses a backbone without one
+    if kinds & {"tweedie", "best_of_n"}:
+        rewards.check_reward_weights(cfg.guidance_rewards, "guidance_rewards", cfg.reward_sources)
 
 
 def check_same_images(mine: dict, other: dict, what: str, fix: str) -> None:
@@ -144,25 +190,23 @@ def check(cfg: EvaluateConfig) -> None:
     zoo.check_source(cfg.backbone, "backbone")
     suite, sampling, names, _ = resolve(cfg)
     scorers.check_scorers(names, cfg.scorer_sources)
+    check_guided(cfg)
     if "caption" in names and not all(toyworld.is_caption(p.prompt) for p in suite.prompts):
         raise ConfigError("scorers: 'caption' reads toy-world captions only; drop it for this suite")
     root = storage.storage_root(cfg.storage_path, cfg.output_dir)
     storage.check_reachable(root, "storage_path")
-    mine = settings_of(cfg, suite, sampling, names)
+    mine = json.loads(json.dumps(settings_of(cfg, suite, sampling, names)))  # as evaluation.json holds it (tuples as lists)
     earlier = storage.read_text(storage.join(root, cfg.run_name, "files"), results.SETTINGS)
     if earlier:  # a re-run continues the same evaluation, or adds policies to it
-        import json
-
         earlier = json.loads(earlier)
         check_same_images(mine, earlier, f"run '{cfg.run_name}' holds an evaluation that", "give another run_name")
         changed = [n for n, s in earlier["policies"].items() if n in cfg.policies and cfg.policies[n] != s]
-        if earlier["scorers"] != names or earlier["backbone"] != cfg.backbone or changed:
-            raise ConfigError(f"run '{cfg.run_name}' holds an evaluation with other scorers, backbone or policy sources ({changed or earlier['scorers']}); give another run_name")
+        if earlier["scorers"] != names or earlier["backbone"] != cfg.backbone or changed or earlier.get("guidance", mine.get("guidance")) != mine.get("guidance"):
+            raise ConfigError(f"run '{cfg.run_name}' holds an evaluation with other scorers, backbone, policy sources or guidance ({changed or earlier['scorers']}); give another run_name")
     if cfg.baseline:
         base = storage.read_text(storage.local_source(cfg.baseline), results.SETTINGS)
         if base is None:
             raise ConfigError(f"baseline: '{cfg.baseline}' holds no evaluation.json; pass the output folder (or <storage>/<run>/files) of a finished jobs/evaluate.py run")
-        import json
 
         check_same_images(mine, json.loads(base), f"baseline '{cfg.baseline}'", "evaluate with the same suite, sampling and seed to pair against it")
     if cfg.device == "cuda":
@@ -177,7 +221,14 @@ def plan_memory(cfg: EvaluateConfig) -> list[memory_plan.RolePlan]:
     for name, lora in loras.items():
         if lora and not storage.is_uri(lora):
             lora_bytes[name] = (Path(lora) / "pytorch_lora_weights.safetensors").stat().st_size
-    return memory_roles.evaluate_roles(cfg, sampling, sources, lora_bytes)
+    guided = [guided_method(s) for s in cfg.policies.values() if guided_method(s)]
+    guided_plans = []
+    if guided:  # jobs/dps.py's worker plan of each method, at one prompt's N images (how the actor runs them)
+        protocol = dataclasses.replace(cfg.guidance, num_steps=sampling.num_steps, cfg_scale=sampling.cfg_scale)
+        as_dps = SimpleNamespace(device=cfg.device, backbone=cfg.backbone, dtype=cfg.dtype, resolution=sampling.resolution, guidance=protocol,
+                                 methods=guided, batch_size=sampling.images_per_prompt, memory=cfg.memory)
+        guided_plans = memory_roles.dps_roles(as_dps, rewards.published_sources(cfg.guidance_rewards, cfg.reward_sources), guidance_of(cfg).value_model)
+    return memory_roles.evaluate_roles(cfg, sampling, sources, lora_bytes, guided_plans)
 
 
 # ---------------------------------------------------------------- the run
@@ -201,7 +252,7 @@ def sample_and_score(cfg: EvaluateConfig, rows: list[dict], loras: dict[str, str
     sources = {k: storage.local_source(v) for k, v in cfg.scorer_sources.items()}
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // cfg.prompts_per_batch)))
     ds = ds.map_batches(
-        SampleImages, fn_constructor_args=(backbone, loras, sampling, (root, cfg.run_name), cfg.device, cfg.dtype),
+        SampleImages, fn_constructor_args=(backbone, dict(cfg.policies), loras, sampling, guidance_of(cfg), (root, cfg.run_name), cfg.device, cfg.dtype),
         batch_size=cfg.prompts_per_batch, compute=ray.data.ActorPoolStrategy(size=cfg.sample_actors), num_gpus=1 if gpu else 0, num_cpus=1,
     )
     ds = ds.map_batches(
@@ -235,8 +286,6 @@ def write_grid(files: storage.RunFiles, suite: suites.Suite, policies: list[str]
 
 
 def main(argv: list[str]) -> dict:
-    import json
-
     from tqdm import tqdm
 
     cfg = load_config(EvaluateConfig, argv)

@@ -323,6 +323,22 @@ def build_value(method: str, policy: SD3Policy, reward=None, value_model=None, c
 Method = Literal["none", "tweedie", "stitchvm", "fk_tweedie", "fk_stitchvm", "best_of_n"]
 
 
+def with_particles(policy: SD3Policy, first: torch.Tensor, count: int, generator: torch.Generator, resolution: int | None) -> torch.Tensor:
+    """Each prompt's own first noise and count - 1 more drawn from `generator`, prompt-major."""
+    extra = policy.initial_noise(len(first) * (count - 1), generator, resolution=resolution)
+    return torch.cat([first.unsqueeze(1).to(extra), extra.view(len(first), count - 1, *extra.shape[1:])], 1).flatten(0, 1)
+
+
+def guided_sample(method: str, policy: SD3Policy, value, cfg: GuidanceConfig, prompts: list[str], first: torch.Tensor, generator: torch.Generator, resolution: int | None = None) -> torch.Tensor:
+    """Final latents of `prompts` under a method (DPS with `value`, fk_*, best_of_n), each prompt
+    starting from its row of `first` (FK steering and Best-of-N: its first particle)."""
+    if method.startswith("fk_"):
+        return fk_steer(policy, prompts, value, cfg, with_particles(policy, first, cfg.particles, generator, resolution), generator)
+    if method == "best_of_n":
+        return best_of_n(policy, prompts, value, cfg, with_particles(policy, first, cfg.bon_samples, generator, resolution), generator)
+    return dps_sample(policy, prompts, value, cfg, first, generator)
+
+
 def run_guided(method: str, backbone: str, reward_weights: dict[str, float], value_model: str, prompts: list[str], cfg: GuidanceConfig, scale: float, batch_size: int, resolution: int, seed: int, device: str, dtype: str, compile: bool = False, reward_sources: dict[str, str] | None = None) -> dict:
     """One method, meant for its own process (a Ray task with max_calls=1): load what it needs, then
     sample `prompts` while measuring seconds and peak memory (after loading). Initial noise comes from
@@ -348,17 +364,8 @@ def run_guided(method: str, backbone: str, reward_weights: dict[str, float], val
     cfg = dataclasses.replace(cfg, scale=scale)
     noise = policy.initial_noise(len(prompts), torch.Generator().manual_seed(seed), resolution=resolution or None)
 
-    def with_particles(first: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
-        """Each prompt's shared first noise and count - 1 more, prompt-major."""
-        extra = policy.initial_noise(len(first) * (count - 1), generator, resolution=resolution or None)
-        return torch.cat([first.unsqueeze(1), extra.view(len(first), count - 1, *extra.shape[1:])], 1).flatten(0, 1)
-
     def guided(batch: list[str], first: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        if method.startswith("fk_"):
-            return fk_steer(policy, batch, value, cfg, with_particles(first, cfg.particles, generator), generator)
-        if method == "best_of_n":
-            return best_of_n(policy, batch, value, cfg, with_particles(first, cfg.bon_samples, generator), generator)
-        return dps_sample(policy, batch, value, cfg, first, generator)
+        return guided_sample(method, policy, value, cfg, batch, first, generator, resolution or None)
 
     if compile:
         zoo.compile_repeated_blocks(policy.transformer, *(reward.models() if reward else []), *([model] if model else []))

@@ -36,6 +36,7 @@ and scoring actors (every scorer's CLIP in float32, score_gpus each).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -561,12 +562,14 @@ def sample_roles(cfg, reward_sources: dict[str, str], images: int) -> list[RoleP
 SCORER_REWARDS = {"hpsv2": "hpsv2", "hpsv21": "hpsv2", "pickscore": "pickscore", "aesthetic": "aesthetic", "dfn_clip": "dfn_clip", "clipscore": "clipscore", "toy_clip": "toy_clip"}
 
 
-def evaluate_roles(cfg, sampling, scorer_sources: dict[str, str], lora_files: dict[str, int]) -> list[RolePlan]:
+def evaluate_roles(cfg, sampling, scorer_sources: dict[str, str], lora_files: dict[str, int], guided: list[RolePlan] | None = None) -> list[RolePlan]:
     """jobs/evaluate.py's actors (EvaluateConfig `cfg`, its `Sampling`): `sample_actors` sampling
     actors, a GPU each with device=cuda: the pipeline in cfg.dtype with every policy's LoRA
     (`lora_files`: {policy: bytes}), prompts_per_batch x N images sampled (x2 with CFG) and decoded
-    at a time; `score_actors` scoring actors, `score_gpus` each: every scorer's CLIP in float32
-    (`scorer_sources`: {scorer: source}), score_batch_size images through the largest image tower."""
+    at a time, and for guided policies (`guided`: `dps_roles`' plans at one prompt's N images) their
+    value models and rewards held together, each method's phases in turn; `score_actors` scoring
+    actors, `score_gpus` each: every scorer's CLIP in float32 (`scorer_sources`: {scorer: source}),
+    score_batch_size images through the largest image tower."""
     gpu_count = 1.0 if cfg.device == "cuda" else 0
     parts = sd3_parts(cfg.backbone, cfg.dtype)
     transformer, vae = parts["transformer"], parts["vae"]
@@ -580,6 +583,10 @@ def evaluate_roles(cfg, sampling, scorer_sources: dict[str, str], lora_files: di
         Item(f"sampling {images} images{' (x2 with CFG)' if with_cfg > 1 else ''}", peak_live_bytes(velocity_call(transformer, images * with_cfg, side, tokens))),
         Item(f"decoding {images} images", peak_live_bytes(decode_call(vae, images, side))),
     ]
+    for plan in guided or []:  # the pipeline is shared; value models and rewards come once each
+        held = {item.what for item in sampler.resident}
+        sampler.resident += [item for item in plan.resident if item.what not in held]
+        sampler.phases += [dataclasses.replace(item, what=f"{plan.role.removeprefix('DPS worker ')}: {item.what}") for item in plan.phases]
     sampler.fixes = ["a smaller prompts_per_batch", "dtype=bfloat16" if cfg.dtype == "float32" else "a GPU with more memory"]
     clips = {name: reward_clip(SCORER_REWARDS[name], source) for name, source in scorer_sources.items()}
     score_gpus = cfg.score_gpus if gpu_count else 0

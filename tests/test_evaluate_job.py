@@ -1,5 +1,6 @@
-"""jobs/evaluate.py on the toy world: a resumed evaluation equals an uninterrupted one without
-re-scoring what was recorded, the paired table, and bad input refused before Ray starts."""
+"""jobs/evaluate.py on the toy world: a resumed evaluation (base, a LoRA and a guided policy) equals an
+uninterrupted one without re-scoring what was recorded, the paired table, bad input refused before
+Ray starts; jobs/evaluate_values.py's measures."""
 
 import json
 
@@ -8,29 +9,31 @@ import pytest
 from conftest import load_job
 from stitchvm_rl.config import ConfigError
 
-SMALL = ["max_prompts=6", "images_per_prompt=2", "num_steps=6", "prompts_per_batch=4", "grid_prompts=2"]
+SMALL = ["max_prompts=6", "images_per_prompt=2", "num_steps=6", "prompts_per_batch=4", "grid_prompts=2", "policies={base: base, nft: toyworld-nft, dps: 'dps:stitchvm'}"]
 
 
 @pytest.mark.slow
 def test_resumed_evaluation_equals_an_uninterrupted_one(tmp_path):
     job = load_job("evaluate")
     whole = job.main([f"output_dir={tmp_path}", "run_name=whole", *SMALL])
-    assert whole["prompts_scored_this_run"] == 12
-    # the committed LoRA (the README's main command) beats the base policy on the toy CLIP
-    gain = whole["paired"]["nft - base"]["toy_clip"]
-    assert gain["prompts"] == 6 and gain["mean"] > 0
+    assert whole["prompts_scored_this_run"] == 18
+    # the committed LoRA (the README's main command) beats the base policy on the toy CLIP, and so
+    # does DPS with the committed value model
+    for policy in ("nft", "dps"):
+        gain = whole["paired"][f"{policy} - base"]["toy_clip"]
+        assert gain["prompts"] == 6 and gain["mean"] > 0, (policy, gain)
 
     with pytest.raises(RuntimeError, match="stopped after 5 prompts"):
         job.main([f"output_dir={tmp_path}", "run_name=resumed", "crash_after_prompts=5", *SMALL])
     resumed = job.main([f"output_dir={tmp_path}", "run_name=resumed", f"baseline={tmp_path / 'whole'}", *SMALL])
-    assert resumed["prompts_scored_this_run"] == 7  # the 5 recorded prompts are not sampled or scored again
+    assert resumed["prompts_scored_this_run"] == 13  # the 5 recorded prompts are not sampled or scored again
 
     def records(run):
         lines = (tmp_path / run / "scores.jsonl").read_text().splitlines()
         return {(r["policy"], r["index"]): r for r in map(json.loads, lines)}, len(lines)
 
     (a, _), (b, lines) = records("whole"), records("resumed")
-    assert lines == 12 and a.keys() == b.keys()
+    assert lines == 18 and a.keys() == b.keys()  # a guided policy's SDE noise, too, depends on its prompt's seed alone
     for key in a:
         assert a[key]["noise_seed"] == b[key]["noise_seed"]
         for scorer in ("toy_clip", "caption"):
@@ -50,6 +53,8 @@ def test_resumed_evaluation_equals_an_uninterrupted_one(tmp_path):
         ("evaluate", ["images_per_prompt=0"], "images_per_prompt"),
         ("evaluate", ["suite=drawbench", "scorers=[caption]"], "toy-world captions only"),
         ("evaluate", ["baseline=/no/such/evaluation"], "holds no evaluation.json"),
+        ("evaluate", ["policies={base: base, g: 'dps:stitchvn'}"], "did you mean 'stitchvm'"),
+        ("evaluate", ["policies={base: base, g: 'dps:tweedie'}", "guidance_scales={stitchvm: 0.1}"], "guidance_scales.tweedie"),
         ("evaluate_values", ["bench.sigmas=[0.5, 1.0]"], "strictly between 0 and 1"),
         ("evaluate_values", ["bench.estimators=[stitchvm, tweedy]"], "did you mean 'tweedie'"),
         ("evaluate_values", ["value_model=/no/such/model"], "not an exported value model"),

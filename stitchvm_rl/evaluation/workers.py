@@ -1,7 +1,8 @@
 """The evaluation's two Ray Data stages.
 
     driver: rows (policy, prompt index, prompt, noise seed), the ones scores.jsonl lacks
-      --map_batches(SampleImages, one actor per GPU)-->  N images per row: PNGs written under the
+      --map_batches(SampleImages, one actor per GPU)-->  N images per row (ODE, or a guidance method
+                                                         of jobs/dps.py): PNGs written under the
                                                          run's files, uint8 arrays passed on
       --map_batches(ScoreImages, scorer actors)-->       N scores per scorer and row (images dropped)
     driver: each row appended to scores.jsonl as it arrives
@@ -13,6 +14,7 @@ policy see the same noise for the same image.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from dataclasses import dataclass
 
@@ -21,6 +23,7 @@ import torch
 
 from stitchvm_rl import storage
 from stitchvm_rl.evaluation.scorers import Scorer
+from stitchvm_rl.guidance import GuidanceConfig, build_value, guided_sample
 from stitchvm_rl.policy import SD3Policy
 
 # The evaluation's noise lives far above every rollout seed and apart from the training-time
@@ -40,6 +43,23 @@ def image_name(policy: str, index: int, k: int) -> str:
 
 
 @dataclass(frozen=True)
+class Guidance:
+    """What the guided policies (`dps:<method>`) of an evaluation share: jobs/dps.py's sampler on the
+    protocol's steps and CFG, a DPS scale per value, the value model and the rewards it needs."""
+
+    config: GuidanceConfig
+    scales: dict[str, float]
+    value_model: str
+    rewards: dict[str, float]
+    reward_sources: dict[str, str]
+
+
+def guided_method(source: str) -> str:
+    """'stitchvm' of a policy source 'dps:stitchvm'; '' for any other policy."""
+    return source.removeprefix("dps:") if source.startswith("dps:") else ""
+
+
+@dataclass(frozen=True)
 class Sampling:
     """The sampling settings every policy of one evaluation shares."""
 
@@ -51,10 +71,12 @@ class Sampling:
 
 
 class SampleImages:
-    """Ray Data actor: the backbone loaded once, with each policy's LoRA as a named adapter; a batch
-    of rows becomes N images per row, saved as PNG to the run's files and passed on as uint8."""
+    """Ray Data actor: the backbone loaded once, with each policy's LoRA as a named adapter and each
+    guided policy's value; a batch of rows becomes N images per row, saved as PNG to the run's files
+    and passed on as uint8. A guided policy samples one prompt's N images at a time, its SDE noise
+    seeded by the prompt's seed, so its images too do not depend on the batch."""
 
-    def __init__(self, backbone: str, loras: dict[str, str], sampling: Sampling, files_root: tuple[str, str], device: str, dtype: str):
+    def __init__(self, backbone: str, policies: dict[str, str], loras: dict[str, str], sampling: Sampling, guidance: Guidance, files_root: tuple[str, str], device: str, dtype: str):
         self.policy = SD3Policy.from_pretrained(backbone, dtype=dtype, device=device)
         self.loras = loras
         for name, lora in loras.items():
@@ -62,13 +84,28 @@ class SampleImages:
                 self.policy.pipe.load_lora_weights(storage.local_copy(lora), adapter_name=name)
         self.sampling = sampling
         self.files = storage.RunFiles(*files_root)
+        self.guided = {name: guided_method(source) for name, source in policies.items() if guided_method(source)}
+        self.values = self._values(guidance) if self.guided else {}
+        self.guidance = guidance
+
+    def _values(self, guidance: Guidance) -> dict:
+        """{policy: its value object} (`guidance.build_value`), the models each needs loaded once."""
+        from stitchvm_rl import rewards
+        from stitchvm_rl.value.model import StitchedValueModel
+
+        kinds = {m.removeprefix("fk_") for m in self.guided.values()}
+        self.policy.transformer.requires_grad_(False)
+        self.policy.vae.requires_grad_(False)
+        reward = rewards.build_rewards(guidance.rewards, guidance.reward_sources, device=str(self.policy.device)) if kinds & {"tweedie", "best_of_n"} else None
+        model = StitchedValueModel.from_pretrained(guidance.value_model, device=str(self.policy.device), dtype=str(self.policy.dtype).removeprefix("torch.")) if "stitchvm" in kinds else None
+        return {name: build_value(method, self.policy, reward, model, self.sampling.cfg_scale) for name, method in self.guided.items()}
 
     def _use(self, policy: str) -> None:
         """Switch the transformer to `policy`'s adapter (none: the base)."""
         transformer = self.policy.transformer
         if not any(self.loras.values()):
             return
-        if self.loras[policy]:
+        if self.loras.get(policy):
             transformer.enable_adapters()
             transformer.set_adapter(policy)
         else:
@@ -78,6 +115,18 @@ class SampleImages:
         n, res = self.sampling.images_per_prompt, self.sampling.resolution or None
         return torch.cat([self.policy.initial_noise(n, torch.Generator().manual_seed(int(s)), resolution=res) for s in seeds])
 
+    def _guided(self, policy: str, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        """A guided policy's final latents, one prompt's N images at a time (SDE noise from its seed)."""
+        g = self.guidance
+        method = self.guided[policy]
+        cfg = dataclasses.replace(g.config, num_steps=self.sampling.num_steps, cfg_scale=self.sampling.cfg_scale, scale=g.scales.get(method.removeprefix("fk_"), 0.0),
+                                  bon_samples=g.config.bon_samples or g.config.particles)  # Best-of-N alone: FK's particle count
+        n, out = self.sampling.images_per_prompt, []
+        for k, seed in enumerate(seeds):
+            generator = torch.Generator().manual_seed(int(seed) + 1)
+            out.append(guided_sample(method, self.policy, self.values[policy], cfg, prompts[k * n : (k + 1) * n], self.noise([seed]), generator, self.sampling.resolution or None))
+        return torch.cat(out)
+
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         s, n = self.sampling, self.sampling.images_per_prompt
@@ -85,8 +134,12 @@ class SampleImages:
         for policy in dict.fromkeys(batch["policy"].tolist()):
             rows = np.flatnonzero(batch["policy"] == policy)
             prompts = [batch["prompt"][r] for r in rows for _ in range(n)]
+            seeds = batch["noise_seed"][rows].tolist()
             self._use(policy)
-            z = self.policy.sample(prompts, s.num_steps, s.cfg_scale, s.sampler, noise=self.noise(batch["noise_seed"][rows].tolist())).final
+            if policy in self.guided:
+                z = self._guided(policy, prompts, seeds)
+            else:
+                z = self.policy.sample(prompts, s.num_steps, s.cfg_scale, s.sampler, noise=self.noise(seeds)).final
             x = (self.policy.decode(z).float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
             x = x.reshape(len(rows), n, *x.shape[1:])
             if images.shape[2] == 0:
