@@ -81,7 +81,7 @@ class EvaluateConfig:
     sample_actors: Annotated[int, Range(1)] = 1
     """Sampling actors (one GPU each on device=cuda)."""
     prompts_per_batch: Annotated[int, Range(1)] = 8
-    """Prompts per sampling call (times N images)."""
+    """Prompts per sampling call (times N images; a short call is padded to it, so a re-run with the same value reproduces every image bit for bit)."""
     score_actors: Annotated[int, Range(1)] = 1
     """Scoring actors, each holding every scorer."""
     score_gpus: Annotated[float, Range(0, 1)] = 1.0
@@ -252,7 +252,7 @@ def sample_and_score(cfg: EvaluateConfig, rows: list[dict], loras: dict[str, str
     sources = {k: storage.local_source(v) for k, v in cfg.scorer_sources.items()}
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // cfg.prompts_per_batch)))
     ds = ds.map_batches(
-        SampleImages, fn_constructor_args=(backbone, dict(cfg.policies), loras, sampling, guidance_of(cfg), (root, cfg.run_name), cfg.device, cfg.dtype),
+        SampleImages, fn_constructor_args=(backbone, dict(cfg.policies), loras, sampling, guidance_of(cfg), (root, cfg.run_name), cfg.device, cfg.dtype, cfg.prompts_per_batch),
         batch_size=cfg.prompts_per_batch, compute=ray.data.ActorPoolStrategy(size=cfg.sample_actors), num_gpus=1 if gpu else 0, num_cpus=1,
     )
     ds = ds.map_batches(

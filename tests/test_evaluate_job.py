@@ -34,10 +34,8 @@ def test_resumed_evaluation_equals_an_uninterrupted_one(tmp_path):
 
     (a, _), (b, lines) = records("whole"), records("resumed")
     assert lines == 18 and a.keys() == b.keys()  # a guided policy's SDE noise, too, depends on its prompt's seed alone
-    for key in a:
-        assert a[key]["noise_seed"] == b[key]["noise_seed"]
-        for scorer in ("toy_clip", "caption"):
-            assert b[key]["scores"][scorer] == pytest.approx(a[key]["scores"][scorer], abs=1e-5)
+    for key in a:  # every model call has a fixed batch size: the same images and scores, bit for bit
+        assert a[key]["noise_seed"] == b[key]["noise_seed"] and a[key]["scores"] == b[key]["scores"], key
     # paired against the uninterrupted evaluation: the same images, so no difference
     assert resumed["paired"]["base - baseline"]["toy_clip"]["mean"] == pytest.approx(0.0, abs=1e-5)
     assert (tmp_path / "resumed" / "grid.png").is_file() and "nft - base" in (tmp_path / "resumed" / "table.md").read_text()

@@ -194,7 +194,8 @@ class Scorer:
         embeds = self.clip.pixel_embeds(self.pixels(images))
         if self.spec.score == "aesthetic":
             return self.head(embeds.to(next(self.head.parameters()).dtype)).double().cpu().numpy()
-        cos = (embeds * self.clip.text_embeds(prompts)).sum(-1).double()
+        text = torch.cat([self.clip.text_embeds([p]) for p in prompts])  # each prompt encoded alone (a fixed batch), then cached
+        cos = (embeds * text).sum(-1).double()
         if self.spec.score == "logit_scale_cosine":
             cos = cos * self.clip.bundle.model.logit_scale.exp().item()
         elif self.spec.score == "clipscore":

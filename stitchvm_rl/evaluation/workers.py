@@ -9,7 +9,10 @@
 
 Every image's initial noise comes from its row's seed alone (N draws from one generator per prompt),
 never from the batch it lands in or the actor that samples it: a re-run, a resumed run and another
-policy see the same noise for the same image.
+policy see the same noise for the same image. And every model call has one fixed batch size (a short
+batch is padded with copies of its last row, then cut): a float32 matmul's rows depend on the shape
+it is computed at, not on the other rows, so an image and its scores do not depend on which prompts
+shared its batch -- a resumed run reproduces the uninterrupted one bit for bit.
 """
 
 from __future__ import annotations
@@ -76,13 +79,13 @@ class SampleImages:
     and passed on as uint8. A guided policy samples one prompt's N images at a time, its SDE noise
     seeded by the prompt's seed, so its images too do not depend on the batch."""
 
-    def __init__(self, backbone: str, policies: dict[str, str], loras: dict[str, str], sampling: Sampling, guidance: Guidance, files_root: tuple[str, str], device: str, dtype: str):
+    def __init__(self, backbone: str, policies: dict[str, str], loras: dict[str, str], sampling: Sampling, guidance: Guidance, files_root: tuple[str, str], device: str, dtype: str, prompts_per_batch: int):
         self.policy = SD3Policy.from_pretrained(backbone, dtype=dtype, device=device)
         self.loras = loras
         for name, lora in loras.items():
             if lora:
                 self.policy.pipe.load_lora_weights(storage.local_copy(lora), adapter_name=name)
-        self.sampling = sampling
+        self.sampling, self.prompts_per_batch = sampling, prompts_per_batch
         self.files = storage.RunFiles(*files_root)
         self.guided = {name: guided_method(source) for name, source in policies.items() if guided_method(source)}
         self.values = self._values(guidance) if self.guided else {}
@@ -131,17 +134,21 @@ class SampleImages:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         s, n = self.sampling, self.sampling.images_per_prompt
         images = np.zeros((len(batch["index"]), n, 0, 0, 3), np.uint8)
+        for prompt in dict.fromkeys(batch["prompt"].tolist()):  # each encoded alone: a fixed batch here too
+            self.policy.encode_prompts([prompt])
         for policy in dict.fromkeys(batch["policy"].tolist()):
             rows = np.flatnonzero(batch["policy"] == policy)
-            prompts = [batch["prompt"][r] for r in rows for _ in range(n)]
-            seeds = batch["noise_seed"][rows].tolist()
             self._use(policy)
-            if policy in self.guided:
-                z = self._guided(policy, prompts, seeds)
+            if policy in self.guided:  # one prompt's N images at a time: a fixed batch already
+                prompts = [batch["prompt"][r] for r in rows for _ in range(n)]
+                z = self._guided(policy, prompts, batch["noise_seed"][rows].tolist())
+                z = z[torch.as_tensor(padded(np.arange(len(z)), self.prompts_per_batch * n))]  # the decode's fixed batch
             else:
-                z = self.policy.sample(prompts, s.num_steps, s.cfg_scale, s.sampler, noise=self.noise(seeds)).final
+                full = padded(rows, self.prompts_per_batch)
+                prompts = [batch["prompt"][r] for r in full for _ in range(n)]
+                z = self.policy.sample(prompts, s.num_steps, s.cfg_scale, s.sampler, noise=self.noise(batch["noise_seed"][full].tolist())).final
             x = (self.policy.decode(z).float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-            x = x.reshape(len(rows), n, *x.shape[1:])
+            x = x[: len(rows) * n].reshape(len(rows), n, *x.shape[1:])
             if images.shape[2] == 0:
                 images = np.zeros((len(batch["index"]), *x.shape[1:]), np.uint8)
             images[rows] = x
@@ -162,11 +169,19 @@ class ScoreImages:
         images = batch.pop("images")
         rows, n = images.shape[:2]
         flat = images.reshape(rows * n, *images.shape[2:])
-        prompts = [p for p in batch["prompt"].tolist() for _ in range(n)]
+        prompts = np.array([p for p in batch["prompt"].tolist() for _ in range(n)], dtype=object)
         for name, scorer in self.scorers.items():
-            scores = [scorer(flat[i : i + self.batch_size], prompts[i : i + self.batch_size]) for i in range(0, len(flat), self.batch_size)]
+            scores = []
+            for i in range(0, len(flat), self.batch_size):
+                chunk = padded(np.arange(i, min(i + self.batch_size, len(flat))), self.batch_size)
+                scores.append(scorer(flat[chunk], prompts[chunk].tolist())[: min(self.batch_size, len(flat) - i)])
             batch[f"score:{name}"] = np.concatenate(scores).reshape(rows, n)
         return batch
+
+
+def padded(rows: np.ndarray, size: int) -> np.ndarray:
+    """`rows` made `size` long with copies of its last (a model call of a fixed batch size)."""
+    return np.concatenate([rows, np.repeat(rows[-1:], max(0, size - len(rows)))])
 
 
 def png_bytes(image: np.ndarray) -> bytes:
