@@ -55,7 +55,7 @@ class EvaluateConfig:
     policies: dict[str, str] = field(default_factory=lambda: {"base": "base", "nft": "toyworld-nft"})
     """{name: policy}: 'base', a LoRA directory or URI, a jobs/nft.py run (its lora/), 'toyworld-nft' (committed), 'dps:<method>' (jobs/dps.py's); paired against the first."""
     suite: str = "toyworld"
-    """Prompt suite: drawbench, toyworld, or a .jsonl / .txt file."""
+    """Prompt suite: drawbench, geneval, toyworld, or a .jsonl / .txt file."""
     max_prompts: Annotated[int, Range(0)] = 0
     """Evaluate only the suite's first prompts (0: all)."""
     scorers: list[str] = field(default_factory=list)

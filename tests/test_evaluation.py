@@ -22,6 +22,14 @@ def test_drawbench_ships_its_200_prompts_in_11_categories():
     assert (suite.protocol.num_steps, suite.protocol.cfg_scale, suite.protocol.resolution) == (40, 1.0, 512)
 
 
+def test_geneval_ships_its_553_prompts_with_their_metadata():
+    suite = suites.load_suite("geneval")
+    tasks = {t: sum(p.category == t for p in suite.prompts) for t in ("single_object", "two_object", "counting", "colors", "position", "color_attr")}
+    assert len(suite.prompts) == 553 and tasks == {"single_object": 80, "two_object": 99, "counting": 80, "colors": 94, "position": 100, "color_attr": 100}
+    counting = next(p for p in suite.prompts if p.category == "counting")
+    assert counting.metadata["exclude"][0]["count"] == counting.metadata["include"][0]["count"] + 1
+
+
 def test_a_jsonl_suite_keeps_metadata_and_refuses_a_bad_line(tmp_path):
     good = tmp_path / "geneval.jsonl"
     good.write_text('{"prompt": "a photo of a cat", "tag": "single_object", "include": [{"class": "cat", "count": 1}]}\n\n{"prompt": "two dogs"}\n')

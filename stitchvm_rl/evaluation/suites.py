@@ -6,6 +6,8 @@ with one prompt per line. The shipped suites name their source:
 
     drawbench   200 prompts in 11 categories (Saharia et al. 2022, "Imagen", DrawBench sheet;
                 read from github.com/kennymckormick/DrawBench-Glance, one prompt.txt per prompt)
+    geneval     553 prompts in 6 tasks with their object metadata (Ghosh et al. 2023, GenEval;
+                prompts/evaluation_metadata.jsonl of github.com/djghosh13/geneval, MIT licence)
     toyworld    every toy-world caption (colour x shape x side)
 
 The protocol is the paper's for its training results (App. D.3: 40 steps, CFG 1.0, 512^2, the
@@ -61,6 +63,11 @@ PAPER_SCORERS = ("hpsv21", "pickscore", "aesthetic", "dfn_clip", "clipscore")
 SHIPPED = {
     "drawbench": (
         "Imagen's DrawBench (Saharia et al. 2022), 200 prompts, 11 categories",
+        Protocol(num_steps=40, cfg_scale=1.0, resolution=512, scorers=PAPER_SCORERS),
+    ),
+    # GenEval's own detector-based scorer is not here yet: the suite is scored by DrawBench's scorers until then
+    "geneval": (
+        "GenEval (Ghosh et al. 2023), 553 prompts in 6 tasks with object metadata",
         Protocol(num_steps=40, cfg_scale=1.0, resolution=512, scorers=PAPER_SCORERS),
     ),
     "toyworld": (
