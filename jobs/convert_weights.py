@@ -7,6 +7,8 @@
     python jobs/convert_weights.py kind=dfn_clip checkpoint=open_clip_pytorch_model.bin out=weights/dfn5b-clip-vit-h-14-378
     # LAION aesthetic predictor v2: sac+logos+ava1-l14-linearMSE.pth
     python jobs/convert_weights.py kind=aesthetic checkpoint=sac+logos+ava1-l14-linearMSE.pth out=weights/aesthetic-v2.safetensors
+    # ImageReward (BLIP): ImageReward.pt of THUDM/ImageReward, with bert-base-uncased's tokenizer
+    python jobs/convert_weights.py kind=image_reward checkpoint=ImageReward.pt out=weights/image-reward
 
 The OpenCLIP kinds need the CLIP BPE tokenizer (`tokenizer=`, a hub id or local dir; the default is
 fetched from the hub once) and the checkpoint's activation (GELU or QuickGELU, invisible in the
@@ -20,18 +22,19 @@ from typing import Literal
 
 from stitchvm_rl import convert
 from stitchvm_rl.config import ConfigError, load_config, run_main
+from stitchvm_rl.image_reward import convert_image_reward
 
 
 @dataclass
 class ConvertConfig:
-    kind: Literal["hpsv2", "dfn_clip", "aesthetic"] = "hpsv2"
+    kind: Literal["hpsv2", "dfn_clip", "aesthetic", "image_reward"] = "hpsv2"
     """Which published weights the checkpoint holds."""
     checkpoint: str = ""
     """The downloaded pickle (.pt / .pth / .bin)."""
     out: str = ""
     """Output directory (OpenCLIP kinds) or .safetensors file (aesthetic)."""
-    tokenizer: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-    """CLIP tokenizer to save beside an OpenCLIP model (hub id or local dir)."""
+    tokenizer: str = ""
+    """Tokenizer to save beside the model, hub id or local dir (empty: laion/CLIP-ViT-H-14-laion2B-s32B-b79K's CLIP BPE; image_reward: bert-base-uncased)."""
     architecture: str = ""
     """OpenCLIP model name of the checkpoint, e.g. ViT-H-14-378-quickgelu (empty: its open_clip_config.json, else the kind's)."""
 
@@ -42,9 +45,9 @@ def check(cfg: ConvertConfig) -> None:
         raise ConfigError("both 'checkpoint' and 'out' are required, e.g. checkpoint=HPS_v2.1_compressed.pt out=weights/hpsv2.1")
     if not Path(cfg.checkpoint).is_file():
         raise ConfigError(f"checkpoint '{cfg.checkpoint}' does not exist; pass the downloaded published file")
-    if cfg.kind == "aesthetic":
+    if cfg.kind in ("aesthetic", "image_reward"):
         if cfg.architecture:
-            raise ConfigError("architecture= names an OpenCLIP model; kind=aesthetic converts an MLP head and takes none")
+            raise ConfigError(f"architecture= names an OpenCLIP model; kind={cfg.kind} takes none")
         return
     try:
         convert.open_clip_activation(cfg.checkpoint, convert.kind_architecture(cfg.kind, cfg.checkpoint, cfg.architecture)[1])
@@ -57,9 +60,11 @@ def main(argv: list[str]) -> str:
     check(cfg)
     if cfg.kind == "aesthetic":
         path = convert.convert_aesthetic(cfg.checkpoint, cfg.out)
+    elif cfg.kind == "image_reward":
+        path = convert_image_reward(cfg.checkpoint, cfg.out, cfg.tokenizer or "bert-base-uncased")
     else:
         config, architecture = convert.kind_architecture(cfg.kind, cfg.checkpoint, cfg.architecture)
-        path = convert.convert_open_clip(cfg.checkpoint, config, cfg.out, cfg.tokenizer, architecture)
+        path = convert.convert_open_clip(cfg.checkpoint, config, cfg.out, cfg.tokenizer or "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", architecture)
     print(f"wrote {path}")
     return str(path)
 

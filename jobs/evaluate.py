@@ -20,6 +20,7 @@ a row per prompt, a column per policy), summary.json.
 
 import dataclasses
 import json
+from collections import Counter
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,6 +40,7 @@ from stitchvm_rl.value.model import check_value_model_dir
 
 TOY_NFT_LORA = zoo.TOYWORLD_DIR / "nft_lora"  # `python jobs/nft.py` (the README's main command), its lora/
 POLICY_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
+UNSIZED_SCORERS = ("geneval", "image_reward")  # not CLIP: their meta-device configs are not in the zoo yet
 GUIDED_METHODS = ("tweedie", "stitchvm", "fk_tweedie", "fk_stitchvm", "best_of_n")  # jobs/dps.py's, as 'dps:<method>' policies
 
 
@@ -58,10 +60,12 @@ class EvaluateConfig:
     """Prompt suite: drawbench, geneval, toyworld, or a .jsonl / .txt file."""
     max_prompts: Annotated[int, Range(0)] = 0
     """Evaluate only the suite's first prompts (0: all)."""
+    per_category: Annotated[int, Range(0)] = 0
+    """Evaluate only the first this many prompts of each category, e.g. of each GenEval task (0: all)."""
     scorers: list[str] = field(default_factory=list)
-    """Scorers (empty: the suite's): hpsv2, hpsv21, pickscore, aesthetic, dfn_clip, clipscore, toy_clip, caption."""
+    """Scorers (empty: the suite's): hpsv2, hpsv21, pickscore, aesthetic, dfn_clip, clipscore, image_reward, geneval, toy_clip, caption."""
     scorer_sources: dict[str, str] = field(default_factory=dict)
-    """Where scorers' weights come from {name or aesthetic_head: hub id, path on every node, or URI} (empty: the defaults)."""
+    """Where scorers' weights come from {name, aesthetic_head or geneval_clip: hub id, path on every node, or URI} (empty: the defaults; a toy backbone: tiny detector and ImageReward)."""
     images_per_prompt: Annotated[int, Range(1)] = 4
     """Images per prompt and policy (N), each from its own fixed seed."""
     num_steps: Annotated[int, Range(0)] = 0
@@ -69,7 +73,7 @@ class EvaluateConfig:
     cfg_scale: Annotated[float, Range(0)] = 0.0
     """Classifier-free guidance scale (0: the suite's protocol, 1.0 = off)."""
     resolution: Annotated[int, Range(0)] = 0
-    """Image side in pixels (0: the suite's protocol; DrawBench 512, toy world native)."""
+    """Image side in pixels (0: the suite's protocol, DrawBench and GenEval 512; a toy backbone's native size)."""
     sampler: Literal["dpm2", "euler"] = "dpm2"
     """ODE solver: dpm2 (DiffusionNFT's, as the training-time evaluation) or euler (diffusers' default)."""
     seed: int = 0
@@ -130,10 +134,18 @@ def lora_of(name: str, source: str) -> str:
 def resolve(cfg: EvaluateConfig) -> tuple[suites.Suite, Sampling, list[str], dict[str, str]]:
     """(suite with max_prompts applied, sampling settings, scorers, {policy: LoRA or ''}) of `cfg`."""
     suite = suites.load_suite(storage.job_path(cfg.suite) if cfg.suite.endswith((".jsonl", ".txt")) else cfg.suite)
+    if cfg.per_category:
+        kept, taken = [], Counter()
+        for p in suite.prompts:
+            if taken[p.category] < cfg.per_category:
+                kept.append(p)
+                taken[p.category] += 1
+        suite = suites.Suite(suite.name, suite.source, kept, suite.protocol)
     if cfg.max_prompts:
         suite = suites.Suite(suite.name, suite.source, suite.prompts[: cfg.max_prompts], suite.protocol)
     p = suite.protocol
-    sampling = Sampling(cfg.num_steps or p.num_steps, cfg.cfg_scale or p.cfg_scale, cfg.resolution or p.resolution, cfg.sampler, cfg.images_per_prompt)
+    native = 0 if cfg.backbone in zoo.TOY_BACKBONES else p.resolution  # a toy pipeline samples at its own size
+    sampling = Sampling(cfg.num_steps or p.num_steps, cfg.cfg_scale or p.cfg_scale, cfg.resolution or native, cfg.sampler, cfg.images_per_prompt)
     names = list(cfg.scorers or p.scorers)
     if not cfg.policies:
         raise ConfigError("policies: none given; e.g. policies={base: base, mine: outputs/nft}")
@@ -153,9 +165,16 @@ def guidance_of(cfg: EvaluateConfig) -> Guidance:
 def settings_of(cfg: EvaluateConfig, suite: suites.Suite, sampling: Sampling, names: list[str]) -> dict:
     """What makes two evaluations' images comparable (evaluation.json)."""
     settings = {"suite": suite.name, "prompts": len(suite.prompts), "backbone": cfg.backbone, "sampling": asdict(sampling), "seed": cfg.seed, "scorers": names, "policies": dict(cfg.policies)}
+    used = scorer_sources(cfg)
+    settings["scorer_sources"] = {k: scorers.scorer_source(k, used) for k in ([*names, scorers.GENEVAL_CLIP] if "geneval" in names else names) if k == scorers.GENEVAL_CLIP or scorers.SCORERS[k].source}
     if any(guided_method(s) for s in cfg.policies.values()):
         settings["guidance"] = {"sampler": asdict(cfg.guidance), "scales": dict(cfg.guidance_scales), "value_model": cfg.value_model, "rewards": dict(cfg.guidance_rewards)}
     return settings
+
+
+def scorer_sources(cfg: EvaluateConfig) -> dict[str, str]:
+    """The scorers' sources: the config's, and on a toy backbone the tiny detector and ImageReward."""
+    return scorers.default_sources(cfg.backbone, cfg.scorer_sources)
 
 
 def check_guided(cfg: EvaluateConfig) -> None:
@@ -189,10 +208,12 @@ def check(cfg: EvaluateConfig) -> None:
     """Refuse bad input before Ray starts or a model loads."""
     zoo.check_source(cfg.backbone, "backbone")
     suite, sampling, names, _ = resolve(cfg)
-    scorers.check_scorers(names, cfg.scorer_sources)
+    scorers.check_scorers(names, scorer_sources(cfg))
     check_guided(cfg)
     if "caption" in names and not all(toyworld.is_caption(p.prompt) for p in suite.prompts):
         raise ConfigError("scorers: 'caption' reads toy-world captions only; drop it for this suite")
+    if "geneval" in names and not all("include" in p.metadata and "tag" in p.metadata for p in suite.prompts):
+        raise ConfigError("scorers: 'geneval' needs GenEval metadata (tag, include) with every prompt; use suite=geneval or a .jsonl in its format")
     root = storage.storage_root(cfg.storage_path, cfg.output_dir)
     storage.check_reachable(root, "storage_path")
     mine = json.loads(json.dumps(settings_of(cfg, suite, sampling, names)))  # as evaluation.json holds it (tuples as lists)
@@ -201,8 +222,9 @@ def check(cfg: EvaluateConfig) -> None:
         earlier = json.loads(earlier)
         check_same_images(mine, earlier, f"run '{cfg.run_name}' holds an evaluation that", "give another run_name")
         changed = [n for n, s in earlier["policies"].items() if n in cfg.policies and cfg.policies[n] != s]
-        if earlier["scorers"] != names or earlier["backbone"] != cfg.backbone or changed or earlier.get("guidance", mine.get("guidance")) != mine.get("guidance"):
-            raise ConfigError(f"run '{cfg.run_name}' holds an evaluation with other scorers, backbone, policy sources or guidance ({changed or earlier['scorers']}); give another run_name")
+        other_sources = earlier.get("scorer_sources", mine["scorer_sources"]) != mine["scorer_sources"]
+        if earlier["scorers"] != names or earlier["backbone"] != cfg.backbone or changed or other_sources or earlier.get("guidance", mine.get("guidance")) != mine.get("guidance"):
+            raise ConfigError(f"run '{cfg.run_name}' holds an evaluation with other scorers, scorer weights, backbone, policy sources or guidance ({changed or earlier['scorers']}); give another run_name")
     if cfg.baseline:
         base = storage.read_text(storage.local_source(cfg.baseline), results.SETTINGS)
         if base is None:
@@ -216,7 +238,10 @@ def check(cfg: EvaluateConfig) -> None:
 def plan_memory(cfg: EvaluateConfig) -> list[memory_plan.RolePlan]:
     """The sampling and scoring actors' GPU memory plan (`stitchvm_rl.memory_roles.evaluate_roles`)."""
     _, sampling, names, loras = resolve(cfg)
-    sources = {n: scorers.scorer_source(n, cfg.scorer_sources) for n in names if scorers.SCORERS[n].source}
+    unsized = [n for n in names if n in UNSIZED_SCORERS]
+    if unsized:
+        raise ConfigError(f"scorers: the GPU memory plan does not size {', '.join(unsized)} yet; score them with device=cpu, or drop them on cuda")
+    sources = {n: scorers.scorer_source(n, scorer_sources(cfg)) for n in names if scorers.SCORERS[n].source}
     lora_bytes = {}
     for name, lora in loras.items():
         if lora and not storage.is_uri(lora):
@@ -234,7 +259,7 @@ def plan_memory(cfg: EvaluateConfig) -> list[memory_plan.RolePlan]:
 # ---------------------------------------------------------------- the run
 def todo_rows(suite: suites.Suite, policies: list[str], done: set, seed: int) -> list[dict]:
     return [
-        {"policy": policy, "index": p.index, "prompt": p.prompt, "noise_seed": noise_seed(seed, p.index)}
+        {"policy": policy, "index": p.index, "prompt": p.prompt, "noise_seed": noise_seed(seed, p.index), "metadata": json.dumps(p.metadata)}
         for policy in policies
         for p in suite.prompts
         if (policy, p.index) not in done
@@ -249,7 +274,7 @@ def sample_and_score(cfg: EvaluateConfig, rows: list[dict], loras: dict[str, str
 
     gpu = cfg.device == "cuda"
     backbone = storage.local_source(cfg.backbone)
-    sources = {k: storage.local_source(v) for k, v in cfg.scorer_sources.items()}
+    sources = {k: storage.local_source(v) for k, v in scorer_sources(cfg).items()}
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // cfg.prompts_per_batch)))
     ds = ds.map_batches(
         SampleImages, fn_constructor_args=(backbone, dict(cfg.policies), loras, sampling, guidance_of(cfg), (root, cfg.run_name), cfg.device, cfg.dtype, cfg.prompts_per_batch),
@@ -264,11 +289,13 @@ def sample_and_score(cfg: EvaluateConfig, rows: list[dict], loras: dict[str, str
 
 def record_of(row: dict, suite_prompt: suites.SuitePrompt, names: list[str], n: int) -> dict:
     policy, index = str(row["policy"]), int(row["index"])
-    return {
+    record = {
         "policy": policy, "index": index, "prompt": suite_prompt.prompt, "category": suite_prompt.category,
         "noise_seed": int(row["noise_seed"]), "scores": {s: [float(v) for v in row[f"score:{s}"]] for s in names},
         "images": [image_name(policy, index, k) for k in range(n)],
     }
+    notes = {s: json.loads(row[f"notes:{s}"]) for s in names if f"notes:{s}" in row}
+    return record | ({"notes": notes} if notes else {})
 
 
 def write_grid(files: storage.RunFiles, suite: suites.Suite, policies: list[str], count: int, images: int) -> None:

@@ -34,20 +34,24 @@ from stitchvm_rl.config import ConfigError, check_names, did_you_mean
 RewardFn = Callable[..., torch.Tensor]
 
 
-def clip_pixels(images: torch.Tensor, bundle: zoo.CLIPBundle) -> torch.Tensor:
-    """[0, 1] images -> CLIP pixel values: bicubic resize of the short side, centre crop, normalise.
+def resize_crop_normalise(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
+    """[0, 1] images -> a model's pixel values: bicubic resize of the short side, centre crop, normalise.
 
-    Done in torch (not the PIL image processor) so it is batched, on device and differentiable.
+    Done in torch (not a PIL image processor) so it is batched, on device and differentiable.
     """
-    size = bundle.image_size
     h, w = images.shape[-2:]
     if (h, w) != (size, size):
         scale = size / min(h, w)
         images = F.interpolate(images, size=(max(size, round(h * scale)), max(size, round(w * scale))), mode="bicubic", antialias=True, align_corners=False)
         top, left = (images.shape[-2] - size) // 2, (images.shape[-1] - size) // 2
         images = images[..., top : top + size, left : left + size]
-    mean, std = bundle.image_mean.view(1, 3, 1, 1), bundle.image_std.view(1, 3, 1, 1)
-    return ((images - mean) / std).to(bundle.model.dtype)
+    mean, std = torch.as_tensor(mean, device=images.device).view(1, 3, 1, 1), torch.as_tensor(std, device=images.device).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+def clip_pixels(images: torch.Tensor, bundle: zoo.CLIPBundle) -> torch.Tensor:
+    """[0, 1] images -> CLIP pixel values of `bundle`'s size and statistics, in its dtype."""
+    return resize_crop_normalise(images, bundle.image_size, bundle.image_mean, bundle.image_std).to(bundle.model.dtype)
 
 
 class CLIPScore:
@@ -216,6 +220,8 @@ PUBLISHED = {
     "hpsv2": RewardSpec("weights/hpsv2.1", convert="hpsv2"),
     "dfn_clip": RewardSpec("weights/dfn5b-clip-vit-h-14-378", convert="dfn_clip"),
     "aesthetic": RewardSpec("openai/clip-vit-large-patch14", head="weights/aesthetic-v2.safetensors", convert="aesthetic"),
+    # BLIP, not CLIP (`stitchvm_rl.image_reward`): ImageReward.pt converted into this directory
+    "image_reward": RewardSpec("weights/image-reward", convert="image_reward"),
     # offline stand-ins
     "toy_clip": RewardSpec("toyworld-clip"),
     "tiny_clip": RewardSpec("tiny-clip"),
@@ -254,7 +260,7 @@ def _missing_conversion(name: str, sources: dict[str, str] | None = None) -> str
 
     spec = PUBLISHED[name]
     converted = ((sources or {}).get(HEAD_SOURCE) or spec.head) if spec.head is not None else reward_source(name, sources)
-    if spec.convert is None or source_exists(converted):
+    if spec.convert is None or converted in zoo.BUILT_IN or source_exists(converted):
         return ""
     return (
         f"reward '{name}' needs converted weights at '{converted}', which do not exist; make them once with "
@@ -290,6 +296,10 @@ def build_reward(name: str, sources: dict[str, str] | None = None, device: str =
     problem = _missing_conversion(name, sources)
     if problem:
         raise FileNotFoundError(problem)
+    if name == "image_reward":
+        from stitchvm_rl.image_reward import ImageRewardScore
+
+        return ImageRewardScore.from_pretrained(reward_source(name, sources), device=device, dtype=dtype)
     if spec.head is not None:
         return AestheticScore.from_pretrained(reward_source(name, sources), (sources or {}).get(HEAD_SOURCE) or spec.head, dtype=dtype, device=device)
     return CLIPScore.from_pretrained(reward_source(name, sources), scale=spec.scale, tokenizer=spec.tokenizer, dtype=dtype, device=device, logit_scale=spec.logit_scale)

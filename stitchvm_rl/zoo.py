@@ -293,11 +293,27 @@ def write_dir_atomically(target: Path, write, overwrite: bool = False) -> Path:
     return target
 
 
+def _tiny_mask2former(path: Path) -> None:
+    from stitchvm_rl.evaluation.detector import save_tiny_detector
+
+    save_tiny_detector(path)
+
+
+def _tiny_image_reward(path: Path) -> None:
+    from stitchvm_rl.image_reward import save_tiny_image_reward
+
+    save_tiny_image_reward(path)
+
+
 TINY_BUILDS = {
     "tiny-sd3": lambda path: random_sd3_pipeline(SD3Sizes()).save_pretrained(path),
     "tiny-clip": lambda path: save_clip(*random_clip(CLIPSizes()), path),
+    "tiny-mask2former": _tiny_mask2former,  # GenEval's detector, random, COCO's 80 classes, run at 64 px
+    "tiny-image-reward": _tiny_image_reward,
 }
 TOYWORLD_NAMES = {"toyworld": TOYWORLD_DIR / "sd3", "toyworld-clip": TOYWORLD_DIR / "clip"}
+BUILT_IN = (*TOYWORLD_NAMES, *TINY_BUILDS)  # sources that need no download
+TOY_BACKBONES = ("toyworld", "tiny-sd3")  # pipelines of a fixed small native size
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

@@ -41,6 +41,21 @@ def test_resumed_evaluation_equals_an_uninterrupted_one(tmp_path):
     assert (tmp_path / "resumed" / "grid.png").is_file() and "nft - base" in (tmp_path / "resumed" / "table.md").read_text()
 
 
+@pytest.mark.slow
+def test_geneval_writes_its_six_task_scores_and_why_images_failed(tmp_path):
+    """suite=geneval on the toy world: one prompt per task through the tiny detector (toy defaults),
+    with ImageReward beside it; the run names the detector it used."""
+    summary = load_job("evaluate").main([f"output_dir={tmp_path}", "suite=geneval", "per_category=1", "images_per_prompt=1", "num_steps=4",
+                                         "grid_prompts=0", "policies={base: base}", "scorers=[geneval, image_reward]"])
+    assert list(summary["geneval"]["base"]) == ["single_object", "two_object", "counting", "colors", "position", "color_attr", "overall"]
+    assert summary["settings"]["scorer_sources"] == {"geneval": "tiny-mask2former", "image_reward": "tiny-image-reward", "geneval_clip": "toyworld-clip"}
+    records = [json.loads(line) for line in (tmp_path / "evaluate" / "scores.jsonl").read_text().splitlines()]
+    assert sorted(r["category"] for r in records) == sorted(t for t in summary["geneval"]["base"] if t != "overall")
+    for r in records:  # the tiny random detector finds nothing confidently: every image fails, and says why
+        assert r["scores"]["geneval"] == [0.0] and r["notes"]["geneval"][0].startswith("expected ") and len(r["scores"]["image_reward"]) == 1
+    assert "| base | 0.000 | 0.000 | 0.000 | 0.000 | 0.000 | 0.000 | 0.000 |" in (tmp_path / "evaluate" / "table.md").read_text()
+
+
 @pytest.mark.parametrize(
     "name, args, message",
     [
@@ -51,6 +66,8 @@ def test_resumed_evaluation_equals_an_uninterrupted_one(tmp_path):
         ("evaluate", ["images_per_prompt=0"], "images_per_prompt"),
         ("evaluate", ["suite=drawbench", "scorers=[caption]"], "toy-world captions only"),
         ("evaluate", ["baseline=/no/such/evaluation"], "holds no evaluation.json"),
+        ("evaluate", ["scorers=[geneval]"], "needs GenEval metadata"),
+        ("evaluate", ["scorers=[image_reward]", "scorer_sources={image_reward: /no/such/dir}"], "kind=image_reward"),
         ("evaluate", ["policies={base: base, g: 'dps:stitchvn'}"], "did you mean 'stitchvm'"),
         ("evaluate", ["policies={base: base, g: 'dps:tweedie'}", "guidance_scales={stitchvm: 0.1}"], "guidance_scales.tweedie"),
         ("evaluate_values", ["bench.sigmas=[0.5, 1.0]"], "strictly between 0 and 1"),

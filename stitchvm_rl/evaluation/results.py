@@ -59,6 +59,8 @@ def build_table(records: list[dict], policies: list[str], scorers: list[str], ba
     every policy against the first, and (with `baseline`, a (name, records) of another evaluation)
     every policy against that evaluation's policy."""
     table = {"scores": {}, "by_category": {}, "paired": {}}
+    if "geneval" in scorers:  # GenEval's own summary: each task's share of correct images, and their mean
+        table["geneval"] = {policy: geneval_summary(records, policy) for policy in policies}
     categories = sorted({r.get("category", "") for r in records} - {""})
     for policy in policies:
         table["scores"][policy] = {s: mean_se(list(prompt_means(records, policy, s).values())) for s in scorers}
@@ -80,10 +82,18 @@ def build_table(records: list[dict], policies: list[str], scorers: list[str], ba
     return table
 
 
+def geneval_summary(records: list[dict], policy: str) -> dict[str, float]:
+    """{task: share of its images judged correct, ..., "overall": the tasks' unweighted mean} (summary_scores.py)."""
+    from stitchvm_rl.evaluation.geneval import TASKS, task_scores
+
+    by_task = {t: [v for r in records if r["policy"] == policy and r.get("category") == t for v in r["scores"]["geneval"]] for t in TASKS}
+    return task_scores(by_task)
+
+
 def _cell(stat: dict, signed: bool = False) -> str:
     if stat["prompts"] == 0 or math.isnan(stat["mean"]):
         return "--"
-    digits = max(2, 3 - int(math.floor(math.log10(abs(stat["mean"]) + 1e-12))))  # ~4 significant figures
+    digits = min(6, max(2, 3 - int(math.floor(math.log10(abs(stat["mean"]) + 1e-12)))))  # ~4 significant figures
     mean = f"{stat['mean']:+.{digits}f}" if signed else f"{stat['mean']:.{digits}f}"
     return mean if math.isnan(stat["se"]) else f"{mean} ± {stat['se']:.{digits}f}"
 
@@ -96,4 +106,9 @@ def to_markdown(table: dict, scorers: list[str], title: str) -> str:
         lines += ["", "Paired differences (same prompts and seeds; ± one standard error over prompts):", ""]
         lines += ["| difference | " + " | ".join(scorers) + " |", "|---" * (len(scorers) + 1) + "|"]
         lines += [f"| {d} | " + " | ".join(_cell(row[s], signed=True) for s in scorers) + " |" for d, row in table["paired"].items()]
+    if table.get("geneval"):
+        tasks = [t for t in next(iter(table["geneval"].values())) if t != "overall"] + ["overall"]
+        lines += ["", "GenEval (share of images correct per task; overall = the tasks' mean):", ""]
+        lines += ["| policy | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+        lines += [f"| {p} | " + " | ".join(f"{row.get(t, float('nan')):.3f}" for t in tasks) + " |" for p, row in table["geneval"].items()]
     return "\n".join(lines) + "\n"

@@ -13,6 +13,9 @@ included, on the uint8 image a user would save:
     clipscore  openai/clip-vit-large-patch14                   transformers CLIP    100 max(cos, 0) (torchmetrics)
     toy_clip   the toy world's CLIP                            transformers CLIP    cos
     caption    the toy world's caption classifier              --                   1 if colour, shape and side match
+    image_reward  ImageReward.pt, converted (BLIP, `image_reward`)  OpenAI clip (224)  (MLP - mean) / std (ImageReward.score)
+    geneval    facebook/mask2former-swin-small-coco-instance   mmdet's test pipeline  1 if GenEval's checks pass
+               + openai/clip-vit-large-patch14 (`geneval_clip`: the colour classifier; `evaluation.geneval_scorer`)
 
 "open_clip val" and "OpenAI clip" are the same torchvision pipeline on a PIL image (bicubic resize of
 the short side, centre crop rounded as torchvision does, /255, normalise with the CLIP mean and
@@ -22,7 +25,9 @@ crop. "transformers CLIP" is transformers' own PIL image processor with the chec
 statistics.
 
 Weights come from `ScorerSpec.source` unless `scorer_sources` names another (hub id, a path on every
-node, or a storage URI), as for rewards; `aesthetic_head` names the MLP file.
+node, or a storage URI), as for rewards; `aesthetic_head` names the MLP file and `geneval_clip` the
+colour classifier's CLIP. On a toy backbone the detector and ImageReward default to tiny offline
+models (`TOY_SOURCES`): their scores exercise the pipeline, they are not GenEval's or ImageReward's.
 """
 
 from __future__ import annotations
@@ -66,12 +71,24 @@ SCORERS = {
     "clipscore": ScorerSpec(P["clipscore"].source, "hf", "clipscore"),
     "toy_clip": ScorerSpec("toyworld-clip", "hf", "cosine"),
     "caption": ScorerSpec("", "none", "caption"),
+    "image_reward": ScorerSpec(P["image_reward"].source, "torchvision", "image_reward", convert="image_reward"),
+    "geneval": ScorerSpec("facebook/mask2former-swin-small-coco-instance", "mmdet", "geneval"),
 }
 HEAD_SOURCE = rewards.HEAD_SOURCE  # the scorer_sources key of the aesthetic MLP file
-SOURCE_KEYS = (*SCORERS, HEAD_SOURCE)
+GENEVAL_CLIP = "geneval_clip"  # the scorer_sources key of GenEval's colour classifier
+GENEVAL_CLIP_SOURCE = "openai/clip-vit-large-patch14"  # open_clip ViT-L-14 "openai", as GenEval loads it
+SOURCE_KEYS = (*SCORERS, HEAD_SOURCE, GENEVAL_CLIP)
+TOY_SOURCES = {"geneval": "tiny-mask2former", GENEVAL_CLIP: "toyworld-clip", "image_reward": "tiny-image-reward"}
+
+
+def default_sources(backbone: str, sources: dict[str, str] | None = None) -> dict[str, str]:
+    """`sources` with, on a toy backbone, the tiny offline detector and ImageReward filled in."""
+    return (TOY_SOURCES if backbone in zoo.TOY_BACKBONES else {}) | dict(sources or {})
 
 
 def scorer_source(name: str, sources: dict[str, str] | None = None) -> str:
+    if name == GENEVAL_CLIP:
+        return (sources or {}).get(name) or GENEVAL_CLIP_SOURCE
     return (sources or {}).get(name) or SCORERS[name].source
 
 
@@ -84,15 +101,22 @@ def _weights_problem(name: str, sources: dict[str, str] | None) -> str:
     spec = SCORERS[name]
     if not spec.source:
         return ""
-    source = scorer_source(name, sources)
+    if name == "geneval":
+        return _weights_problem_of(name, spec, scorer_source(name, sources), sources) or _weights_problem_of(GENEVAL_CLIP, spec, scorer_source(GENEVAL_CLIP, sources), sources)
+    return _weights_problem_of(name, spec, scorer_source(name, sources), sources)
+
+
+def _weights_problem_of(name: str, spec: ScorerSpec, source: str, sources: dict[str, str] | None) -> str:
     if spec.convert:
         converted, key = (head_source(sources), HEAD_SOURCE) if spec.head else (source, name)
-        if not storage.source_exists(converted):
+        if converted not in zoo.BUILT_IN and not storage.source_exists(converted):
             return (
                 f"scorer '{name}' needs converted weights at '{converted}', which do not exist; make them once with "
                 f"`python jobs/convert_weights.py kind={spec.convert} checkpoint=<published file> out=<path>` "
                 f"and pass that path (or its storage URI) as scorer_sources.{key}"
             )
+    if source in zoo.BUILT_IN:
+        return ""
     if storage.is_uri(source):
         return "" if storage.source_exists(source) else f"scorer '{name}': '{source}' does not exist in its storage"
     for needed in [source] + ([spec.tokenizer] if spec.tokenizer and source == spec.source else []):
@@ -161,10 +185,10 @@ def hf_processor(bundle: zoo.CLIPBundle):
 
 # ---------------------------------------------------------------- scoring
 class Scorer:
-    """One scorer: `scorer(images uint8 (B, H, W, 3), prompts) -> (B,) float64 scores`."""
+    """One scorer: `scorer(images uint8 (B, H, W, 3), prompts) -> (B,) float64 scores` (GenEval: `load_scorer`)."""
 
-    def __init__(self, name: str, clip: rewards.CLIPScore | None = None, head: rewards.AestheticMLP | None = None):
-        self.name, self.spec, self.clip, self.head = name, SCORERS[name], clip, head
+    def __init__(self, name: str, clip: rewards.CLIPScore | None = None, head: rewards.AestheticMLP | None = None, image_reward=None):
+        self.name, self.spec, self.clip, self.head, self.image_reward = name, SCORERS[name], clip, head, image_reward
         self.processor = hf_processor(clip.bundle) if clip is not None and self.spec.preprocess == "hf" else None
 
     @classmethod
@@ -173,6 +197,10 @@ class Scorer:
         if spec.score == "caption":
             return cls(name)
         source = scorer_source(name, sources)
+        if spec.score == "image_reward":
+            from stitchvm_rl.image_reward import ImageRewardScore
+
+            return cls(name, image_reward=ImageRewardScore.from_pretrained(source, device=device, dtype=dtype))
         tokenizer = spec.tokenizer if source == spec.source else None  # a given source brings its tokenizer
         clip = rewards.CLIPScore(zoo.load_clip(source, dtype=dtype, device=device, tokenizer_source=tokenizer))
         head = load_aesthetic_head(head_source(sources), clip.bundle.model.config.projection_dim, device) if spec.head else None
@@ -180,6 +208,8 @@ class Scorer:
 
     def pixels(self, images: np.ndarray) -> torch.Tensor:
         """The reference implementation's preprocessing of uint8 images."""
+        if self.image_reward is not None:
+            return torchvision_pixels(images, self.image_reward.image_size, zoo.CLIP_MEAN, zoo.CLIP_STD)
         if self.processor is not None:
             return self.processor(images=[Image.fromarray(a) for a in images], return_tensors="pt").pixel_values
         b = self.clip.bundle
@@ -191,6 +221,8 @@ class Scorer:
             x = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float() / 255.0
             truth = [toyworld.parse_caption(p) for p in prompts]
             return np.array([float(p == t) for p, t in zip(toyworld.classify(x), truth)])
+        if self.image_reward is not None:
+            return self.image_reward.pixel_rewards(self.pixels(images), prompts).double().cpu().numpy()
         embeds = self.clip.pixel_embeds(self.pixels(images))
         if self.spec.score == "aesthetic":
             return self.head(embeds.to(next(self.head.parameters()).dtype)).double().cpu().numpy()
@@ -201,6 +233,22 @@ class Scorer:
         elif self.spec.score == "clipscore":
             cos = 100 * cos.clamp(min=0)
         return cos.cpu().numpy()
+
+
+def load_scorer(name: str, sources: dict[str, str] | None = None, device: str = "cpu", dtype: str = "float32"):
+    """Scorer `name`: a `Scorer`, or GenEval's detector-based `GenEvalScorer`."""
+    if name == "geneval":
+        from stitchvm_rl.evaluation.geneval_scorer import GenEvalScorer
+
+        return GenEvalScorer.load(scorer_source(name, sources), scorer_source(GENEVAL_CLIP, sources), device=device)
+    return Scorer.load(name, sources, device=device, dtype=dtype)
+
+
+def score(scorer, images: np.ndarray, prompts: list[str], metadata: list[str]) -> tuple[np.ndarray, list[str] | None]:
+    """(scores, per-image reasons or None): GenEval reads each prompt's metadata and says why an image failed."""
+    if getattr(scorer, "name", "") == "geneval":
+        return scorer(images, prompts, metadata)
+    return scorer(images, prompts), None
 
 
 def load_aesthetic_head(source: str, dim: int, device: str) -> rewards.AestheticMLP:

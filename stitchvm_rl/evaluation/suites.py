@@ -10,6 +10,7 @@ with one prompt per line. The shipped suites name their source:
                 prompts/evaluation_metadata.jsonl of github.com/djghosh13/geneval, MIT licence)
     toyworld    every toy-world caption (colour x shape x side)
 
+A .jsonl file in GenEval's format (every line with `tag` and `include`) is scored as GenEval.
 The protocol is the paper's for its training results (App. D.3: 40 steps, CFG 1.0, 512^2, the
 original clean reward models on fully denoised samples); the toy world samples at its native size.
 """
@@ -65,10 +66,9 @@ SHIPPED = {
         "Imagen's DrawBench (Saharia et al. 2022), 200 prompts, 11 categories",
         Protocol(num_steps=40, cfg_scale=1.0, resolution=512, scorers=PAPER_SCORERS),
     ),
-    # GenEval's own detector-based scorer is not here yet: the suite is scored by DrawBench's scorers until then
     "geneval": (
         "GenEval (Ghosh et al. 2023), 553 prompts in 6 tasks with object metadata",
-        Protocol(num_steps=40, cfg_scale=1.0, resolution=512, scorers=PAPER_SCORERS),
+        Protocol(num_steps=40, cfg_scale=1.0, resolution=512, scorers=("geneval",)),
     ),
     "toyworld": (
         "every toy-world caption (stitchvm_rl.toyworld.CAPTIONS)",
@@ -109,5 +109,7 @@ def load_suite(name: str) -> Suite:
         source, protocol = SHIPPED[name]
         return Suite(name, source, read_suite_file(SUITE_DIR / f"{name}.jsonl"), protocol)
     if name.endswith((".jsonl", ".txt")):
-        return Suite(Path(name).stem, name, read_suite_file(Path(name).expanduser()), FILE_PROTOCOL)
+        prompts = read_suite_file(Path(name).expanduser())
+        in_geneval_format = all("include" in p.metadata and "tag" in p.metadata for p in prompts)
+        return Suite(Path(name).stem, name, prompts, SHIPPED["geneval"][1] if in_geneval_format else FILE_PROTOCOL)
     raise ConfigError(f"suite '{name}' is unknown; choose {', '.join(SHIPPED)} or pass a .jsonl / .txt file{did_you_mean(name, SHIPPED)}")

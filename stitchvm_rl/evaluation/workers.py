@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from stitchvm_rl import storage
-from stitchvm_rl.evaluation.scorers import Scorer
+from stitchvm_rl.evaluation import scorers
 from stitchvm_rl.guidance import GuidanceConfig, build_value, guided_sample
 from stitchvm_rl.policy import SD3Policy
 
@@ -162,7 +163,7 @@ class ScoreImages:
     """Ray Data actor: every scorer loaded once; a batch's images become N scores per scorer and row."""
 
     def __init__(self, names: list[str], sources: dict[str, str], device: str, dtype: str, batch_size: int):
-        self.scorers = {name: Scorer.load(name, sources, device=device, dtype=dtype) for name in names}
+        self.scorers = {name: scorers.load_scorer(name, sources, device=device, dtype=dtype) for name in names}
         self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -170,12 +171,17 @@ class ScoreImages:
         rows, n = images.shape[:2]
         flat = images.reshape(rows * n, *images.shape[2:])
         prompts = np.array([p for p in batch["prompt"].tolist() for _ in range(n)], dtype=object)
+        metadata = np.array([m for m in batch["metadata"].tolist() for _ in range(n)], dtype=object)
         for name, scorer in self.scorers.items():
-            scores = []
+            scores, notes = [], []
             for i in range(0, len(flat), self.batch_size):
-                chunk = padded(np.arange(i, min(i + self.batch_size, len(flat))), self.batch_size)
-                scores.append(scorer(flat[chunk], prompts[chunk].tolist())[: min(self.batch_size, len(flat) - i)])
+                chunk, real = padded(np.arange(i, min(i + self.batch_size, len(flat))), self.batch_size), min(self.batch_size, len(flat) - i)
+                chunk_scores, chunk_notes = scorers.score(scorer, flat[chunk], prompts[chunk].tolist(), metadata[chunk].tolist())
+                scores.append(chunk_scores[:real])
+                notes += (chunk_notes or [])[:real]
             batch[f"score:{name}"] = np.concatenate(scores).reshape(rows, n)
+            if notes:  # GenEval: why each image failed ('' when it passed), a JSON list per row
+                batch[f"notes:{name}"] = np.array([json.dumps(notes[r * n : (r + 1) * n]) for r in range(rows)], dtype=object)
         return batch
 
 
