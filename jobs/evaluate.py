@@ -40,7 +40,6 @@ from stitchvm_rl.value.model import check_value_model_dir
 
 TOY_NFT_LORA = zoo.TOYWORLD_DIR / "nft_lora"  # `python jobs/nft.py` (the README's main command), its lora/
 POLICY_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
-UNSIZED_SCORERS = ("geneval", "image_reward")  # not CLIP: their meta-device configs are not in the zoo yet
 GUIDED_METHODS = ("tweedie", "stitchvm", "fk_tweedie", "fk_stitchvm", "best_of_n")  # jobs/dps.py's, as 'dps:<method>' policies
 
 
@@ -165,8 +164,7 @@ def guidance_of(cfg: EvaluateConfig) -> Guidance:
 def settings_of(cfg: EvaluateConfig, suite: suites.Suite, sampling: Sampling, names: list[str]) -> dict:
     """What makes two evaluations' images comparable (evaluation.json)."""
     settings = {"suite": suite.name, "prompts": len(suite.prompts), "backbone": cfg.backbone, "sampling": asdict(sampling), "seed": cfg.seed, "scorers": names, "policies": dict(cfg.policies)}
-    used = scorer_sources(cfg)
-    settings["scorer_sources"] = {k: scorers.scorer_source(k, used) for k in ([*names, scorers.GENEVAL_CLIP] if "geneval" in names else names) if k == scorers.GENEVAL_CLIP or scorers.SCORERS[k].source}
+    settings["scorer_sources"] = used_scorer_sources(cfg, names)
     if any(guided_method(s) for s in cfg.policies.values()):
         settings["guidance"] = {"sampler": asdict(cfg.guidance), "scales": dict(cfg.guidance_scales), "value_model": cfg.value_model, "rewards": dict(cfg.guidance_rewards)}
     return settings
@@ -175,6 +173,12 @@ def settings_of(cfg: EvaluateConfig, suite: suites.Suite, sampling: Sampling, na
 def scorer_sources(cfg: EvaluateConfig) -> dict[str, str]:
     """The scorers' sources: the config's, and on a toy backbone the tiny detector and ImageReward."""
     return scorers.default_sources(cfg.backbone, cfg.scorer_sources)
+
+
+def used_scorer_sources(cfg: EvaluateConfig, names: list[str]) -> dict[str, str]:
+    """{scorer (and geneval_clip): the weights it loads} of the scorers with weights."""
+    keys = [n for n in names if scorers.SCORERS[n].source] + ([scorers.GENEVAL_CLIP] if "geneval" in names else [])
+    return {k: scorers.scorer_source(k, scorer_sources(cfg)) for k in keys}
 
 
 def check_guided(cfg: EvaluateConfig) -> None:
@@ -238,10 +242,7 @@ def check(cfg: EvaluateConfig) -> None:
 def plan_memory(cfg: EvaluateConfig) -> list[memory_plan.RolePlan]:
     """The sampling and scoring actors' GPU memory plan (`stitchvm_rl.memory_roles.evaluate_roles`)."""
     _, sampling, names, loras = resolve(cfg)
-    unsized = [n for n in names if n in UNSIZED_SCORERS]
-    if unsized:
-        raise ConfigError(f"scorers: the GPU memory plan does not size {', '.join(unsized)} yet; score them with device=cpu, or drop them on cuda")
-    sources = {n: scorers.scorer_source(n, scorer_sources(cfg)) for n in names if scorers.SCORERS[n].source}
+    sources = used_scorer_sources(cfg, names)
     lora_bytes = {}
     for name, lora in loras.items():
         if lora and not storage.is_uri(lora):

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Annotated
 
 from stitchvm_rl import prompts as prompt_lists
-from stitchvm_rl import memory_plan, memory_roles, rewards, runtime, storage, toyworld, zoo
+from stitchvm_rl import memory_plan, memory_roles, reward_actors, rewards, runtime, storage, toyworld, zoo
 from stitchvm_rl.config import ConfigError, Range, check_names, load_config, run_main, to_dict
 from stitchvm_rl.learner import NFTTrainConfig, run_learner
 from stitchvm_rl.memory_plan import MemoryConfig
@@ -92,6 +92,10 @@ class NFTConfig:
     """Custom resources per rollout actor, e.g. {rollout: 1} on clusters from cluster/*.yaml."""
     rollout_max_restarts: Annotated[int, Range(0)] = 3
     """Restarts Ray gives a rollout actor that died (its node lost, out of memory); one that dies more often stops the run, named."""
+    reward_actors: Annotated[int, Range(1)] = 1
+    """Actors per served reward (geneval, image_reward: their models sit there, not in every rollout actor)."""
+    reward_gpus: Annotated[float, Range(0)] = 0.0
+    """GPUs per reward actor (0: CPU; a fraction shares a GPU)."""
     rollout_call_timeout_s: Annotated[float, Range(1)] = 3600.0
     """A rollout call running longer than this is given up and redone by another actor (a hung GPU, a lost node)."""
     resource_wait_s: Annotated[float, Range(0)] = 1800.0
@@ -119,10 +123,32 @@ def stitch_value_models(cfg: NFTConfig) -> list[str]:
     return [default_value_model(cfg.backbone)]
 
 
+def reward_sources_of(cfg: NFTConfig) -> dict[str, str]:
+    """The config's reward sources, and on a toy backbone the tiny GenEval detector and ImageReward."""
+    from stitchvm_rl.evaluation.scorers import default_sources
+
+    return default_sources(cfg.backbone, cfg.reward_sources)
+
+
+def check_geneval_prompts(cfg: NFTConfig) -> None:
+    """GenEval scores an image by its prompt's metadata: every training prompt must carry it."""
+    if not cfg.prompt_file.endswith(".jsonl"):
+        raise ConfigError("rewards.geneval reads each prompt's GenEval metadata: pass prompt_file=<a .jsonl of {prompt, tag, include, ...}>, e.g. GenEval's training metadata")
+    try:
+        rows = prompt_lists.read_prompt_metadata(cfg.prompt_file)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"prompt_file: {err}") from None
+    lacking = [p for p, meta in rows.items() if not {"tag", "include"} <= meta.keys()]
+    if lacking:
+        raise ConfigError(f"prompt_file: {len(lacking)} prompts lack GenEval metadata (tag, include), e.g. '{lacking[0]}'")
+
+
 def check(cfg: NFTConfig) -> None:
     """Refuse inconsistent settings before any model is loaded."""
     zoo.check_source(cfg.backbone, "backbone")
-    rewards.check_reward_weights(cfg.rewards, "rewards", cfg.reward_sources)
+    rewards.check_reward_weights(cfg.rewards, "rewards", reward_sources_of(cfg), served=True)
+    if "geneval" in cfg.rewards:
+        check_geneval_prompts(cfg)
     storage.check_reachable(storage.storage_root(cfg.storage_path, cfg.output_dir), "storage_path")
     check_names("compare", cfg.compare, ESTIMATORS, "estimator")
     runtime.check_zero_stage(cfg.train.zero_stage, "train.zero_stage", "the evaluation and the LoRA export run")
@@ -155,8 +181,11 @@ def plan_memory(cfg: NFTConfig) -> list[memory_plan.RolePlan]:
         prompt_count = len(set(prompt_lists.resolve_prompts(cfg.prompts, cfg.prompt_file)))
     except OSError:  # the prompt file lives where the job runs: a process sees at most its share of the run's groups
         prompt_count = None
-    sources = rewards.published_sources(cfg.rewards, cfg.reward_sources)
-    return memory_roles.nft_roles(cfg, sources, stitch_value_models(cfg), prompt_count)
+    used = rewards.weight_sources(cfg.rewards, reward_sources_of(cfg))
+    served = {k: v for k, v in used.items() if k in reward_actors.SERVED or k == rewards.GENEVAL_CLIP}
+    in_process = {k: v for k, v in rewards.published_sources(cfg.rewards, cfg.reward_sources).items() if k not in served}
+    roles = memory_roles.nft_roles(cfg, in_process, stitch_value_models(cfg), prompt_count)
+    return roles + (memory_roles.reward_actor_roles(cfg, served) if cfg.reward_gpus else [])
 
 
 def plot_rewards(metrics: list[dict], path: Path, estimator: str) -> None:
@@ -179,7 +208,7 @@ def plot_rewards(metrics: list[dict], path: Path, estimator: str) -> None:
     plt.close(fig)
 
 
-def start_rollout_actors(cfg: NFTConfig, names: list[str], sources: dict, value_models: list[str], bundle: dict[str, float]) -> list:
+def start_rollout_actors(cfg: NFTConfig, names: list[str], sources: dict, value_models: list[str], bundle: dict[str, float], served: dict[str, list[str]]) -> list:
     """Named actors owned by the driver (they outlive learner restarts; Ray restarts a dead one up to rollout_max_restarts times);
     returns them once every one is placed and loaded (the learner finds them by name)."""
     import ray
@@ -189,7 +218,8 @@ def start_rollout_actors(cfg: NFTConfig, names: list[str], sources: dict, value_
     options = dict(num_cpus=cfg.rollout_cpus, num_gpus=cfg.rollout_gpus, resources=cfg.rollout_resources, max_restarts=cfg.rollout_max_restarts, max_task_retries=0)
     device = "cuda" if cfg.rollout_gpus else "cpu"
     reward_weights = cfg.rewards if actor_needs_rewards(cfg.rollout.estimator, cfg.drift_every) else {}
-    actors = [actor_cls.options(name=name, **options).remote(sources["backbone"], cfg.rollout, reward_weights, value_models, device, cfg.testing.crash_on_call, sources["reward_sources"]) for name in names]
+    actors = [actor_cls.options(name=name, **options).remote(sources["backbone"], cfg.rollout, reward_weights, value_models, device, cfg.testing.crash_on_call, sources["reward_sources"], served)
+              for name in names]
     try:
         runtime.wait_for_placement([a.__ray_ready__.remote() for a in actors], "rollout actors", bundle, cfg.resource_wait_s)
     except RuntimeError:
@@ -202,7 +232,7 @@ def worker_sources(cfg: NFTConfig) -> dict:
     """The backbone and every used published reward's source as the workers get them: relative
     paths made absolute on the driver (`storage.local_source`), so that each node looks for the
     same path (and `runtime.check_every_node_sees` can check it is there)."""
-    used = rewards.weight_sources(cfg.rewards, cfg.reward_sources)
+    used = rewards.weight_sources(cfg.rewards, reward_sources_of(cfg))
     return {"backbone": storage.local_source(cfg.backbone), "reward_sources": {k: storage.local_source(v) for k, v in used.items()}}
 
 
@@ -260,10 +290,15 @@ def train_one(cfg: NFTConfig) -> dict:
     # Ask the autoscaler for everything at once, then place the actors and the learner ranks.
     rollout_bundle = {"CPU": cfg.rollout_cpus, "GPU": cfg.rollout_gpus, **cfg.rollout_resources}
     learner_bundles = [runtime.learner_bundle(cfg.train.use_gpu, cfg.train.gpus_per_worker, cfg.train.resources_per_worker)] * cfg.train.num_workers
-    runtime.request_resources([rollout_bundle] * cfg.rollout_workers + learner_bundles)
+    served = reward_actors.actor_names(cfg.run_name, cfg.rewards, cfg.reward_actors)
+    reward_bundles = [{"CPU": 1.0, "GPU": cfg.reward_gpus}] * sum(len(n) for n in served.values())
+    runtime.request_resources([rollout_bundle] * cfg.rollout_workers + learner_bundles + reward_bundles)
     names, actors = [f"{cfg.run_name}-rollout-{n}" for n in range(cfg.rollout_workers)], []
     try:
-        actors = start_rollout_actors(cfg, names, sources, value_models, rollout_bundle)
+        if served:  # before the rollout actors, which find them by name
+            metadata = prompt_lists.read_prompt_metadata(cfg.prompt_file) if "geneval" in served else {}
+            actors += reward_actors.start_reward_actors(served, sources["reward_sources"], metadata, cfg.reward_gpus)
+        actors += start_rollout_actors(cfg, names, sources, value_models, rollout_bundle, served)
         runtime.wait_for_bundles(learner_bundles, f"group of {cfg.train.num_workers} learner ranks", cfg.resource_wait_s)
         loop = {
             "rollout": to_dict(cfg.rollout),
@@ -285,6 +320,7 @@ def train_one(cfg: NFTConfig) -> dict:
             "run_name": cfg.run_name,
             "backbone": sources["backbone"],
             "reward_sources": sources["reward_sources"],
+            "served_rewards": served,
             "wandb": to_dict(cfg.wandb),
             "testing": to_dict(cfg.testing),
             "config": to_dict(cfg),

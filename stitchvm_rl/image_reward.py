@@ -50,10 +50,10 @@ class ImageRewardModel(torch.nn.Module):
         self.text = BlipTextModel(config.text_config, add_pooling_layer=False)  # is_decoder: every layer cross-attends
         self.mlp = rewards.AestheticMLP(config.text_config.hidden_size)  # the same 5-layer head, keys mlp.layers.{0,2,4,6,7}
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         image = self.vision(pixel_values=pixel_values).last_hidden_state
-        image_mask = torch.ones(image.shape[:-1], dtype=torch.long, device=image.device)
-        text = self.text(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image, encoder_attention_mask=image_mask)
+        # every image state is attended to (the reference's all-ones mask; None skips building it)
+        text = self.text(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image, encoder_attention_mask=None)
         return (self.mlp(text.last_hidden_state[:, 0].float()) - REWARD_MEAN) / REWARD_STD
 
 

@@ -160,7 +160,7 @@ def train_loop(loop: dict) -> None:
     if rank == 0:
         policy.encode_prompts(loop["eval_prompts"])  # cached on the CPU: the text encoders are not needed again
         policy.drop_text_encoders()
-        reward = rewards.build_rewards(loop["reward_weights"], loop["reward_sources"], device=device)
+        reward = rewards.build_rewards(loop["reward_weights"], loop["reward_sources"], device=device, served=loop["served_rewards"])
         evaluate = Evaluator(policy, reward, loop["eval_prompts"], loop["eval_steps"] or rollout.num_steps, loop["seed"], rollout.resolution, loop["eval_batch_size"], files, scratch, tracker)
     sync_actors(run.previous, actors, rank)  # async: the resumed epoch replays with v_{e-1}, as it ran
     if rank == 0 and start == 0 and loop["eval_every"]:  # the base policy, for comparison

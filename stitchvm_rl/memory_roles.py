@@ -78,14 +78,28 @@ def sd3_parts(backbone: str, dtype: str) -> dict[str, torch.nn.Module]:
         return {part: build(str(path / part)).to(zoo.DTYPES[dtype]) for part, build in builders.items() if (path / part).is_dir()}
 
 
+def reward_model(name: str, source: str, clip_source: str = "") -> torch.nn.Module:
+    """A reward's model(s) on `meta` in float32 (as rewards load): its own config where the weights
+    are at hand (a local directory), else its published architecture. ImageReward is BLIP; GenEval
+    (`clip_source`: its colour classifier) is a detector and a CLIP (`GenEvalModels`)."""
+    if name == "image_reward":
+        return image_reward_model(source)
+    if name == "geneval":
+        return GenEvalModels(source, clip_source)
+    return reward_clip(name, source)
+
+
+def _at_hand(source: str) -> Path:
+    """The local directory a source names (a built-in one resolved), which may not exist."""
+    path = Path(source).expanduser()
+    return Path(zoo.resolve(source)) if source in zoo.BUILT_IN else path
+
+
 def reward_clip(name: str, source: str) -> torch.nn.Module:
-    """A reward's CLIP on `meta` in float32 (as rewards load): its own config where the weights are
-    at hand (a local directory), else its published architecture."""
+    """A reward's CLIP on `meta` in float32 (see `reward_model`)."""
     from transformers import CLIPConfig, CLIPModel
 
-    path = Path(source).expanduser()
-    if source in zoo.TOYWORLD_NAMES or source in zoo.TINY_BUILDS:
-        path = Path(zoo.resolve(source))
+    path = _at_hand(source)
     with torch.device("meta"):
         if (path / "config.json").is_file():
             return CLIPModel(CLIPConfig.from_pretrained(str(path)))
@@ -93,6 +107,62 @@ def reward_clip(name: str, source: str) -> torch.nn.Module:
     if name not in REWARD_ARCHITECTURES and not named:
         raise ValueError(f"the reward model {name or ''} {source} is not at hand and is not a published architecture to plan with; plan where its config.json can be read")
     return zoo.meta_model(REWARD_ARCHITECTURES.get(name) or named[0])
+
+
+def image_reward_model(source: str) -> torch.nn.Module:
+    """ImageReward (BLIP ViT-L + BERT-base, `stitchvm_rl.image_reward`) on `meta`: the converted
+    directory's config.json, else the published sizes."""
+    from transformers import BlipConfig
+
+    from stitchvm_rl.image_reward import ImageRewardModel, published_config
+
+    path = _at_hand(source)
+    config = BlipConfig.from_pretrained(str(path)) if (path / "config.json").is_file() else published_config()
+    with torch.device("meta"):
+        return ImageRewardModel(config).to("meta").eval()
+
+
+class GenEvalModels(torch.nn.Module):
+    """GenEval's scorer on `meta`: the Mask2Former detector (its config where at hand, else
+    facebook/mask2former-swin-small-coco-instance's) run at its test scale, and the colour CLIP."""
+
+    def __init__(self, source: str, clip_source: str):
+        from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+
+        from stitchvm_rl.evaluation import detector
+
+        super().__init__()
+        path = _at_hand(source)
+        config = Mask2FormerConfig.from_pretrained(str(path)) if (path / "config.json").is_file() else detector.published_config()
+        with torch.device("meta"):
+            self.detector = Mask2FormerForUniversalSegmentation(config).to("meta").eval()  # some of its tensors are made on the CPU
+        self.clip = reward_clip("clipscore", clip_source)
+        self.test_scale = detector.test_scale_of(path)
+
+
+def reward_call(model: torch.nn.Module, batch: int, grad: bool = False) -> Call:
+    """One reward forward of `batch` images: a CLIP's image tower, ImageReward's two towers at 35
+    tokens, or GenEval's detector at its test scale (its colour CLIP sees a few crops after)."""
+    from stitchvm_rl.image_reward import MAX_LENGTH, ImageRewardModel
+
+    if isinstance(model, ImageRewardModel):
+        size = model.config.vision_config.image_size
+
+        def run(device):
+            with torch.device(device):
+                ids = torch.zeros(batch, MAX_LENGTH, dtype=torch.long)
+                return model(torch.randn(batch, 3, size, size, requires_grad=grad), ids, None)  # no padding mask: it would read values
+
+        return Call(("image reward", model_key(model), batch, grad), run)
+    if isinstance(model, GenEvalModels):
+        side = min(model.test_scale)  # a square image fits the short edge
+
+        def run(device):
+            with torch.device(device):
+                return model.detector(pixel_values=torch.randn(batch, 3, side, side)).masks_queries_logits
+
+        return Call(("geneval detector", model_key(model.detector), batch, side), run)
+    return clip_image_call(model, batch, grad)
 
 
 def value_model(path: str, backbone: str, rewards: dict[str, str], dtype: str) -> tuple[str, torch.nn.Module]:
@@ -108,7 +178,7 @@ def value_model(path: str, backbone: str, rewards: dict[str, str], dtype: str) -
         config = ValueModelConfig(**json.loads((value_model_path(path) / CONFIG_FILE).read_text()))
         what, clip = f"value model {path}", reward_clip("", config.reward_model)
     except (OSError, ValueError):
-        clips = {name: reward_clip(name, source) for name, source in rewards.items()}
+        clips = {name: reward_clip(name, source) for name, source in rewards.items() if name not in ("image_reward", "geneval")}  # StitchVM stitches CLIP rewards
         named = [n for n in clips if n in Path(path).as_posix()]
         name = named[0] if named else max(clips, key=lambda n: zoo.count_params(clips[n]))
         what, clip = f"value model {path} (not at hand: planned as StitchVM({PLANNED_DIT_BLOCK}, 1) over {name}'s CLIP)", clips[name]
@@ -279,11 +349,30 @@ def nft_roles(cfg, reward_sources: dict[str, str], value_models: list[str], prom
     ro, train = cfg.rollout, cfg.train
     rollout_gpu = role_gpu(cfg.rollout_gpus, cfg.rollout_resources, cfg.memory, "rollout actor")
     learner_gpu = role_gpu(train.gpus_per_worker if train.use_gpu else 0, train.resources_per_worker, cfg.memory, "learner rank")
-    published = {name: reward_clip(name, source) for name, source in reward_sources.items()}
+    published = {name: reward_model(name, source) for name, source in reward_sources.items()}
     return [
         rollout_actor(cfg, published if actor_needs_rewards(ro.estimator, cfg.drift_every) else {}, reward_sources, value_models, prompt_count, rollout_gpu),
         *learner_ranks(cfg, published, prompt_count, learner_gpu),
     ]
+
+
+def reward_actor_roles(cfg, served_sources: dict[str, str]) -> list[RolePlan]:
+    """jobs/nft.py's reward actors (`stitchvm_rl.reward_actors`), `reward_actors` per served reward,
+    `reward_gpus` each: the reward's model(s) in float32, the largest batch sent at once (a rollout
+    actor's rollout.batch_size images, or learner rank 0's eval_batch_size)."""
+    gpu = role_gpu(cfg.reward_gpus, {}, cfg.memory, "reward actor")
+    batch = max(min(cfg.rollout.batch_size, cfg.rollout.group_size), cfg.eval_batch_size)
+    plans = []
+    for name, source in served_sources.items():
+        if name == "geneval_clip":
+            continue
+        model = reward_model(name, source, served_sources.get("geneval_clip", ""))
+        plan = RolePlan(f"reward actor ({name})", cfg.reward_actors, cfg.reward_gpus, gpu.gib, reward_items({name: model}), models=[model], placement=gpu.where)
+        call = reward_call(model, batch)
+        plan.phases = [Item(f"scoring {batch} images", peak_live_bytes(call), (call,))]
+        plan.fixes = ["a smaller rollout.batch_size / eval_batch_size", "reward_gpus=1 (a GPU of its own)"]
+        plans.append(plan)
+    return plans
 
 
 def rollout_actor(cfg, rewards: dict[str, torch.nn.Module], reward_sources: dict[str, str], value_models: list[str], prompt_count: int | None, gpu: GPU) -> RolePlan:
@@ -310,7 +399,7 @@ def rollout_actor(cfg, rewards: dict[str, torch.nn.Module], reward_sources: dict
     if rewards:
         plan.resident += reward_items(rewards)
         plan.models += rewards.values()
-        calls = (decode_call(vae, scored, side), *(clip_image_call(m, scored) for m in rewards.values()))
+        calls = (decode_call(vae, scored, side), *(reward_call(m, scored) for m in rewards.values()))
         decoding = peak_live_bytes(calls[0]) + max(peak_live_bytes(c) for c in calls[1:])
         why = "the terminal reward" if ro.estimator == "terminal" else ("the drift watch" if ro.estimator == "stitchvm" else f"{ro.estimator}'s reward")
         plan.phases.append(Item(f"decoding and rewarding {scored} images ({why})", decoding, calls))
@@ -363,7 +452,7 @@ def learner_ranks(cfg, rewards: dict[str, torch.nn.Module], prompt_count: int | 
     rank0.host = [cache_item(parts, evaluated, tokens, train.dtype, "evaluation prompts")]
     rank0.phases.insert(0, Item("encoding the evaluation prompts at start (text encoders, freed after)", text_encoder_bytes(parts)))
     batch = min(cfg.eval_batch_size, cfg.eval_prompts)
-    calls = (velocity_call(transformer, batch, side, tokens), decode_call(vae, batch, side), *(clip_image_call(m, batch) for m in rewards.values()))
+    calls = (velocity_call(transformer, batch, side, tokens), decode_call(vae, batch, side), *(reward_call(m, batch) for m in rewards.values()))
     rank0.phases.append(Item(f"evaluation: {batch} prompts at a time sampled, decoded and rewarded", max(peak_live_bytes(c) for c in calls), calls))
     rank0.fixes = [*learner.fixes, f"a smaller eval_batch_size ({cfg.eval_batch_size})"]
     return [learner, rank0]
@@ -512,10 +601,10 @@ def dps_roles(cfg, reward_sources: dict[str, str], value_model_dir: str) -> list
         sampling = peak_live_bytes(velocity)
         plan.phases = [Item(f"the velocity of {n} latents{' (x2 with CFG)' if with_cfg > 1 else ''}", sampling, (velocity,))]
         if kind == "tweedie":
-            clips = {name: reward_clip(name, source).requires_grad_(False) for name, source in reward_sources.items()}  # float32, as rewards load
+            clips = {name: reward_model(name, source).requires_grad_(False) for name, source in reward_sources.items()}  # float32, as rewards load
             plan.resident += reward_items(clips)
             plan.models += clips.values()
-            calls = (velocity_call(transformer, n * with_cfg, side, tokens, grad=True), decode_call(vae, n, side, grad=True), *(clip_image_call(m, n, grad=True) for m in clips.values()))
+            calls = (velocity_call(transformer, n * with_cfg, side, tokens, grad=True), decode_call(vae, n, side, grad=True), *(reward_call(m, n, grad=True) for m in clips.values()))
             grad = saved_bytes(calls[0]) + saved_bytes(calls[1]) + max((saved_bytes(c) for c in calls[2:]), default=0)
             plan.phases.append(Item(f"d reward / d z through the transformer, VAE decode and reward CLIP ({n} latents), saved for the backward + the velocity's transient", grad + sampling, calls, backward=True))
         if kind == "stitchvm":
@@ -526,9 +615,9 @@ def dps_roles(cfg, reward_sources: dict[str, str], value_model_dir: str) -> list
             call = value_call(model, n, side, transformer.config.in_channels, tokens, grad=True)
             plan.phases.append(Item(f"d value / d z through the value model ({n} latents), saved for the backward", saved_bytes(call), (call,), backward=True))
         if kind == "best_of_n":
-            clips = {name: reward_clip(name, source) for name, source in reward_sources.items()}
+            clips = {name: reward_model(name, source) for name, source in reward_sources.items()}
             plan.resident += reward_items(clips)
-            calls = (decode_call(vae, n, side), *(clip_image_call(m, n) for m in clips.values()))
+            calls = (decode_call(vae, n, side), *(reward_call(m, n) for m in clips.values()))
             plan.phases.append(Item(f"decoding and rewarding all {n} samples", max(peak_live_bytes(c) for c in calls), calls))
         decoding = decode_call(vae, cfg.batch_size, side)
         plan.phases.append(Item(f"decoding {cfg.batch_size} images", peak_live_bytes(decoding), (decoding,)))
@@ -544,7 +633,7 @@ def sample_roles(cfg, reward_sources: dict[str, str], images: int) -> list[RoleP
     parts = sd3_parts(cfg.model, cfg.dtype)
     transformer, vae = parts["transformer"], parts["vae"]
     side, tokens = latent_side(vae, transformer, cfg.resolution), text_tokens(parts, t5_tokens(cfg.model, 256))
-    clips = {name: reward_clip(name, source) for name, source in reward_sources.items()}
+    clips = {name: reward_model(name, source) for name, source in reward_sources.items()}
     with_cfg = 2 if cfg.cfg_scale != 1 else 1
     gpu = role_gpu(1.0 if cfg.device.startswith("cuda") else 0, {}, cfg.memory, "sampler")
     plan = RolePlan("sampler (jobs/sample.py)", 1, 1.0, gpu.gib, placement=gpu.where)
@@ -552,14 +641,15 @@ def sample_roles(cfg, reward_sources: dict[str, str], images: int) -> list[RoleP
     plan.phases = [
         Item(f"sampling {cfg.batch_size} images{' (x2 with CFG)' if with_cfg > 1 else ''}", peak_live_bytes(velocity_call(transformer, cfg.batch_size * with_cfg, side, tokens))),
         Item(f"decoding {cfg.batch_size} images", peak_live_bytes(decode_call(vae, cfg.batch_size, side))),
-        *([Item(f"rewarding all {images} images", max(peak_live_bytes(clip_image_call(m, images)) for m in clips.values()))] if clips else []),
+        *([Item(f"rewarding all {images} images", max(peak_live_bytes(reward_call(m, images)) for m in clips.values()))] if clips else []),
     ]
     plan.fixes = ["a smaller batch_size", "dtype=bfloat16" if cfg.dtype == "float32" else "a GPU with more memory"]
     return [plan]
 
 
 # ---------------------------------------------------------------- the roles of jobs/evaluate.py
-SCORER_REWARDS = {"hpsv2": "hpsv2", "hpsv21": "hpsv2", "pickscore": "pickscore", "aesthetic": "aesthetic", "dfn_clip": "dfn_clip", "clipscore": "clipscore", "toy_clip": "toy_clip"}
+SCORER_REWARDS = {"hpsv2": "hpsv2", "hpsv21": "hpsv2", "pickscore": "pickscore", "aesthetic": "aesthetic", "dfn_clip": "dfn_clip", "clipscore": "clipscore", "toy_clip": "toy_clip",
+                  "image_reward": "image_reward", "geneval": "geneval"}
 
 
 def evaluate_roles(cfg, sampling, scorer_sources: dict[str, str], lora_files: dict[str, int], guided: list[RolePlan] | None = None) -> list[RolePlan]:
@@ -588,11 +678,11 @@ def evaluate_roles(cfg, sampling, scorer_sources: dict[str, str], lora_files: di
         sampler.resident += [item for item in plan.resident if item.what not in held]
         sampler.phases += [dataclasses.replace(item, what=f"{plan.role.removeprefix('DPS worker ')}: {item.what}") for item in plan.phases]
     sampler.fixes = ["a smaller prompts_per_batch", "dtype=bfloat16" if cfg.dtype == "float32" else "a GPU with more memory"]
-    clips = {name: reward_clip(SCORER_REWARDS[name], source) for name, source in scorer_sources.items()}
+    clips = {name: reward_model(SCORER_REWARDS[name], source, scorer_sources.get("geneval_clip", "")) for name, source in scorer_sources.items() if name in SCORER_REWARDS}
     score_gpus = cfg.score_gpus if gpu_count else 0
     gpu = role_gpu(score_gpus, {}, cfg.memory, "scoring actor")
     scorer = RolePlan("scoring actor", cfg.score_actors, score_gpus, gpu.gib, placement=gpu.where)
     scorer.resident = reward_items(clips)
-    scorer.phases = [Item(f"scoring {cfg.score_batch_size} images", max(peak_live_bytes(clip_image_call(m, cfg.score_batch_size)) for m in clips.values()))] if clips else []
+    scorer.phases = [Item(f"scoring {cfg.score_batch_size} images", max(peak_live_bytes(reward_call(m, cfg.score_batch_size)) for m in clips.values()))] if clips else []
     scorer.fixes = ["a smaller score_batch_size", "score_gpus=1 (a GPU of its own)", "fewer scorers per evaluation"]
     return [sampler, scorer]

@@ -1,7 +1,9 @@
-"""Prompt lists: from the config, from a UTF-8 file (one prompt per line), or the toy world's captions."""
+"""Prompt lists: from the config, from a UTF-8 file (one prompt per line, or a .jsonl of
+`{"prompt": ..., further keys}` such as GenEval's training metadata), or the toy world's captions."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from stitchvm_rl import toyworld
@@ -19,7 +21,21 @@ def read_prompt_file(path: str | Path) -> list[str]:
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"prompt file '{path}' holds no prompts; put one prompt per line")
-    return prompts
+    return list(read_prompt_metadata(path, text)) if path.suffix == ".jsonl" else prompts
+
+
+def read_prompt_metadata(path: str | Path, text: str | None = None) -> dict[str, dict]:
+    """{prompt: its other keys} of a .jsonl prompt file (GenEval's tag / include / exclude)."""
+    rows = {}
+    for n, line in enumerate((text if text is not None else Path(path).read_text(encoding="utf-8-sig")).splitlines()):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            rows[row.pop("prompt")] = row
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
+            raise ValueError(f"prompt file '{path}' line {n + 1} is not a JSON object with a \"prompt\" key") from None
+    return rows
 
 
 def resolve_prompts(prompts: list[str], prompt_file: str) -> list[str]:

@@ -228,11 +228,15 @@ PUBLISHED = {
 }
 
 
-REWARD_NAMES = (*PUBLISHED, *ANALYTIC)
+# GenEval (detector + colour CLIP, `evaluation.geneval_scorer`): a non-differentiable reward of prompts
+# with GenEval metadata, served by reward actors only (`stitchvm_rl.reward_actors`)
+SERVED_ONLY = ("geneval",)
+REWARD_NAMES = (*PUBLISHED, *ANALYTIC, *SERVED_ONLY)
 
 
 HEAD_SOURCE = "aesthetic_head"  # the reward_sources key of the aesthetic MLP file (its CLIP: `aesthetic`)
-SOURCE_KEYS = (*PUBLISHED, HEAD_SOURCE)
+GENEVAL_CLIP = "geneval_clip"  # the reward_sources key of GenEval's colour classifier (its detector: `geneval`)
+SOURCE_KEYS = (*PUBLISHED, HEAD_SOURCE, *SERVED_ONLY, GENEVAL_CLIP)
 
 
 def reward_source(name: str, sources: dict[str, str] | None = None) -> str:
@@ -251,6 +255,10 @@ def weight_sources(weights: dict[str, float], sources: dict[str, str] | None = N
     used = published_sources(weights, sources)
     if "aesthetic" in weights:
         used[HEAD_SOURCE] = (sources or {}).get(HEAD_SOURCE) or PUBLISHED["aesthetic"].head
+    if "geneval" in weights:
+        from stitchvm_rl.evaluation.scorers import scorer_source
+
+        used |= {key: scorer_source(key, sources) for key in ("geneval", GENEVAL_CLIP)}
     return used
 
 
@@ -269,15 +277,23 @@ def _missing_conversion(name: str, sources: dict[str, str] | None = None) -> str
     )
 
 
-def check_reward_weights(weights: dict[str, float], key: str = "rewards", sources: dict[str, str] | None = None, sources_key: str = "reward_sources") -> None:
+def check_reward_weights(weights: dict[str, float], key: str = "rewards", sources: dict[str, str] | None = None, sources_key: str = "reward_sources", served: bool = False) -> None:
     """A job's config check of `{name: weight}` and its `{name: source}` overrides, before Ray starts
     or a model loads: at least one reward, every name known, converted weights in place (else the
-    actors would fail loading them)."""
+    actors would fail loading them). `served`: the job serves SERVED_ONLY rewards from reward actors."""
     if not weights:
         raise ConfigError(f"{key}: no reward given; name at least one, e.g. {key}={{toy_clip: 1.0}}")
     check_names(key, weights, REWARD_NAMES, "reward")
     check_names(sources_key, sources or {}, SOURCE_KEYS, "reward source")
+    unserved = [name for name in weights if name in SERVED_ONLY and not served]
+    if unserved:
+        raise ConfigError(f"{key}: '{unserved[0]}' is a non-differentiable reward served by reward actors; jobs/nft.py trains with it, this job cannot use it")
     for name in weights:
+        if name in SERVED_ONLY:
+            from stitchvm_rl.evaluation.scorers import check_scorers
+
+            check_scorers([name], {k: v for k, v in (sources or {}).items() if k in (name, GENEVAL_CLIP)}, key)
+            continue
         try:
             problem = _missing_conversion(name, sources) if name in PUBLISHED else ""
         except OSError as err:
@@ -290,6 +306,8 @@ def build_reward(name: str, sources: dict[str, str] | None = None, device: str =
     """One reward by name: a published model (from `sources[name]` if given) or an analytic one."""
     if name in ANALYTIC:
         return ANALYTIC[name]
+    if name in SERVED_ONLY:
+        raise ValueError(f"reward '{name}' is served by reward actors only (jobs/nft.py starts them); it cannot load in this process")
     if name not in PUBLISHED:
         raise ValueError(f"unknown reward '{name}'; known rewards: {', '.join(REWARD_NAMES)}{did_you_mean(name, REWARD_NAMES)}")
     spec = PUBLISHED[name]
@@ -305,8 +323,12 @@ def build_reward(name: str, sources: dict[str, str] | None = None, device: str =
     return CLIPScore.from_pretrained(reward_source(name, sources), scale=spec.scale, tokenizer=spec.tokenizer, dtype=dtype, device=device, logit_scale=spec.logit_scale)
 
 
-def build_rewards(weights: dict[str, float], sources: dict[str, str] | None = None, device: str = "cpu") -> WeightedReward:
-    """A weighted sum from `{name: weight}` (and optional `{name: source}` overrides)."""
+def build_rewards(weights: dict[str, float], sources: dict[str, str] | None = None, device: str = "cpu", served: dict[str, list[str]] | None = None) -> WeightedReward:
+    """A weighted sum from `{name: weight}` (and optional `{name: source}` overrides); the rewards in
+    `served` ({name: reward actor names}, `reward_actors`) are answered by those actors."""
+    from stitchvm_rl.reward_actors import RemoteReward
+
     if not weights:
         raise ValueError("no reward given; name at least one, e.g. rewards={toy_clip: 1.0}")
-    return WeightedReward({n: (build_reward(n, sources, device=device), w) for n, w in weights.items()})
+    served = served or {}
+    return WeightedReward({n: (RemoteReward(n, served[n]) if n in served else build_reward(n, sources, device=device), w) for n, w in weights.items()})

@@ -101,11 +101,12 @@ def actor_needs_rewards(estimator: str, drift_every: int) -> bool:
 
 class RolloutWorker:
     """Ray actor (`ray.remote(RolloutWorker).options(num_gpus=...)`): one policy replica with the
-    LoRA adapters, the reward (empty `reward_weights`: none, see `actor_needs_rewards`) and, for
-    stitchvm, the value models (their scores are summed).
+    LoRA adapters, the reward (empty `reward_weights`: none, see `actor_needs_rewards`; the ones in
+    `served_rewards` are answered by reward actors) and, for stitchvm, the value models (their scores are summed).
     `crash_on_call` is fault injection for tests (`testing.crash_on_call` of jobs/nft.py)."""
 
-    def __init__(self, backbone: str, cfg: RolloutConfig, reward_weights: dict[str, float], value_models: list[str], device: str = "cpu", crash_on_call: int = -1, reward_sources: dict[str, str] | None = None):
+    def __init__(self, backbone: str, cfg: RolloutConfig, reward_weights: dict[str, float], value_models: list[str], device: str = "cpu", crash_on_call: int = -1,
+                 reward_sources: dict[str, str] | None = None, served_rewards: dict[str, list[str]] | None = None):
         from stitchvm_rl.value.model import StitchedValueModel
 
         check_rollout_config(cfg, value_models)
@@ -118,7 +119,7 @@ class RolloutWorker:
         self.calls = 0
         self.schedule = flow.sd3_sigmas(cfg.num_steps, scheduler_config=self.policy.pipe.scheduler.config)
         self.value_models = [StitchedValueModel.from_pretrained(d, device=device, dtype=cfg.dtype) for d in value_models]
-        reward = rewards.build_rewards(reward_weights, reward_sources, device=device) if reward_weights else None
+        reward = rewards.build_rewards(reward_weights, reward_sources, device=device, served=served_rewards) if reward_weights else None
         # CFG-free, as the rollouts themselves: completions (mc) follow the rollout's own schedule
         self.estimators = Estimators(self.policy, self._value, reward, cfg.num_steps, cfg_scale=1.0, noise_level=cfg.noise_level, batch_size=cfg.batch_size)
         if cfg.compile:  # after the LoRA layers are in: the compiled blocks include them

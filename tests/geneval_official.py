@@ -1,15 +1,21 @@
-"""Record GenEval's own decisions on the synthetic cases of tests/geneval_cases.py.
+"""Record GenEval's own decisions, and Flow-GRPO's GenEval training score, on the synthetic cases of
+tests/geneval_cases.py.
 
-    git clone https://github.com/djghosh13/geneval /tmp/geneval            # af4902f was used
-    pip install --target /tmp/geneval_pkgs --no-deps clip_benchmark scikit-learn
-    PYTHONPATH=/tmp/geneval_pkgs python tests/geneval_official.py /tmp/geneval
+    git clone https://github.com/djghosh13/geneval /tmp/geneval                  # af4902f was used
+    git clone https://github.com/yifan123/reward-server /tmp/reward-server       # 92ac29f was used
+    pip install --target /tmp/geneval_pkgs --no-deps clip_benchmark==1.4.0 scikit-learn joblib threadpoolctl narwhals cloudpickle pillow==10.4.0
+    PYTHONPATH=/tmp/geneval_pkgs python tests/geneval_official.py /tmp/geneval /tmp/reward-server
 
 Imports the official evaluation/evaluate_images.py unchanged. Its detector call (`inference_detector`)
 answers with each case's synthetic boxes and masks; its CLIP (model, transform, tokenizer) is a
 stand-in whose zero-shot classifier picks `geneval_cases.nearest_colour` of each crop, so the
 official ImageCrops, clip_benchmark's classifier and every decision run as published. mmdet and
 open_clip are only imported by it, never called here, so empty modules stand in for them.
-Writes tests/data/geneval_official.json: the class names and, per case, `correct`, `reason`, `details`.
+The reward server's `reward_server/gen_eval.py` (the partial-credit score Flow-GRPO and DiffusionNFT
+train with) is imported the same way: its `load_geneval()` builds its closures with the stand-ins,
+and its `compute_geneval` answers each case's image.
+Writes tests/data/geneval_official.json: the class names and, per case, `correct`, `reason`,
+`details` (GenEval) and `score`, `strict` (the reward server).
 """
 
 import importlib.util
@@ -61,7 +67,34 @@ def tokenize(texts):  # "a photo of a {colour}[-colored] {class}" -> the colour'
     return torch.stack([one_hot(t.removeprefix("a photo of a ").split()[0].split("-")[0]) for t in texts])
 
 
-def main(repo: Path) -> None:
+def reward_server_scores(repo: Path, classnames: list[str]) -> dict[str, dict]:
+    """{case: {score, strict}} of the reward server's compute_geneval, its models the stand-ins."""
+    import os
+
+    sys.modules["mmdet"].__file__ = str(repo)
+    sys.modules["mmdet.apis"].init_detector = lambda *args, **kwargs: None
+    sys.modules["open_clip"].create_model_and_transforms = lambda *args, **kwargs: (NearestColourCLIP(), None, lambda crop: one_hot(cases.nearest_colour(crop)))
+    sys.modules["open_clip"].get_tokenizer = lambda arch: tokenize
+    spec = importlib.util.spec_from_file_location("gen_eval", repo / "reward_server" / "gen_eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.DEVICE = "cpu"
+    cwd = os.getcwd()
+    os.chdir(repo)  # it reads reward_server/object_names.txt from the working directory
+    try:
+        compute = module.load_geneval()
+    finally:
+        os.chdir(cwd)
+    out = {}
+    for name, metadata, objects in cases.CASES:
+        image, boxes, masks = cases.render(name, objects, classnames)
+        module.inference_detector = lambda model, arrays, b=boxes, m=masks: [(b, m)]
+        scores, _, strict, _, _ = compute([Image.fromarray(image)], [metadata], only_strict=True)
+        out[name] = {"score": float(scores[0]), "strict": float(strict[0])}
+    return out
+
+
+def main(repo: Path, reward_server: Path) -> None:
     official = import_official(repo)
     official.DEVICE, official.object_detector = "cpu", None
     official.args = types.SimpleNamespace(options={})
@@ -80,10 +113,13 @@ def main(repo: Path) -> None:
             official.inference_detector = lambda model, filepath, b=boxes, m=masks: (b, m)
             result = official.evaluate_image(path, metadata)
             out["cases"][name] = {"correct": bool(result["correct"]), "reason": result["reason"], "details": json.loads(result["details"])}
+    for name, scores in reward_server_scores(reward_server, official.classnames).items():
+        out["cases"][name] |= scores
+    out["reward_server_commit"] = subprocess.run(["git", "-C", str(reward_server), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     (HERE / "data").mkdir(exist_ok=True)
     (HERE / "data" / "geneval_official.json").write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {HERE / 'data' / 'geneval_official.json'}: {sum(c['correct'] for c in out['cases'].values())} of {len(out['cases'])} correct")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]))

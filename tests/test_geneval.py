@@ -18,15 +18,21 @@ OFFICIAL = json.loads((Path(__file__).parent / "data" / "geneval_official.json")
 def test_every_decision_matches_the_official_code_on_synthetic_detections():
     """tests/data/geneval_official.json is GenEval's own evaluate_image on tests/geneval_cases.py
     (tests/geneval_official.py): thresholds, the 16-object cap, counting's exclusion, colour on the
-    masked crop, the position margin and a missing target, each with its reason text and kept boxes."""
+    masked crop, the position margin and a missing target, each with its reason text and kept boxes;
+    and the reward server's partial-credit training score of the same detections."""
     assert list(geneval.CLASSNAMES) == OFFICIAL["classnames"] and len(OFFICIAL["cases"]) == len(cases.CASES)
     for name, metadata, objects in cases.CASES:
         image, boxes, masks = cases.render(name, objects, list(geneval.CLASSNAMES))
         kept = geneval.keep_confident(boxes, masks, metadata["tag"])
-        correct, reason = geneval.evaluate(kept, metadata, lambda found, cls: [cases.nearest_colour(c) for c in geneval.colour_crops(image, found)])
+        colours = lambda found, cls, image=image: [cases.nearest_colour(c) for c in geneval.colour_crops(image, found)]  # noqa: E731
+        correct, reason = geneval.evaluate(kept, metadata, colours)
         details = {k: [box.tolist() for box, _ in v] for k, v in kept.items()}
-        assert {"correct": correct, "reason": reason, "details": details} == OFFICIAL["cases"][name], name
+        official = OFFICIAL["cases"][name]
+        assert {"correct": correct, "reason": reason, "details": details} == {k: official[k] for k in ("correct", "reason", "details")}, name
+        # the partial-credit training score of Flow-GRPO and DiffusionNFT (their reward server's)
+        assert geneval.partial_score(kept, metadata, colours) == pytest.approx(official["score"], abs=1e-12), name
     assert sum(c["correct"] for c in OFFICIAL["cases"].values()) == 11  # both outcomes of every task are covered
+    assert sorted({round(c["score"], 4) for c in OFFICIAL["cases"].values()}) == [-14.0, 0.0, 0.3333, 0.5, 0.6667, 0.75, 1.0]
 
 
 def test_task_scores_average_the_six_tasks_unweighted():

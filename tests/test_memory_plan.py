@@ -96,7 +96,7 @@ def _shipped_plans():
 
 def test_every_shipped_config_passes_its_plan_and_the_learner_ranks_hold_no_text_encoder(capsys):
     plan, runs = _shipped_plans()
-    assert len(runs) == 13  # 2 NFT configs + their one-node layout, 4 stitch configs + 3 with the stitch layouts, 1 sample config, 1 evaluate config
+    assert len(runs) == 14  # 2 NFT configs + their one-node layout, 4 stitch configs + 3 with the stitch layouts, 1 sample config, 2 evaluate configs
     for name, argv in runs.items():
         result = plan.main(argv)
         assert all(role["fits"] and role["budget_gib"] for role in result.values()), (name, result)

@@ -95,6 +95,21 @@ def instance_results(class_logits: torch.Tensor, mask_logits: torch.Tensor, padd
     return [boxes[labels == c] for c in range(num_classes)], [list(binary[labels == c]) for c in range(num_classes)]
 
 
+def published_config():
+    """facebook/mask2former-swin-small-coco-instance's architecture: Swin-S (96, [2, 2, 18, 2], window
+    7), 100 queries, 9 decoder layers (transformers counts 10), 6 deformable encoder layers, COCO's 80."""
+    from transformers import Mask2FormerConfig, SwinConfig
+
+    swin = SwinConfig(embed_dim=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24], window_size=7, out_features=["stage1", "stage2", "stage3", "stage4"])
+    return Mask2FormerConfig(backbone_config=swin, num_labels=len(CLASSNAMES), id2label=dict(enumerate(CLASSNAMES)), label2id={n: i for i, n in enumerate(CLASSNAMES)})
+
+
+def test_scale_of(path: str | Path) -> tuple[int, int]:
+    """The (long, short) bound a detector directory runs at: its geneval_detector.json's, else mmdet's."""
+    settings = Path(path) / SETTINGS_FILE
+    return tuple(json.loads(settings.read_text())["test_scale"]) if settings.is_file() else TEST_SCALE
+
+
 class Mask2FormerDetector:
     """`detector(images uint8 (B, H, W, 3))` -> per image (per-class boxes, per-class masks)."""
 
@@ -109,9 +124,7 @@ class Mask2FormerDetector:
         from stitchvm_rl import zoo
 
         path = zoo.resolve(source)
-        settings = Path(path) / SETTINGS_FILE
-        scale = json.loads(settings.read_text())["test_scale"] if settings.is_file() else TEST_SCALE
-        return cls(Mask2FormerForUniversalSegmentation.from_pretrained(path).to(device), scale)
+        return cls(Mask2FormerForUniversalSegmentation.from_pretrained(path).to(device), test_scale_of(path))
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray):

@@ -124,6 +124,43 @@ def evaluate(objects: dict[str, list[Detection]], metadata: dict, colours_of: Co
     return not reasons, "\n".join(reasons)
 
 
+def partial_score(objects: dict[str, list[Detection]], metadata: dict, colours_of: ColourFn) -> float:
+    """The GenEval training reward of Flow-GRPO and DiffusionNFT (yifan123/reward-server's
+    `evaluate_reward`, their `reward_fn={"geneval": 1.0}`): the mean of per-clause terms, partial credit.
+
+    Per include clause, with n = every kept object of its class (not only the `count` best):
+        1 - |count - n| / count                     (negative past twice the count)
+        n != count and the clause has a colour or position: 0
+        n == count, colour: 1 - |count - (objects of that colour)| / count
+        n == count, colour right (or none), position: 0 without a target; else 1, and a 0 before it
+                    at the first object not in the relation to a target object
+    Exclude clauses do not count; an exact count is needed where GenEval's score takes "at least"."""
+    terms, matched_groups = [], []
+    for req in metadata.get("include", []):
+        count, found = req["count"], objects.get(req["class"], [])
+        terms.append(1 - abs(count - len(found)) / count)
+        matched = len(found) == count
+        if not matched:
+            terms += [0.0] if "color" in req or "position" in req else []
+        else:
+            if "color" in req:
+                right = colours_of(found, req["class"]).count(req["color"])
+                terms.append(1 - abs(count - right) / count)
+                matched = right == count
+            if "position" in req and matched:
+                targets = matched_groups[req["position"][1]]
+                if targets is None:
+                    matched = False
+                    terms.append(0.0)
+                else:
+                    if _check_position(found, req, targets):
+                        matched = False
+                        terms.append(0.0)
+                    terms.append(1.0)
+        matched_groups.append(found if matched else None)
+    return sum(terms) / len(terms) if terms else 0.0
+
+
 def colour_crops(image: np.ndarray, objects: list[Detection]) -> list[Image.Image]:
     """Each object's box cut from the image, everything outside its mask grey (GenEval's ImageCrops)."""
     pil = Image.fromarray(image).convert("RGB")

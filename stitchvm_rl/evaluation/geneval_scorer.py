@@ -59,14 +59,22 @@ class GenEvalScorer:
         clip = rewards.CLIPScore(zoo.load_clip(clip_source, device=device))
         return cls(detector, ColourClassifier(clip), detector_source)
 
-    def __call__(self, images: np.ndarray, prompts: list[str], metadata: list[str | dict]) -> tuple[np.ndarray, list[str]]:
-        scores, reasons = [], []
+    def detections(self, images: np.ndarray, metadata: list[str | dict]):
+        """Yields (image, its prompt's metadata, its kept detections) per image."""
         for image, meta, (boxes, masks) in zip(images, metadata, self.detector(images)):
             meta = json.loads(meta) if isinstance(meta, str) else meta
             if "include" not in meta:
                 raise ValueError("the geneval scorer needs GenEval metadata (tag, include) with every prompt; evaluate suite=geneval or a .jsonl in its format")
-            kept = geneval.keep_confident(boxes, masks, meta["tag"])
+            yield image, meta, geneval.keep_confident(boxes, masks, meta["tag"])
+
+    def __call__(self, images: np.ndarray, prompts: list[str], metadata: list[str | dict]) -> tuple[np.ndarray, list[str]]:
+        scores, reasons = [], []
+        for image, meta, kept in self.detections(images, metadata):
             correct, reason = geneval.evaluate(kept, meta, lambda found, cls, im=image: self.colours(im, found, cls))
             scores.append(float(correct))
             reasons.append(reason)
         return np.array(scores), reasons
+
+    def partial_scores(self, images: np.ndarray, metadata: list[str | dict]) -> np.ndarray:
+        """The training reward of Flow-GRPO and DiffusionNFT (`geneval.partial_score`) per image."""
+        return np.array([geneval.partial_score(kept, meta, lambda found, cls, im=image: self.colours(im, found, cls)) for image, meta, kept in self.detections(images, metadata)])

@@ -75,7 +75,7 @@ SCORERS = {
     "geneval": ScorerSpec("facebook/mask2former-swin-small-coco-instance", "mmdet", "geneval"),
 }
 HEAD_SOURCE = rewards.HEAD_SOURCE  # the scorer_sources key of the aesthetic MLP file
-GENEVAL_CLIP = "geneval_clip"  # the scorer_sources key of GenEval's colour classifier
+GENEVAL_CLIP = rewards.GENEVAL_CLIP  # the scorer_sources key of GenEval's colour classifier
 GENEVAL_CLIP_SOURCE = "openai/clip-vit-large-patch14"  # open_clip ViT-L-14 "openai", as GenEval loads it
 SOURCE_KEYS = (*SCORERS, HEAD_SOURCE, GENEVAL_CLIP)
 TOY_SOURCES = {"geneval": "tiny-mask2former", GENEVAL_CLIP: "toyworld-clip", "image_reward": "tiny-image-reward"}
@@ -136,16 +136,16 @@ def _in_hub_cache(repo: str) -> bool:
     return not constants.HF_HUB_OFFLINE or isinstance(try_to_load_from_cache(repo, "config.json"), str) or isinstance(try_to_load_from_cache(repo, "tokenizer_config.json"), str)
 
 
-def check_scorers(names: list[str], sources: dict[str, str] | None = None) -> None:
+def check_scorers(names: list[str], sources: dict[str, str] | None = None, key: str = "scorers") -> None:
     """A job's config check before Ray starts or a model loads: names known, weights reachable."""
     if not names:
-        raise ConfigError("scorers: none given; name at least one, e.g. scorers=[hpsv21, pickscore]")
-    check_names("scorers", dict.fromkeys(names), SCORERS, "scorer")
+        raise ConfigError(f"{key}: none given; name at least one, e.g. scorers=[hpsv21, pickscore]")
+    check_names(key, dict.fromkeys(names), SCORERS, "scorer")
     check_names("scorer_sources", sources or {}, SOURCE_KEYS, "scorer source")
     for name in names:
         problem = _weights_problem(name, sources)
         if problem:
-            raise ConfigError(f"scorers: {problem}")
+            raise ConfigError(f"{key}: {problem}")
 
 
 # ---------------------------------------------------------------- preprocessing on PIL images
