@@ -123,8 +123,8 @@ def image_reward_model(source: str) -> torch.nn.Module:
 
 
 class GenEvalModels(torch.nn.Module):
-    """GenEval's scorer on `meta`: the Mask2Former detector (its config where at hand, else
-    facebook/mask2former-swin-small-coco-instance's) run at its test scale, and the colour CLIP."""
+    """GenEval's scorer on `meta`: the Mask2Former detector (its config where at hand, else GenEval's
+    Swin-S architecture) run at its test scale, and the colour CLIP."""
 
     def __init__(self, source: str, clip_source: str):
         from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation

@@ -133,6 +133,8 @@ def test_caption_scorer_counts_images_that_match_their_caption():
     [
         (["hpsv3"], {}, "did you mean 'hpsv2'"),
         (["hpsv21"], {}, "convert_weights.py kind=hpsv2"),
+        (["geneval"], {}, "convert_weights.py kind=geneval_detector"),
+        (["image_reward"], {}, "convert_weights.py kind=image_reward"),
         (["aesthetic"], {"aesthetic": "tiny-clip"}, "scorer_sources.aesthetic_head"),
         (["clipscore"], {}, "not in the hub cache"),
         (["clipscore"], {"clipscore": "/no/such/dir"}, "neither an existing directory"),

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import geneval_cases as cases
-from stitchvm_rl.evaluation import detector, geneval
+from stitchvm_rl.evaluation import detector, geneval, mmdet_convert
 from stitchvm_rl.evaluation.geneval_scorer import GenEvalScorer
 
 OFFICIAL = json.loads((Path(__file__).parent / "data" / "geneval_official.json").read_text())
@@ -68,6 +68,41 @@ def test_instance_postprocess_gives_mmdet_boxes_scores_and_masks():
     dog_mask = binary[geneval.CLASSNAMES.index("dog")][int(dog[:, 4].argmax())]
     assert dog_mask.shape == (32, 40) and dog_mask[5:15, 9:19].all() and not dog_mask[:, :8].any() and not dog_mask[16:].any()
     assert sum(len(b) for b in boxes) == 100
+
+
+MMDET = Path(__file__).parent / "data" / "mask2former_mmdet"
+
+
+@pytest.fixture(scope="module")
+def mmdet_converted(tmp_path_factory):
+    """tests/data/mask2former_mmdet: a tiny random mmdet 2.28.2 Mask2Former (GenEval's architecture, sizes
+    shrunk) and mmdet's own inference_detector outputs on three images at test scale (96, 64)
+    (tests/mask2former_official.py), converted by our converter."""
+    out = tmp_path_factory.mktemp("mmdet") / "converted"
+    mmdet_convert.convert_mmdet_mask2former(str(MMDET / "mask2former_tiny.pth"), str(out))
+    (out / detector.SETTINGS_FILE).write_text(json.dumps({"test_scale": [96, 64]}))
+    return detector.Mask2FormerDetector.from_pretrained(str(out))
+
+
+def test_a_converted_mmdet_checkpoint_reproduces_mmdets_detector(mmdet_converted):
+    """The converted weights give mmdet's class and mask logits on mmdet's input; our post-processing
+    of mmdet's logits gives its 100 boxes, scores and masks; our pre-processing its sizes and pixels
+    within one grey level (torch's bilinear resize against cv2's fixed point)."""
+    for ref in map(np.load, sorted(MMDET.glob("reference_*.npz"))):
+        with torch.no_grad():
+            out = mmdet_converted.model(pixel_values=torch.from_numpy(ref["input_tensor"])[None])
+        assert torch.allclose(out.class_queries_logits[0], torch.from_numpy(ref["cls_logits"]), atol=2e-5)
+        assert torch.allclose(out.masks_queries_logits[0], torch.from_numpy(ref["mask_logits"]), atol=2e-5)
+        boxes, masks = detector.instance_results(torch.from_numpy(ref["cls_logits"]), torch.from_numpy(ref["mask_logits"]),
+                                                 tuple(ref["batch_input_shape"]), tuple(ref["img_shape"][:2]), tuple(ref["ori_shape"][:2]))
+        ours = sorted((c, *box[:4].tolist(), mask.tobytes(), box[4]) for c in range(80) for box, mask in zip(boxes[c], masks[c]))
+        theirs_masks = np.unpackbits(ref["masks_packed"])[: np.prod(ref["masks_shape"])].reshape(ref["masks_shape"]).astype(bool)
+        theirs = sorted((int(b[0]), *b[1:5].tolist(), m.tobytes(), b[5]) for b, m in zip(ref["boxes"], theirs_masks))
+        assert [o[:-1] for o in ours] == [t[:-1] for t in theirs]  # classes, boxes, masks
+        assert np.allclose([o[-1] for o in ours], [t[-1] for t in theirs], rtol=0, atol=1e-6)  # scores
+        pixels, resized = detector.preprocess(ref["original_rgb"][None], mmdet_converted.test_scale)
+        assert resized == tuple(ref["img_shape"][:2]) and pixels.shape[1:] == ref["input_tensor"].shape
+        assert (pixels[0] - torch.from_numpy(ref["input_tensor"])).abs().max() <= 1 / min(detector.PIXEL_STD) + 1e-5
 
 
 def test_detector_labels_must_be_cocos_80_in_order():

@@ -2,9 +2,10 @@
 
 GenEval runs mmdet 2.x's Mask2Former Swin-S COCO model (`mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco`).
 mmdet does not install beside this torch, so the network is transformers'
-`Mask2FormerForUniversalSegmentation` -- by default facebook/mask2former-swin-small-coco-instance, the
-Mask2Former authors' own Swin-S COCO instance model (detectron2-trained: the same architecture and
-recipe, not the same weights) -- wrapped in mmdet's test-time steps:
+`Mask2FormerForUniversalSegmentation`: by default with GenEval's own checkpoint converted
+(`evaluation.mmdet_convert`), or facebook/mask2former-swin-small-coco-instance (the Mask2Former
+authors' detectron2-trained Swin-S: the same architecture, other weights) -- wrapped in mmdet's
+test-time steps:
 
     preprocess    resize keeping the aspect ratio to fit (1333, 800) (bilinear, rounded to uint8 as
                   cv2 does), pad right and bottom to a multiple of 32 with grey 128, then normalise

@@ -14,7 +14,7 @@ included, on the uint8 image a user would save:
     toy_clip   the toy world's CLIP                            transformers CLIP    cos
     caption    the toy world's caption classifier              --                   1 if colour, shape and side match
     image_reward  ImageReward.pt, converted (BLIP, `image_reward`)  OpenAI clip (224)  (MLP - mean) / std (ImageReward.score)
-    geneval    facebook/mask2former-swin-small-coco-instance   mmdet's test pipeline  1 if GenEval's checks pass
+    geneval    GenEval's mmdet Mask2Former, converted          mmdet's test pipeline  1 if GenEval's checks pass
                + openai/clip-vit-large-patch14 (`geneval_clip`: the colour classifier; `evaluation.geneval_scorer`)
 
 "open_clip val" and "OpenAI clip" are the same torchvision pipeline on a PIL image (bicubic resize of
@@ -72,7 +72,9 @@ SCORERS = {
     "toy_clip": ScorerSpec("toyworld-clip", "hf", "cosine"),
     "caption": ScorerSpec("", "none", "caption"),
     "image_reward": ScorerSpec(P["image_reward"].source, "torchvision", "image_reward", convert="image_reward"),
-    "geneval": ScorerSpec("facebook/mask2former-swin-small-coco-instance", "mmdet", "geneval"),
+    # GenEval's own mmdet weights converted (jobs/convert_weights.py kind=geneval_detector); or, other
+    # weights of the same architecture, scorer_sources.geneval=facebook/mask2former-swin-small-coco-instance
+    "geneval": ScorerSpec("weights/geneval-mask2former", "mmdet", "geneval", convert="geneval_detector"),
 }
 HEAD_SOURCE = rewards.HEAD_SOURCE  # the scorer_sources key of the aesthetic MLP file
 GENEVAL_CLIP = rewards.GENEVAL_CLIP  # the scorer_sources key of GenEval's colour classifier
