@@ -163,7 +163,8 @@ def guidance_of(cfg: EvaluateConfig) -> Guidance:
 
 def settings_of(cfg: EvaluateConfig, suite: suites.Suite, sampling: Sampling, names: list[str]) -> dict:
     """What makes two evaluations' images comparable (evaluation.json)."""
-    settings = {"suite": suite.name, "prompts": len(suite.prompts), "backbone": cfg.backbone, "sampling": asdict(sampling), "seed": cfg.seed, "scorers": names, "policies": dict(cfg.policies)}
+    settings = {"suite": suite.name, "prompts": len(suite.prompts), "backbone": cfg.backbone, "sampling": asdict(sampling), "seed": cfg.seed, "scorers": names, "policies": dict(cfg.policies),
+                "selection": {"max_prompts": cfg.max_prompts, "per_category": cfg.per_category}}
     settings["scorer_sources"] = used_scorer_sources(cfg, names)
     if any(guided_method(s) for s in cfg.policies.values()):
         settings["guidance"] = {"sampler": asdict(cfg.guidance), "scales": dict(cfg.guidance_scales), "value_model": cfg.value_model, "rewards": dict(cfg.guidance_rewards)}
@@ -173,6 +174,13 @@ def settings_of(cfg: EvaluateConfig, suite: suites.Suite, sampling: Sampling, na
 def scorer_sources(cfg: EvaluateConfig) -> dict[str, str]:
     """The scorers' sources: the config's, and on a toy backbone the tiny detector and ImageReward."""
     return scorers.default_sources(cfg.backbone, cfg.scorer_sources)
+
+
+def worker_scorer_sources(cfg: EvaluateConfig, names: list[str]) -> dict[str, str]:
+    """Every weight the scoring actors open (the aesthetic head too), relative paths made absolute on
+    the driver, so that each node looks for the same path."""
+    used = used_scorer_sources(cfg, names) | ({scorers.HEAD_SOURCE: scorers.head_source(cfg.scorer_sources)} if "aesthetic" in names else {})
+    return {k: storage.local_source(v) for k, v in used.items()}
 
 
 def used_scorer_sources(cfg: EvaluateConfig, names: list[str]) -> dict[str, str]:
@@ -202,8 +210,8 @@ def check_guided(cfg: EvaluateConfig) -> None:
 
 def check_same_images(mine: dict, other: dict, what: str, fix: str) -> None:
     """Refuse to pair or continue `other` unless its prompts, sampling and seed are `mine`."""
-    keys = ("suite", "prompts", "sampling", "seed")
-    differ = [k for k in keys if mine[k] != other.get(k)]
+    keys = ("suite", "prompts", "sampling", "seed", "selection")
+    differ = [k for k in keys if mine[k] != other.get(k, mine[k] if k == "selection" else None)]  # evaluations before `selection`: max_prompts only
     if differ:
         raise ConfigError(f"{what} differs in {', '.join(differ)} ({', '.join(f'{k}={other.get(k)}' for k in differ)}); {fix}")
 
@@ -234,7 +242,11 @@ def check(cfg: EvaluateConfig) -> None:
         if base is None:
             raise ConfigError(f"baseline: '{cfg.baseline}' holds no evaluation.json; pass the output folder (or <storage>/<run>/files) of a finished jobs/evaluate.py run")
 
-        check_same_images(mine, json.loads(base), f"baseline '{cfg.baseline}'", "evaluate with the same suite, sampling and seed to pair against it")
+        base = json.loads(base)
+        check_same_images(mine, base, f"baseline '{cfg.baseline}'", "evaluate with the same suite, sampling and seed to pair against it")
+        other = {k: v for k, v in base.get("scorer_sources", {}).items() if k in mine["scorer_sources"] and v != mine["scorer_sources"][k]}
+        if other:
+            raise ConfigError(f"baseline '{cfg.baseline}' scored with other weights ({other}); pair evaluations scored by the same models")
     if cfg.device == "cuda":
         memory_plan.check(plan_memory(cfg), cfg.memory.enforce)
 
@@ -275,7 +287,7 @@ def sample_and_score(cfg: EvaluateConfig, rows: list[dict], loras: dict[str, str
 
     gpu = cfg.device == "cuda"
     backbone = storage.local_source(cfg.backbone)
-    sources = {k: storage.local_source(v) for k, v in scorer_sources(cfg).items()}
+    sources = worker_scorer_sources(cfg, names)
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // cfg.prompts_per_batch)))
     ds = ds.map_batches(
         SampleImages, fn_constructor_args=(backbone, dict(cfg.policies), loras, sampling, guidance_of(cfg), (root, cfg.run_name), cfg.device, cfg.dtype, cfg.prompts_per_batch),
@@ -333,6 +345,7 @@ def main(argv: list[str]) -> dict:
     if rows:
         runtime.init_ray(cfg.ray_cpus)
         located = {"storage_path": storage.node_marker(root)} | {f"policies.{n}": v for n, v in loras.items() if v and storage.is_located(v)}
+        located |= {f"scorer_sources.{k}": v for k, v in worker_scorer_sources(cfg, names).items() if v not in zoo.BUILT_IN and storage.is_located(v)}
         runtime.check_every_node_sees(located)
         by_index = {p.index: p for p in suite.prompts}
         for row in tqdm(sample_and_score(cfg, rows, loras, sampling, names, root), total=len(rows), desc="prompts scored"):

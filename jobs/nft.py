@@ -95,7 +95,9 @@ class NFTConfig:
     reward_actors: Annotated[int, Range(1)] = 1
     """Actors per served reward (geneval, image_reward: their models sit there, not in every rollout actor)."""
     reward_gpus: Annotated[float, Range(0)] = 0.0
-    """GPUs per reward actor (0: CPU; a fraction shares a GPU)."""
+    """GPUs per reward actor (0: CPU, the toy world's; a fraction shares a GPU)."""
+    reward_batch_size: Annotated[int, Range(1)] = 8
+    """Images per forward pass of a reward actor (GenEval's detector runs at 800^2)."""
     rollout_call_timeout_s: Annotated[float, Range(1)] = 3600.0
     """A rollout call running longer than this is given up and redone by another actor (a hung GPU, a lost node)."""
     resource_wait_s: Annotated[float, Range(0)] = 1800.0
@@ -149,6 +151,11 @@ def check(cfg: NFTConfig) -> None:
     rewards.check_reward_weights(cfg.rewards, "rewards", reward_sources_of(cfg), served=True)
     if "geneval" in cfg.rewards:
         check_geneval_prompts(cfg)
+    served = [n for n in cfg.rewards if n in reward_actors.SERVED]
+    if served and (cfg.rollout_gpus or cfg.train.use_gpu) and not cfg.reward_gpus:
+        raise ConfigError(f"rewards {served} are served by reward actors, which run on the CPU with reward_gpus=0; give them a GPU share, e.g. reward_gpus=0.5")
+    if cfg.rollout.estimator == "stitchvm" and all(n in reward_actors.SERVED for n in cfg.rewards):
+        raise ConfigError(f"rollout.estimator=stitchvm scores with value models stitched onto CLIP rewards, and {list(cfg.rewards)} have none; train with rollout.estimator=terminal (or tweedie / mc)")
     storage.check_reachable(storage.storage_root(cfg.storage_path, cfg.output_dir), "storage_path")
     check_names("compare", cfg.compare, ESTIMATORS, "estimator")
     runtime.check_zero_stage(cfg.train.zero_stage, "train.zero_stage", "the evaluation and the LoRA export run")
@@ -297,7 +304,7 @@ def train_one(cfg: NFTConfig) -> dict:
     try:
         if served:  # before the rollout actors, which find them by name
             metadata = prompt_lists.read_prompt_metadata(cfg.prompt_file) if "geneval" in served else {}
-            actors += reward_actors.start_reward_actors(served, sources["reward_sources"], metadata, cfg.reward_gpus)
+            actors += reward_actors.start_reward_actors(served, sources["reward_sources"], metadata, cfg.reward_gpus, batch_size=cfg.reward_batch_size, wait_s=cfg.resource_wait_s)
         actors += start_rollout_actors(cfg, names, sources, value_models, rollout_bundle, served)
         runtime.wait_for_bundles(learner_bundles, f"group of {cfg.train.num_workers} learner ranks", cfg.resource_wait_s)
         loop = {

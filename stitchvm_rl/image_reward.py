@@ -90,7 +90,9 @@ class ImageRewardScore:
             raise FileNotFoundError(f"'{source}' holds no {WEIGHTS}; convert the published ImageReward.pt once with `python jobs/convert_weights.py kind=image_reward checkpoint=ImageReward.pt out=<dir>`")
         model = ImageRewardModel(BlipConfig.from_pretrained(path))
         model.load_state_dict(load_file(str(path / WEIGHTS)))
-        return cls(model.to(device, zoo.DTYPES[dtype]), BertTokenizer.from_pretrained(path))
+        model = model.to(device, zoo.DTYPES[dtype])
+        model.mlp.float()  # the head reads the float32 [CLS] state, as the reference's .float()
+        return cls(model, BertTokenizer.from_pretrained(path))
 
     def tokens(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask) padded to 35 tokens, each prompt tokenised once."""

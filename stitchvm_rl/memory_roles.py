@@ -358,10 +358,9 @@ def nft_roles(cfg, reward_sources: dict[str, str], value_models: list[str], prom
 
 def reward_actor_roles(cfg, served_sources: dict[str, str]) -> list[RolePlan]:
     """jobs/nft.py's reward actors (`stitchvm_rl.reward_actors`), `reward_actors` per served reward,
-    `reward_gpus` each: the reward's model(s) in float32, the largest batch sent at once (a rollout
-    actor's rollout.batch_size images, or learner rank 0's eval_batch_size)."""
+    `reward_gpus` each: the reward's model(s) in float32, reward_batch_size images per forward pass."""
     gpu = role_gpu(cfg.reward_gpus, {}, cfg.memory, "reward actor")
-    batch = max(min(cfg.rollout.batch_size, cfg.rollout.group_size), cfg.eval_batch_size)
+    batch = cfg.reward_batch_size
     plans = []
     for name, source in served_sources.items():
         if name == "geneval_clip":
@@ -370,7 +369,7 @@ def reward_actor_roles(cfg, served_sources: dict[str, str]) -> list[RolePlan]:
         plan = RolePlan(f"reward actor ({name})", cfg.reward_actors, cfg.reward_gpus, gpu.gib, reward_items({name: model}), models=[model], placement=gpu.where)
         call = reward_call(model, batch)
         plan.phases = [Item(f"scoring {batch} images", peak_live_bytes(call), (call,))]
-        plan.fixes = ["a smaller rollout.batch_size / eval_batch_size", "reward_gpus=1 (a GPU of its own)"]
+        plan.fixes = ["a smaller reward_batch_size", "reward_gpus=1 (a GPU of its own)"]
         plans.append(plan)
     return plans
 

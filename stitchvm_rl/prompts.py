@@ -21,21 +21,31 @@ def read_prompt_file(path: str | Path) -> list[str]:
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"prompt file '{path}' holds no prompts; put one prompt per line")
-    return list(read_prompt_metadata(path, text)) if path.suffix == ".jsonl" else prompts
+    return [prompt for prompt, _ in jsonl_rows(path, text)] if path.suffix == ".jsonl" else prompts
 
 
-def read_prompt_metadata(path: str | Path, text: str | None = None) -> dict[str, dict]:
-    """{prompt: its other keys} of a .jsonl prompt file (GenEval's tag / include / exclude)."""
-    rows = {}
+def jsonl_rows(path: str | Path, text: str | None = None) -> list[tuple[str, dict]]:
+    """(prompt, its other keys) of every line of a .jsonl prompt file, repeats kept (they weigh the prompt)."""
+    rows = []
     for n, line in enumerate((text if text is not None else Path(path).read_text(encoding="utf-8-sig")).splitlines()):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            rows[row.pop("prompt")] = row
+            rows.append((row.pop("prompt"), row))
         except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
             raise ValueError(f"prompt file '{path}' line {n + 1} is not a JSON object with a \"prompt\" key") from None
     return rows
+
+
+def read_prompt_metadata(path: str | Path) -> dict[str, dict]:
+    """{prompt: its other keys} of a .jsonl prompt file (GenEval's tag / include / exclude); a prompt
+    repeated with other metadata is refused (a reward could not tell which applies)."""
+    metadata: dict[str, dict] = {}
+    for prompt, row in jsonl_rows(path):
+        if metadata.setdefault(prompt, row) != row:
+            raise ValueError(f"prompt file '{path}' gives the prompt '{prompt}' twice with different metadata; keep one")
+    return metadata
 
 
 def resolve_prompts(prompts: list[str], prompt_file: str) -> list[str]:

@@ -16,6 +16,7 @@ training prompts once, when they start.
 from __future__ import annotations
 
 import itertools
+import random
 
 import numpy as np
 import torch
@@ -29,13 +30,14 @@ def actor_names(run_name: str, weights: dict[str, float], count: int) -> dict[st
 
 
 class RewardActor:
-    """Ray actor holding one served reward: `score(images [0, 1] NCHW float, prompts) -> (B,) float32`."""
+    """Ray actor holding one served reward: `score(images [0, 1] NCHW float or uint8, prompts) -> (B,)
+    float32`, `batch_size` images per forward pass."""
 
-    def __init__(self, name: str, sources: dict[str, str], metadata: dict[str, dict], device: str = "cpu"):
+    def __init__(self, name: str, sources: dict[str, str], metadata: dict[str, dict], device: str = "cpu", batch_size: int = 8):
         from stitchvm_rl import rewards
         from stitchvm_rl.evaluation import scorers
 
-        self.name, self.metadata = name, metadata
+        self.name, self.metadata, self.batch_size = name, metadata, batch_size
         if name == "geneval":  # non-differentiable: the detector and GenEval's decisions on the uint8 image
             self.scorer = scorers.load_scorer(name, sources, device=device)
         else:
@@ -43,8 +45,12 @@ class RewardActor:
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        b = self.batch_size
+        return torch.cat([self._score(images[i : i + b], prompts[i : i + b]) for i in range(0, len(images), b)])
+
+    def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         if self.name == "geneval":  # Flow-GRPO's and DiffusionNFT's partial-credit score, on the uint8 image
-            uint8 = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            uint8 = images.permute(0, 2, 3, 1).numpy()
             return torch.from_numpy(self.scorer.partial_scores(uint8, [self.metadata.get(p, {}) for p in prompts]).astype(np.float32))
         return self.reward(images, prompts).float().cpu()
 
@@ -60,19 +66,33 @@ class RemoteReward:
 
         if grad:
             raise ValueError(f"reward '{self.name}' is served by reward actors and cannot be differentiated through; guide with an in-process reward")
-        if self._actors is None:
-            self._actors = itertools.cycle([ray.get_actor(n) for n in self.names])
-        scores = ray.get(next(self._actors).score.remote(images.detach().float().cpu(), list(prompts)))
-        return scores.to(images.device)
+        if self._actors is None:  # each caller starts at a random actor: callers in lockstep spread out
+            actors = [ray.get_actor(n) for n in self.names]
+            start = random.randrange(len(actors))
+            self._actors = itertools.cycle(actors[start:] + actors[:start])
+        images = images.detach().float().cpu()
+        if self.name == "geneval":  # it reads the saved image: send uint8, a quarter of the bytes
+            images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
+        scores = ray.get(next(self._actors).score.remote(images, list(prompts)))
+        return scores.to(images.device if self.name != "geneval" else "cpu")
 
 
-def start_reward_actors(names: dict[str, list[str]], sources: dict[str, str], metadata: dict[str, dict], gpus: float, cpus: float = 1.0) -> list:
-    """The named reward actors (owned by the caller; stop them with ray.kill); returns once all are up."""
+def start_reward_actors(names: dict[str, list[str]], sources: dict[str, str], metadata: dict[str, dict], gpus: float, cpus: float = 1.0,
+                        batch_size: int = 8, wait_s: float = 0.0) -> list:
+    """The named reward actors (owned by the caller; stop them with ray.kill); returns once all are
+    placed and loaded, or kills them and raises (naming what is missing after `wait_s`, 0: never)."""
     import ray
+
+    from stitchvm_rl.runtime import wait_for_placement
 
     device = "cuda" if gpus else "cpu"
     cls = ray.remote(RewardActor)
-    actors = [cls.options(name=n, num_cpus=cpus, num_gpus=gpus, max_restarts=1).remote(reward, sources, metadata if reward == "geneval" else {}, device)
+    actors = [cls.options(name=n, num_cpus=cpus, num_gpus=gpus, max_restarts=1).remote(reward, sources, metadata if reward == "geneval" else {}, device, batch_size)
               for reward, actor_list in names.items() for n in actor_list]
-    ray.get([a.__ray_ready__.remote() for a in actors])
+    try:
+        wait_for_placement([a.__ray_ready__.remote() for a in actors], "reward actors", {"CPU": cpus, "GPU": gpus}, wait_s)
+    except BaseException:
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+        raise
     return actors

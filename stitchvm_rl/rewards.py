@@ -292,7 +292,7 @@ def check_reward_weights(weights: dict[str, float], key: str = "rewards", source
         if name in SERVED_ONLY:
             from stitchvm_rl.evaluation.scorers import check_scorers
 
-            check_scorers([name], {k: v for k, v in (sources or {}).items() if k in (name, GENEVAL_CLIP)}, key)
+            check_scorers([name], {k: v for k, v in (sources or {}).items() if k in (name, GENEVAL_CLIP)}, key, sources_key)
             continue
         try:
             problem = _missing_conversion(name, sources) if name in PUBLISHED else ""

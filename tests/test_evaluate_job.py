@@ -67,7 +67,7 @@ def test_geneval_writes_its_six_task_scores_and_why_images_failed(tmp_path):
         ("evaluate", ["suite=drawbench", "scorers=[caption]"], "toy-world captions only"),
         ("evaluate", ["baseline=/no/such/evaluation"], "holds no evaluation.json"),
         ("evaluate", ["scorers=[geneval]"], "needs GenEval metadata"),
-        ("evaluate", ["scorers=[image_reward]", "scorer_sources={image_reward: /no/such/dir}"], "kind=image_reward"),
+        ("evaluate", ["scorers=[image_reward]", "scorer_sources={image_reward: /no/such/dir}"], "scorer .image_reward.: model source ./no/such/dir. is neither"),
         ("evaluate", ["policies={base: base, g: 'dps:stitchvn'}"], "did you mean 'stitchvm'"),
         ("evaluate", ["policies={base: base, g: 'dps:tweedie'}", "guidance_scales={stitchvm: 0.1}"], "guidance_scales.tweedie"),
         ("evaluate_values", ["bench.sigmas=[0.5, 1.0]"], "strictly between 0 and 1"),

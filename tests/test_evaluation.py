@@ -134,6 +134,8 @@ def test_caption_scorer_counts_images_that_match_their_caption():
         (["hpsv3"], {}, "did you mean 'hpsv2'"),
         (["hpsv21"], {}, "convert_weights.py kind=hpsv2"),
         (["geneval"], {}, "convert_weights.py kind=geneval_detector"),
+        (["geneval"], {"geneval": "tiny-mask2former"}, "scorer 'geneval_clip': 'openai/clip-vit-large-patch14' is not in the hub cache"),
+        (["geneval"], {"geneval": "facebook/mask2former-swin-small-coco-instance", "geneval_clip": "tiny-clip"}, "scorer 'geneval': 'facebook/mask2former-swin-small-coco-instance' is not in the hub cache"),
         (["image_reward"], {}, "convert_weights.py kind=image_reward"),
         (["aesthetic"], {"aesthetic": "tiny-clip"}, "scorer_sources.aesthetic_head"),
         (["clipscore"], {}, "not in the hub cache"),

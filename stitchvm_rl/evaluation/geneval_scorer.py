@@ -50,14 +50,14 @@ class GenEvalScorer:
 
     name = "geneval"
 
-    def __init__(self, detector: Mask2FormerDetector, colours: ColourClassifier, detector_source: str = ""):
-        self.detector, self.colours, self.detector_source = detector, colours, detector_source
+    def __init__(self, detector: Mask2FormerDetector, colours: ColourClassifier):
+        self.detector, self.colours = detector, colours
 
     @classmethod
     def load(cls, detector_source: str, clip_source: str, device: str = "cpu") -> GenEvalScorer:
         detector = Mask2FormerDetector.from_pretrained(detector_source, device=device)
         clip = rewards.CLIPScore(zoo.load_clip(clip_source, device=device))
-        return cls(detector, ColourClassifier(clip), detector_source)
+        return cls(detector, ColourClassifier(clip))
 
     def detections(self, images: np.ndarray, metadata: list[str | dict]):
         """Yields (image, its prompt's metadata, its kept detections) per image."""

@@ -103,20 +103,21 @@ def _weights_problem(name: str, sources: dict[str, str] | None) -> str:
     spec = SCORERS[name]
     if not spec.source:
         return ""
-    if name == "geneval":
-        return _weights_problem_of(name, spec, scorer_source(name, sources), sources) or _weights_problem_of(GENEVAL_CLIP, spec, scorer_source(GENEVAL_CLIP, sources), sources)
-    return _weights_problem_of(name, spec, scorer_source(name, sources), sources)
+    problem = _weights_problem_of(name, spec, scorer_source(name, sources), sources)
+    if name == "geneval" and not problem:  # and its colour classifier, a CLIP from the hub or a directory
+        problem = _weights_problem_of(GENEVAL_CLIP, ScorerSpec(GENEVAL_CLIP_SOURCE, "torchvision", "cosine"), scorer_source(GENEVAL_CLIP, sources), sources)
+    return problem
 
 
 def _weights_problem_of(name: str, spec: ScorerSpec, source: str, sources: dict[str, str] | None) -> str:
-    if spec.convert:
-        converted, key = (head_source(sources), HEAD_SOURCE) if spec.head else (source, name)
-        if converted not in zoo.BUILT_IN and not storage.source_exists(converted):
-            return (
-                f"scorer '{name}' needs converted weights at '{converted}', which do not exist; make them once with "
-                f"`python jobs/convert_weights.py kind={spec.convert} checkpoint=<published file> out=<path>` "
-                f"and pass that path (or its storage URI) as scorer_sources.{key}"
-            )
+    # the default of a scorer published as a pickle is its converted copy: say how to make it
+    converted, key = (head_source(sources), HEAD_SOURCE) if spec.head else (source, name)
+    if spec.convert and (spec.head or source == spec.source) and not storage.source_exists(converted):
+        return (
+            f"scorer '{name}' needs converted weights at '{converted}', which do not exist; make them once with "
+            f"`python jobs/convert_weights.py kind={spec.convert} checkpoint=<published file> out=<path>` "
+            f"and pass that path (or its storage URI) as scorer_sources.{key}"
+        )
     if source in zoo.BUILT_IN:
         return ""
     if storage.is_uri(source):
@@ -138,16 +139,17 @@ def _in_hub_cache(repo: str) -> bool:
     return not constants.HF_HUB_OFFLINE or isinstance(try_to_load_from_cache(repo, "config.json"), str) or isinstance(try_to_load_from_cache(repo, "tokenizer_config.json"), str)
 
 
-def check_scorers(names: list[str], sources: dict[str, str] | None = None, key: str = "scorers") -> None:
-    """A job's config check before Ray starts or a model loads: names known, weights reachable."""
+def check_scorers(names: list[str], sources: dict[str, str] | None = None, key: str = "scorers", sources_key: str = "scorer_sources") -> None:
+    """A job's config check before Ray starts or a model loads: names known, weights reachable
+    (`key` / `sources_key`: the config keys the messages name)."""
     if not names:
         raise ConfigError(f"{key}: none given; name at least one, e.g. scorers=[hpsv21, pickscore]")
     check_names(key, dict.fromkeys(names), SCORERS, "scorer")
-    check_names("scorer_sources", sources or {}, SOURCE_KEYS, "scorer source")
+    check_names(sources_key, sources or {}, SOURCE_KEYS, "scorer source")
     for name in names:
         problem = _weights_problem(name, sources)
         if problem:
-            raise ConfigError(f"{key}: {problem}")
+            raise ConfigError(f"{key}: {problem}".replace("scorer_sources.", f"{sources_key}."))
 
 
 # ---------------------------------------------------------------- preprocessing on PIL images

@@ -96,7 +96,7 @@ def read_suite_file(path: Path) -> list[SuitePrompt]:
             prompt = row.pop("prompt")
         except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
             raise ConfigError(f"suite file '{path}' line {i + 1} is not a JSON object with a \"prompt\" key: {line[:80]}") from None
-        prompts.append(SuitePrompt(i, prompt, str(row.pop("category", "")), row))
+        prompts.append(SuitePrompt(i, prompt, str(row.pop("category", row.get("tag", ""))), row))  # GenEval's files: its tag
     return prompts
 
 
