@@ -167,4 +167,9 @@ def save_tiny_image_reward(path: str | Path) -> None:
     vision = BlipVisionConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8, layer_norm_eps=1e-6)
     text = BlipTextConfig(vocab_size=len(tokenizer), hidden_size=32, encoder_hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                           max_position_embeddings=64, is_decoder=True, bos_token_id=len(tokenizer) - 2)
-    save_image_reward(ImageRewardModel(BlipConfig(text_config=text.to_dict(), vision_config=vision.to_dict())), tokenizer, path, "tiny random")
+    model = ImageRewardModel(BlipConfig(text_config=text.to_dict(), vision_config=vision.to_dict()))
+    with torch.no_grad():  # BLIP's small init leaves the reward nearly blind to the image: draw every matrix at 1/sqrt(fan in)
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, param[0].numel() ** -0.5)
+    save_image_reward(model, tokenizer, path, "tiny random")

@@ -332,8 +332,9 @@ def resolve(source: str) -> str:
             )
         return str(path)
     if source in TINY_BUILDS:
-        # Keyed by this file's hash: changing a builder (or a tokenizer) never serves a stale build.
-        stamp = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:10]
+        # Keyed by the builders' files: changing a builder (or a tokenizer) never serves a stale build.
+        built_by = [Path(__file__), PACKAGE_DIR / "image_reward.py", PACKAGE_DIR / "evaluation" / "detector.py"]
+        stamp = hashlib.sha256(b"".join(f.read_bytes() for f in built_by)).hexdigest()[:10]
         return str(write_dir_atomically(cache_dir() / f"{source}-{stamp}", TINY_BUILDS[source]))
     path = Path(source).expanduser()
     if path.is_dir():
