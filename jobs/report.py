@@ -104,14 +104,14 @@ def _table(header: list[str], rows: list[list]) -> str:
 def _evaluation_section(path: Path, out: Path) -> tuple[str, dict, str]:
     """(HTML, table.json, table.md) of one jobs/evaluate.py run: its scores and paired differences
     as tables (mean ± s.e. over prompts), and its captioned grid."""
-    from stitchvm_rl.evaluation.results import _cell
+    from stitchvm_rl.evaluation.results import format_cell
 
     table = json.loads((path / "table.json").read_text())
     scorers = list(next(iter(table["scores"].values())))
     html = f"<h2>Evaluation '{path.name}' (jobs/evaluate.py)</h2><p>Mean ± standard error over prompts; differences are paired on the same prompts and seeds.</p>"
-    html += _table(["policy", *scorers], [[p, *(_cell(row[s]) for s in scorers)] for p, row in table["scores"].items()])
+    html += _table(["policy", *scorers], [[p, *(format_cell(row[s]) for s in scorers)] for p, row in table["scores"].items()])
     if table["paired"]:
-        html += _table(["difference", *scorers], [[d, *(_cell(row[s], signed=True) for s in scorers)] for d, row in table["paired"].items()])
+        html += _table(["difference", *scorers], [[d, *(format_cell(row[s], signed=True) for s in scorers)] for d, row in table["paired"].items()])
     if (path / "grid.png").is_file():
         shutil.copy(path / "grid.png", out / f"evaluation_{path.name}.png")
         html += _img(out / f"evaluation_{path.name}.png", wide=True)

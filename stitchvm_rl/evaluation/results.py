@@ -90,7 +90,8 @@ def geneval_summary(records: list[dict], policy: str) -> dict[str, float]:
     return task_scores(by_task)
 
 
-def _cell(stat: dict, signed: bool = False) -> str:
+def format_cell(stat: dict, signed: bool = False) -> str:
+    """A mean / s.e. cell of a table, ~4 significant figures ("--" when empty)."""
     if stat["prompts"] == 0 or math.isnan(stat["mean"]):
         return "--"
     digits = min(6, max(2, 3 - int(math.floor(math.log10(abs(stat["mean"]) + 1e-12)))))  # ~4 significant figures
@@ -101,11 +102,11 @@ def _cell(stat: dict, signed: bool = False) -> str:
 def to_markdown(table: dict, scorers: list[str], title: str) -> str:
     """The table as markdown: scores (mean ± s.e. over prompts), then the paired differences."""
     lines = [f"## {title}", "", "| policy | " + " | ".join(scorers) + " |", "|---" * (len(scorers) + 1) + "|"]
-    lines += [f"| {p} | " + " | ".join(_cell(row[s]) for s in scorers) + " |" for p, row in table["scores"].items()]
+    lines += [f"| {p} | " + " | ".join(format_cell(row[s]) for s in scorers) + " |" for p, row in table["scores"].items()]
     if table["paired"]:
         lines += ["", "Paired differences (same prompts and seeds; ± one standard error over prompts):", ""]
         lines += ["| difference | " + " | ".join(scorers) + " |", "|---" * (len(scorers) + 1) + "|"]
-        lines += [f"| {d} | " + " | ".join(_cell(row[s], signed=True) for s in scorers) + " |" for d, row in table["paired"].items()]
+        lines += [f"| {d} | " + " | ".join(format_cell(row[s], signed=True) for s in scorers) + " |" for d, row in table["paired"].items()]
     if table.get("geneval"):
         tasks = [t for t in next(iter(table["geneval"].values())) if t != "overall"] + ["overall"]
         lines += ["", "GenEval (share of images correct per task; overall = the tasks' mean):", ""]

@@ -98,25 +98,26 @@ def head_source(sources: dict[str, str] | None = None) -> str:
     return (sources or {}).get(HEAD_SOURCE) or SCORERS["aesthetic"].head
 
 
-def _weights_problem(name: str, sources: dict[str, str] | None) -> str:
-    """Why scorer `name`'s weights cannot load here, else ''."""
+def _weights_problem(name: str, sources: dict[str, str] | None, sources_key: str) -> str:
+    """Why scorer `name`'s weights cannot load here, else '' (`sources_key`: the config key of `sources`)."""
     spec = SCORERS[name]
     if not spec.source:
         return ""
-    problem = _weights_problem_of(name, spec, scorer_source(name, sources), sources)
+    problem = _weights_problem_of(name, spec, scorer_source(name, sources), sources, sources_key)
     if name == "geneval" and not problem:  # and its colour classifier, a CLIP from the hub or a directory
-        problem = _weights_problem_of(GENEVAL_CLIP, ScorerSpec(GENEVAL_CLIP_SOURCE, "torchvision", "cosine"), scorer_source(GENEVAL_CLIP, sources), sources)
+        clip = ScorerSpec(GENEVAL_CLIP_SOURCE, "torchvision", "cosine")
+        problem = _weights_problem_of(GENEVAL_CLIP, clip, scorer_source(GENEVAL_CLIP, sources), sources, sources_key)
     return problem
 
 
-def _weights_problem_of(name: str, spec: ScorerSpec, source: str, sources: dict[str, str] | None) -> str:
+def _weights_problem_of(name: str, spec: ScorerSpec, source: str, sources: dict[str, str] | None, sources_key: str) -> str:
     # the default of a scorer published as a pickle is its converted copy: say how to make it
     converted, key = (head_source(sources), HEAD_SOURCE) if spec.head else (source, name)
     if spec.convert and (spec.head or source == spec.source) and not storage.source_exists(converted):
         return (
             f"scorer '{name}' needs converted weights at '{converted}', which do not exist; make them once with "
             f"`python jobs/convert_weights.py kind={spec.convert} checkpoint=<published file> out=<path>` "
-            f"and pass that path (or its storage URI) as scorer_sources.{key}"
+            f"and pass that path (or its storage URI) as {sources_key}.{key}"
         )
     if source in zoo.BUILT_IN:
         return ""
@@ -128,7 +129,7 @@ def _weights_problem_of(name: str, spec: ScorerSpec, source: str, sources: dict[
         except zoo.ModelSourceError as err:
             return f"scorer '{name}': {err}"
         if not Path(path).is_dir() and not _in_hub_cache(path):
-            return f"scorer '{name}': '{path}' is not in the hub cache and the hub is off (HF_HUB_OFFLINE=1); download it once, or pass a local copy as scorer_sources.{name}"
+            return f"scorer '{name}': '{path}' is not in the hub cache and the hub is off (HF_HUB_OFFLINE=1); download it once, or pass a local copy as {sources_key}.{name}"
     return ""
 
 
@@ -147,9 +148,9 @@ def check_scorers(names: list[str], sources: dict[str, str] | None = None, key: 
     check_names(key, dict.fromkeys(names), SCORERS, "scorer")
     check_names(sources_key, sources or {}, SOURCE_KEYS, "scorer source")
     for name in names:
-        problem = _weights_problem(name, sources)
+        problem = _weights_problem(name, sources, sources_key)
         if problem:
-            raise ConfigError(f"{key}: {problem}".replace("scorer_sources.", f"{sources_key}."))
+            raise ConfigError(f"{key}: {problem}")
 
 
 # ---------------------------------------------------------------- preprocessing on PIL images
