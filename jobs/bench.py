@@ -11,6 +11,8 @@
 Sections:
     nft_epoch         one NFT epoch, terminal vs stitchvm, in process: seconds per phase (sample,
                       score, train), samples/s, transformer evaluations per sample
+    draft_step        one DRaFT-K micro-step (K = backprop_steps), terminal vs stitchvm, in process:
+                      seconds per step, transformer rows / decodes / value evaluations per sample
     nft_reach         jobs/nft.py on Ray, terminal (reach_epochs) then stitchvm (reach_epochs_stitchvm):
                       seconds/epoch, and the time until stitchvm's evaluation reward reaches terminal's final one
     dps               guided sampling, none vs tweedie vs stitchvm: seconds per sample, peak memory
@@ -47,8 +49,8 @@ from stitchvm_rl.value import default_value_model
 from stitchvm_rl.value.model import check_value_model_dir
 
 
-SECTIONS = ("nft_epoch", "nft_reach", "dps", "value", "rollout_scaling", "weight_sync", "real_scale", "real_scale_timed", "real_scale_nft")
-CPU_SECTIONS = ["nft_epoch", "nft_reach", "dps", "value", "rollout_scaling", "weight_sync", "real_scale"]
+SECTIONS = ("nft_epoch", "draft_step", "nft_reach", "dps", "value", "rollout_scaling", "weight_sync", "real_scale", "real_scale_timed", "real_scale_nft")
+CPU_SECTIONS = ["nft_epoch", "draft_step", "nft_reach", "dps", "value", "rollout_scaling", "weight_sync", "real_scale"]
 
 
 @dataclass
@@ -79,6 +81,8 @@ class BenchConfig:
     """nft_reach: epochs of the terminal (baseline) run; its final evaluation reward is the target."""
     reach_epochs_stitchvm: Annotated[int, Range(1)] = 40
     """nft_reach: epochs of the stitchvm run (more, so its curve can cross the target; the time is read where it does)."""
+    backprop_steps: list[int] = field(default_factory=lambda: [1, 3])
+    """draft_step: the K of DRaFT-K to time (the paper's 1 and 3)."""
     actors: list[int] = field(default_factory=lambda: [1, 2, 4])
     """rollout_scaling and weight_sync: actor counts."""
     lora_rank: Annotated[int, Range(1)] = 32
@@ -91,7 +95,7 @@ class BenchConfig:
     """Logical CPUs of a local Ray cluster."""
 
 
-VALUE_SECTIONS = {"nft_epoch", "nft_reach", "dps", "value", "rollout_scaling"}
+VALUE_SECTIONS = {"nft_epoch", "draft_step", "nft_reach", "dps", "value", "rollout_scaling"}
 """The sections that score with a value model."""
 
 
@@ -125,7 +129,7 @@ def main(argv: list[str]) -> dict:
     cfg = load_config(BenchConfig, argv)
     check(cfg)
     if cfg.quick:
-        cfg = dataclasses.replace(cfg, repeats=1, groups=1, actors=[1, 2])
+        cfg = dataclasses.replace(cfg, repeats=1, groups=1, actors=[1, 2], backprop_steps=[1])
     run = RunDir(cfg.output_dir, cfg.run_name, cfg)
     results = {"machine": benchmark.machine(cfg.device), "quick": cfg.quick, "repeats": cfg.repeats}
     with tempfile.TemporaryDirectory() as scratch:
@@ -133,6 +137,7 @@ def main(argv: list[str]) -> dict:
         value_dir = sections.value_model_dir(cfg) if VALUE_SECTIONS & set(cfg.sections) else ""
         run_section = {
             "nft_epoch": lambda: sections.bench_nft_epoch(cfg, value_dir),
+            "draft_step": lambda: sections.bench_draft_step(cfg, value_dir),
             "nft_reach": lambda: sections.bench_nft_reach(cfg, value_dir, scratch, load_job("nft").main),
             "dps": lambda: sections.bench_dps(cfg, value_dir, load_job("dps").DPSConfig().scales),
             "value": lambda: sections.bench_value(cfg, value_dir),

@@ -16,6 +16,7 @@ PAGE = ROOT / "docs" / "configuration.md"
 # job script -> the config class its main() loads (every jobs/*.py that takes key=value arguments)
 JOB_CONFIGS = {
     "nft": "NFTConfig",
+    "draft": "DraftConfig",
     "stitch": "StitchConfig",
     "dps": "DPSConfig",
     "sample": "SampleConfig",

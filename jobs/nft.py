@@ -22,18 +22,16 @@ the head, never from Ray's temporary copy of the working directory (docs/real-ru
 """
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
 from stitchvm_rl import prompts as prompt_lists
-from stitchvm_rl import memory_plan, memory_roles, reward_actors, rewards, runtime, storage, toyworld, zoo
+from stitchvm_rl import memory_plan, memory_roles, reward_actors, rewards, runtime, storage, toyworld, training_runs, zoo
 from stitchvm_rl.config import ConfigError, Range, check_names, load_config, run_main, to_dict
 from stitchvm_rl.learner import NFTTrainConfig, run_learner
 from stitchvm_rl.memory_plan import MemoryConfig
-from stitchvm_rl.report import paired_gain
 from stitchvm_rl.estimators import ESTIMATORS
 from stitchvm_rl.faults import NFTFaults
 from stitchvm_rl.rollout import RolloutConfig, RolloutWorker, actor_needs_rewards, check_rollout_config
@@ -159,12 +157,7 @@ def check(cfg: NFTConfig) -> None:
     storage.check_reachable(storage.storage_root(cfg.storage_path, cfg.output_dir), "storage_path")
     check_names("compare", cfg.compare, ESTIMATORS, "estimator")
     runtime.check_zero_stage(cfg.train.zero_stage, "train.zero_stage", "the evaluation and the LoRA export run")
-    if cfg.train.use_gpu and cfg.train.num_workers > 1 and cfg.train.gpus_per_worker < 1:
-        raise ConfigError(
-            f"train.gpus_per_worker={cfg.train.gpus_per_worker:g} with {cfg.train.num_workers} GPU learner ranks: Ray packs fractional GPUs "
-            "onto the same device and NCCL refuses two ranks on one GPU; give each rank a whole GPU (train.gpus_per_worker=1), "
-            "or use one rank (train.num_workers=1) to share a GPU with the rollout actors"
-        )
+    runtime.check_learner_gpus(cfg.train, "train", "to share a GPU with the rollout actors")
     if cfg.groups_per_epoch % cfg.train.num_workers:
         raise ConfigError(f"groups_per_epoch={cfg.groups_per_epoch} must be a multiple of train.num_workers={cfg.train.num_workers} (every learner rank takes the same share)")
     try:
@@ -195,26 +188,6 @@ def plan_memory(cfg: NFTConfig) -> list[memory_plan.RolePlan]:
     return roles + (memory_roles.reward_actor_roles(cfg, served) if cfg.reward_gpus else [])
 
 
-def plot_rewards(metrics: list[dict], path: Path, estimator: str) -> None:
-    """Training reward (the estimator's, per epoch) and evaluation reward (clean, EMA) against step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [m for m in metrics if m["epoch"] >= 0]
-    evals = [m for m in metrics if "eval_reward_mean" in m]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([m["global_step"] for m in epochs], [m["reward_mean"] for m in epochs], alpha=0.6, label=f"rollout score ({estimator})")
-    ax.plot([m["global_step"] for m in evals], [m["eval_reward_mean"] for m in evals], marker="o", label="evaluation reward (EMA, ODE)")
-    ax.set(xlabel="optimizer step", ylabel="reward", title="DiffusionNFT")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def start_rollout_actors(cfg: NFTConfig, names: list[str], sources: dict, value_models: list[str], bundle: dict[str, float], served: dict[str, list[str]]) -> list:
     """Named actors owned by the driver (they outlive learner restarts; Ray restarts a dead one up to rollout_max_restarts times);
     returns them once every one is placed and loaded (the learner finds them by name)."""
@@ -235,22 +208,6 @@ def start_rollout_actors(cfg: NFTConfig, names: list[str], sources: dict, value_
     return actors
 
 
-def worker_sources(cfg: NFTConfig) -> dict:
-    """The backbone and every used published reward's source as the workers get them: relative
-    paths made absolute on the driver (`storage.local_source`), so that each node looks for the
-    same path (and `runtime.check_every_node_sees` can check it is there)."""
-    used = rewards.weight_sources(cfg.rewards, reward_sources_of(cfg))
-    return {"backbone": storage.local_source(cfg.backbone), "reward_sources": {k: storage.local_source(v) for k, v in used.items()}}
-
-
-def paths_every_node_needs(sources: dict, value_models: list[str], storage_marker: str) -> dict[str, str]:
-    """{config key: path or URI} of everything a worker reads from a path: storage, and the backbone,
-    value models and reward weights (`worker_sources`) that are paths or URIs."""
-    named = {"backbone": sources["backbone"]} | {f"value_models[{n}]": d for n, d in enumerate(value_models)}
-    named |= {f"reward_sources.{k}": v for k, v in sources["reward_sources"].items()}
-    return {"storage_path": storage_marker} | {k: v for k, v in named.items() if storage.is_located(v)}
-
-
 def stop_actors(actors: list) -> None:
     """Free the actors' resources now (not whenever their handles are collected): a next job in the
     same driver, e.g. a resumed run, needs them."""
@@ -265,18 +222,11 @@ def main(argv: list[str]) -> dict:
     check(cfg)
     if not cfg.compare and not cfg.seeds:
         return train_one(cfg)
-    # a comparison: every (estimator, seed) with everything else equal, one wandb group
+    planned = training_runs.comparison_runs(cfg, cfg.compare or [cfg.rollout.estimator], lambda one, e: dataclasses.replace(one, rollout=dataclasses.replace(one.rollout, estimator=e)))
     runs = {}
-    for estimator in cfg.compare or [cfg.rollout.estimator]:
-        for seed in cfg.seeds or [cfg.seed]:
-            name = f"{cfg.run_name}-{estimator}-seed{seed}"
-            one = dataclasses.replace(
-                cfg, run_name=name, seed=seed, compare=[], seeds=[],
-                rollout=dataclasses.replace(cfg.rollout, estimator=estimator),
-                wandb=dataclasses.replace(cfg.wandb, group=cfg.wandb.group or cfg.run_name),
-            )
-            check(one)
-            runs[name] = train_one(one)
+    for name, one in planned.items():
+        check(one)
+        runs[name] = train_one(one)
     dirs = [str(Path(storage.job_path(cfg.output_dir)) / name) for name in runs]
     print("compare them with:\n  python jobs/report.py " + " ".join(dirs))
     return {"runs": runs, "run_dirs": dirs}
@@ -286,9 +236,10 @@ def train_one(cfg: NFTConfig) -> dict:
     """One run: place the actors and the learner, train, summarise."""
     prompts = prompt_lists.resolve_prompts(cfg.prompts, cfg.prompt_file)
     root = storage.storage_root(cfg.storage_path, cfg.output_dir)
-    sources, value_models = worker_sources(cfg), [storage.local_source(d) for d in stitch_value_models(cfg)]
+    sources = training_runs.worker_sources(cfg.backbone, cfg.rewards, cfg.reward_sources)
+    value_models = [storage.local_source(d) for d in stitch_value_models(cfg)]
     runtime.init_ray(cfg.ray_cpus)
-    runtime.check_every_node_sees(paths_every_node_needs(sources, value_models, storage.node_marker(root)))  # before anything is written
+    runtime.check_every_node_sees(training_runs.paths_every_node_needs(sources, value_models, storage.node_marker(root)))  # before anything is written
     run = RunDir(cfg.output_dir, cfg.run_name, cfg)
     files = storage.RunFiles(root, cfg.run_name)
     files.upload_file(run.path / "config.yaml", "config.yaml")
@@ -337,32 +288,17 @@ def train_one(cfg: NFTConfig) -> dict:
         stop_actors(actors)
         runtime.request_resources([])  # withdraw the request: the autoscaler may scale down
     files.mirror(run.path)  # what the learner ranks wrote, wherever they ran
-    metrics = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    metrics = training_runs.read_metrics(run.path)
     epochs = [m for m in metrics if m["epoch"] >= 0]
-    evals = [m for m in metrics if "eval_reward_mean" in m]
-    gain, gain_se = paired_gain(run.path / "eval_rewards.jsonl")
     summary = {
         "estimator": cfg.rollout.estimator,
         "epochs": cfg.epochs,
         "seconds_total": time.perf_counter() - start,
-        "seconds_per_epoch": sum(m["seconds_epoch"] for m in epochs) / len(epochs),
-        "device_hours": epochs[-1]["device_hours"],
-        "final": epochs[-1],
-        "eval": [{k: m[k] for k in m if k.startswith("eval_") or k in ("epoch", "global_step")} for m in evals],
-        "eval_reward_gain": gain,
-        "eval_reward_gain_se": gain_se,
+        **training_runs.run_summary(run.path, metrics),
         "drift": [{k: m[k] for k in m if k.startswith("drift_") or k == "global_step"} for m in epochs if "drift_spearman" in m],
-        "lora": str(run.path / "lora"),
-        "wandb_run_id": epochs[-1]["wandb_run_id"],
         "is_toy": all(toyworld.is_caption(p) for p in prompts),
     }
-    plot_rewards(metrics, run.path / "reward_curve.png", cfg.rollout.estimator)
-    run.write_json("summary.json", summary)
-    for name in ("reward_curve.png", "summary.json"):  # storage holds the whole run too
-        files.upload_file(run.path / name, name)
-    print(json.dumps({k: v for k, v in summary.items() if k != "final"}, indent=1))
-    print(f"wrote {run.path} (and {files.root})")
-    return summary
+    return training_runs.finish_summary(run, files, summary, metrics, "DiffusionNFT", "reward_mean", f"rollout score ({cfg.rollout.estimator})")
 
 
 if __name__ == "__main__":

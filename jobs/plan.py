@@ -1,7 +1,7 @@
 """The GPU memory plan of a job's config: what every role holds on its GPU, counted on `meta`
 (`stitchvm_rl.memory_plan`, the roles in `stitchvm_rl.memory_roles`), against the GPU each role
 gets. jobs/nft.py, jobs/stitch.py, jobs/dps.py, jobs/sample.py, jobs/evaluate.py and jobs/evaluate_values.py check the same plan before they
-place or load anything.
+place or load anything; so does jobs/draft.py.
 
     python jobs/plan.py --config jobs/configs/nft_sd35m_stitchvm.yaml        # GPUs of cluster/aws.yaml's node types
     python jobs/plan.py --config jobs/configs/nft_sd35m_stitchvm.yaml --config jobs/configs/nft_layout_one_node_8x80gb.yaml
@@ -9,7 +9,7 @@ place or load anything.
     python jobs/plan.py --config jobs/configs/stitch_sd35m_hpsv2.yaml memory.gpu_gib=79.6
     python jobs/plan.py --job dps backbone=stabilityai/stable-diffusion-3.5-medium device=cuda dtype=bfloat16 resolution=1024 memory.gpu_gib=24 ...
 
-The job is the one whose config has every top-level key of the --config files (or --job nft |
+The job is the one whose config has every top-level key of the --config files (or --job nft | draft |
 stitch | dps | sample | evaluate | evaluate_values; no config: nft). Any key can be overridden as in the job itself. Exits 2 naming
 every role that does not fit its GPU and what would (batch sizes, gradient checkpointing, dtype,
 a larger GPU); without GPUs (the toy defaults) there is nothing to check.
@@ -25,13 +25,14 @@ from stitchvm_rl.config import ConfigError, load_config, run_main
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the job scripts beside this one
 import dps  # noqa: E402
+import draft  # noqa: E402
 import evaluate  # noqa: E402
 import evaluate_values  # noqa: E402
 import nft  # noqa: E402
 import sample  # noqa: E402
 import stitch  # noqa: E402
 
-JOBS = {"nft": (nft, nft.NFTConfig), "stitch": (stitch, stitch.StitchConfig), "dps": (dps, dps.DPSConfig), "sample": (sample, sample.SampleConfig), "evaluate": (evaluate, evaluate.EvaluateConfig), "evaluate_values": (evaluate_values, evaluate_values.ValuesConfig)}
+JOBS = {"nft": (nft, nft.NFTConfig), "draft": (draft, draft.DraftConfig), "stitch": (stitch, stitch.StitchConfig), "dps": (dps, dps.DPSConfig), "sample": (sample, sample.SampleConfig), "evaluate": (evaluate, evaluate.EvaluateConfig), "evaluate_values": (evaluate_values, evaluate_values.ValuesConfig)}
 
 
 def which_job(argv: list[str]) -> tuple[str, list[str]]:

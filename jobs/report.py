@@ -26,7 +26,7 @@ from stitchvm_rl.tracking import RunDir
 @dataclass
 class ReportConfig:
     runs: list[str] = field(default_factory=list)
-    """jobs/nft.py run directories, or their storage URIs <storage>/<run>/files (also given as bare arguments)."""
+    """jobs/nft.py or jobs/draft.py run directories, or their storage URIs <storage>/<run>/files (also given as bare arguments)."""
     out: str = "outputs/report"
     """Report directory."""
     baseline: str = "terminal"

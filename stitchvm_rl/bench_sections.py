@@ -79,6 +79,50 @@ def bench_nft_epoch(cfg, value_dir: str) -> dict:
     return out
 
 
+def bench_draft_step(cfg, value_dir: str) -> dict:
+    """One DRaFT-K micro-step per estimator, side by side in this process (plain torch AdamW here;
+    DeepSpeed in jobs/draft.py): seconds per step (forward + backward), and per sample the rows
+    through the policy's transformer (sampling, the regulariser's base velocity, the checkpointed
+    steps' recomputation), VAE decodes and value-model evaluations."""
+    from stitchvm_rl.draft import DraftRolloutConfig, draft_loss, stop_index, terminal_objective, value_objective
+    from stitchvm_rl.policy import SD3Policy
+    from stitchvm_rl.value.model import StitchedValueModel
+
+    policy = SD3Policy.from_pretrained(cfg.backbone, dtype=cfg.dtype, device=cfg.device)
+    policy.add_lora(32, 64, float32=True)
+    optimizer = torch.optim.AdamW([p for p in policy.transformer.parameters() if p.requires_grad], lr=1e-4)
+    value_model = StitchedValueModel.from_pretrained(value_dir, device=cfg.device, dtype=cfg.dtype).requires_grad_(False)
+    objectives = {"terminal": terminal_objective(policy, rewards.build_rewards(cfg.rewards, device=cfg.device)), "stitchvm": value_objective(policy, [value_model])}
+    batch = cfg.groups * 2
+    prompts = [toyworld.CAPTIONS[n % len(toyworld.CAPTIONS)] for n in range(batch)]
+    counters = {"transformer": benchmark.TransformerCalls(policy.transformer), "decode": benchmark.TransformerCalls(policy.vae.decoder), "value": benchmark.TransformerCalls(value_model.stitch)}
+    evals: dict[str, list[dict]] = {}
+    results = {}
+    for k in cfg.backprop_steps:
+        configs = {e: DraftRolloutConfig(estimator=e, backprop_steps=k) for e in objectives}
+        gen = torch.Generator().manual_seed(0)
+
+        def step(estimator: str) -> None:
+            draft = configs[estimator]
+            loss, _ = draft_loss(policy, draft, prompts, policy.initial_noise(batch, gen), stop_index(draft, gen), objectives[estimator])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            evals.setdefault(estimator, []).append({name: c.take() / batch for name, c in counters.items()})
+
+        for c in counters.values():
+            c.take()
+        seconds = interleaved({e: (lambda e=e: step(e)) for e in objectives}, cfg.repeats, cfg.device)
+        per_sample = {e: {name: statistics.mean(r[name] for r in evals.pop(e)[1:]) for name in counters} for e in objectives}
+        results[f"K={k}"] = {
+            "seconds_per_step": summarise(seconds),
+            "speedup_stitchvm_over_terminal": ratio(seconds["terminal"], seconds["stitchvm"]),
+            "evals_per_sample": per_sample,
+        }
+    stop = DraftRolloutConfig()
+    return {"samples_per_step": batch, "num_steps": stop.num_steps, "stop_window": [stop.stop_min, stop.stop_max], "by_k": results}
+
+
 def bench_nft_reach(cfg, value_dir: str, scratch: Path, nft_main) -> dict:
     """Train both estimators with jobs/nft.py (`nft_main`: its main; Ray, DeepSpeed) and compare time to the baseline's reward."""
     from stitchvm_rl import report

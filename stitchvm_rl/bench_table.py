@@ -17,6 +17,15 @@ def table(results: dict) -> str:
             p = r[e]
             lines.append(f"| {e} | {_cell(r['seconds_per_epoch'][e])} | {p['sample']:.3g} | {p['score']:.3g} | {p['train']:.3g} | {p['samples_per_second']:.3g} | {p['rollout_evals_per_sample']:.3g} + {p['train_forwards_per_sample']:.3g} |")
         lines += [f"\nterminal / stitchvm seconds per epoch: **{r['speedup_stitchvm_over_terminal']:.2f}x** (transformer evaluations: {r['transformer_evals_ratio']:.2f}x; sampling steps alone: {r['step_count_prediction']:.2f}x)", ""]
+    r = results.get("draft_step")
+    if r:
+        lines += [f"| DRaFT-K step ({r['samples_per_step']} samples, {r['num_steps']} steps; stitchvm stops at k ~ U{{{r['stop_window'][0]}..{r['stop_window'][1]}}}) | s / step | transformer rows / decodes / value evals per sample |", "|---|---|---|"]
+        for k, c in r["by_k"].items():
+            for e in ("terminal", "stitchvm"):
+                n = c["evals_per_sample"][e]
+                lines.append(f"| {k}, {e} | {_cell(c['seconds_per_step'][e])} | {n['transformer']:.3g} / {n['decode']:.3g} / {n['value']:.3g} |")
+            lines.append(f"| {k}: terminal / stitchvm seconds | **{c['speedup_stitchvm_over_terminal']:.2f}x** | |")
+        lines += [""]
     r = results.get("nft_reach")
     if r:
         s = r["speedups"]["estimators"].get("stitchvm", {})

@@ -180,8 +180,19 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
             raise ConfigError(
                 f"unknown config key '{prefix}{key}'; {hint}allowed {where}: {', '.join(names)}"
             )
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            value = merge_sections(hints[key], section_default(cls, key), value)
         kwargs[key] = _convert(hints[key], value, prefix + key)
     return cls(**kwargs)
+
+
+def section_default(cls: type, name: str) -> dict:
+    """The default of section `name` as `cls` declares it (a job's own defaults, e.g. the toy lr of
+    its train section), as data: the keys a config gives for the section are laid over it."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if f.default_factory is not dataclasses.MISSING:
+        return to_dict(f.default_factory())
+    return {} if f.default is dataclasses.MISSING else to_dict(f.default)
 
 
 def _field_name(key: Any) -> Any:
@@ -227,10 +238,17 @@ def walk_fields(cls: type, prefix: str = "") -> list[FieldDoc]:
         key = prefix + _key_name(f.name)
         if dataclasses.is_dataclass(hints[f.name]):
             rows.append(FieldDoc(key, None, "section", docs.get(f.name, "")))
-            rows += walk_fields(hints[f.name], key + ".")
+            rows += [dataclasses.replace(r, default=_at(getattr(default, f.name), r.key[len(key) + 1 :])) if r.kind != "section" else r for r in walk_fields(hints[f.name], key + ".")]
         else:
             rows.append(FieldDoc(key, getattr(default, f.name), _describe(hints[f.name]), docs.get(f.name, "")))
     return rows
+
+
+def _at(section: Any, dotted: str) -> Any:
+    """The value at `dotted` (`rollout.async`) inside a section instance."""
+    for part in dotted.split("."):
+        section = getattr(section, _field_name(part))
+    return section
 
 
 def format_help(cls: type) -> str:

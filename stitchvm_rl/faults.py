@@ -20,6 +20,14 @@ class NFTFaults:
 
 
 @dataclass
+class DraftFaults:
+    """Fault injection for tests of jobs/draft.py (-1: never)."""
+
+    crash_in_checkpoint: int = -1
+    """Learner rank 1 dies once while writing this epoch's checkpoint (-1: never)."""
+
+
+@dataclass
 class StitchFaults:
     """Fault injection for tests of jobs/stitch.py (-1: never)."""
 

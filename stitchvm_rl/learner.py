@@ -136,7 +136,6 @@ def train_loop(loop: dict) -> None:
     import torch.distributed as dist
 
     from stitchvm_rl import rewards
-    from stitchvm_rl.tracking import NoTracker, WandbConfig, make_tracker
 
     # ---------------------------------------------------------------- setup
     train = from_dict(NFTTrainConfig, loop["train"])
@@ -145,17 +144,14 @@ def train_loop(loop: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     per_group = timesteps_per_group(rollout, train.timestep_fraction)
-    policy, engine = build_learner(loop["backbone"], loop["seed"], rollout, train, loop["groups_per_epoch"] // world * per_group, device, text_encoders=rank == 0)
+    policy, engine = build_learner(loop["backbone"], loop["seed"], rollout, train, rollout.group_size, loop["groups_per_epoch"] // world * per_group, device, text_encoders=rank == 0)
     schedule = flow.sd3_sigmas(rollout.num_steps, scheduler_config=policy.pipe.scheduler.config)
     run = run_state.resume(engine, policy, keep_previous=rollout.async_)
     start, epochs = run.start, loop["epochs"]
 
     actors = [ray.get_actor(name) for name in loop["actor_names"]]
     client = RolloutClient(actors, loop["prompts"], loop["groups_per_epoch"], loop["seed"], rank, world, loop["rollout_call_timeout_s"])
-    files = RunFiles(loop["storage"], loop["run_name"])
-    scratch = Path(tempfile.mkdtemp(prefix=f"{loop['run_name']}-rank{rank}-"))  # this node's: grids, wandb, the LoRA before upload
-    tracker = make_tracker(from_dict(WandbConfig, loop["wandb"]), loop["run_name"], loop["config"], scratch, run.wandb_run_id) if rank == 0 else NoTracker()
-    run.wandb_run_id = tracker.run_id
+    files, scratch, tracker = open_run(loop, rank, run)
     evaluate = None
     if rank == 0:
         policy.encode_prompts(loop["eval_prompts"])  # cached on the CPU: the text encoders are not needed again
@@ -163,10 +159,8 @@ def train_loop(loop: dict) -> None:
         reward = rewards.build_rewards(loop["reward_weights"], loop["reward_sources"], device=device, served=loop["served_rewards"])
         evaluate = Evaluator(policy, reward, loop["eval_prompts"], loop["eval_steps"] or rollout.num_steps, loop["seed"], rollout.resolution, loop["eval_batch_size"], files, scratch, tracker)
     sync_actors(run.previous, actors, rank)  # async: the resumed epoch replays with v_{e-1}, as it ran
-    if rank == 0 and start == 0 and loop["eval_every"]:  # the base policy, for comparison
-        base = evaluate(0)
-        files.append_jsonl("metrics.jsonl", {"epoch": -1, "global_step": 0, **base})
-        tracker.log(base, step=0)
+    if rank == 0 and start == 0 and loop["eval_every"]:
+        log_base_evaluation(evaluate, files, tracker)
 
     # ---------------------------------------------------------------- train
     for epoch in range(start, epochs):
@@ -211,26 +205,53 @@ def train_loop(loop: dict) -> None:
         run_state.save(run, metrics, engine, policy, prompt_groups_seen=global_step * loop["groups_per_epoch"], write_extra=crash)
 
     # ---------------------------------------------------------------- save
+    finish_run(rank, policy, files, scratch, tracker)
+
+
+def open_run(loop: dict, rank: int, run: run_state.RunState) -> tuple[RunFiles, Path, object]:
+    """The run's files in storage, this node's scratch directory (grids, wandb, the LoRA before
+    upload) and the tracker: wandb on rank 0, continuing the run's curves after a resume."""
+    from stitchvm_rl.tracking import NoTracker, WandbConfig, make_tracker
+
+    files = RunFiles(loop["storage"], loop["run_name"])
+    scratch = Path(tempfile.mkdtemp(prefix=f"{loop['run_name']}-rank{rank}-"))
+    tracker = make_tracker(from_dict(WandbConfig, loop["wandb"]), loop["run_name"], loop["config"], scratch, run.wandb_run_id) if rank == 0 else NoTracker()
+    run.wandb_run_id = tracker.run_id
+    return files, scratch, tracker
+
+
+def log_base_evaluation(evaluate: Evaluator, files: RunFiles, tracker) -> None:
+    """The base policy's evaluation (step 0, epoch -1 in metrics.jsonl): what every gain is measured against."""
+    base = evaluate(0)
+    files.append_jsonl("metrics.jsonl", {"epoch": -1, "global_step": 0, **base})
+    tracker.log(base, step=0)
+
+
+def finish_run(rank: int, policy: SD3Policy, files: RunFiles, scratch: Path, tracker) -> None:
+    """The end of every learner's run: rank 0 exports the EMA LoRA and closes wandb (an offline
+    run's files go to storage: `wandb sync <run>/wandb/offline-run-*`); every rank drops its scratch."""
     if rank == 0:
         save_lora(policy, files, scratch)
         tracker.finish()
-        if (scratch / "wandb").is_dir():  # offline runs: `wandb sync <run>/wandb/offline-run-*`
+        if (scratch / "wandb").is_dir():
             files.upload_dir(scratch / "wandb", "wandb")
     shutil.rmtree(scratch, ignore_errors=True)
 
 
-def build_learner(backbone: str, seed: int, rollout: RolloutConfig, train: NFTTrainConfig, grad_accum: int, device: str, text_encoders: bool = True) -> tuple[SD3Policy, object]:
+def build_learner(backbone: str, seed: int, sampling, train, micro_batch: int, grad_accum: int, device: str, text_encoders: bool = True, prompt_cache: int | None = None) -> tuple[SD3Policy, object]:
     """The policy with LoRA adapters (the same initialisation on every rank) and the DeepSpeed
-    engine over its trainable `default` weights; `grad_accum` micro-steps make one optimizer step.
-    Training reads the prompt embeddings the rollouts carry: only rank 0, which encodes its
-    evaluation prompts, loads the text encoders (`text_encoders`)."""
+    engine over its trainable `default` weights; `grad_accum` micro-steps of `micro_batch` samples
+    make one optimizer step. `sampling` (RolloutConfig, DraftRolloutConfig) gives the LoRA shape and the T5
+    length, `train` (NFTTrainConfig, DraftTrainConfig) the optimisation. An NFT learner reads the
+    prompt embeddings the rollouts carry: only its rank 0, which encodes its evaluation prompts,
+    loads the text encoders (`text_encoders`)."""
     import deepspeed
 
     from stitchvm_rl.runtime import deepspeed_config
 
     torch.manual_seed(seed)  # identical LoRA init on every rank
-    policy = SD3Policy.from_pretrained(backbone, dtype=train.dtype, device=device, text_encoders=text_encoders, max_sequence_length=rollout.max_sequence_length)
-    policy.add_lora(rollout.lora_rank, rollout.lora_alpha, float32=True)
+    policy = SD3Policy.from_pretrained(backbone, dtype=train.dtype, device=device, text_encoders=text_encoders, max_sequence_length=sampling.max_sequence_length, prompt_cache=prompt_cache)
+    policy.add_lora(sampling.lora_rank, sampling.lora_alpha, float32=True)
     if train.gradient_checkpointing:
         policy.transformer.enable_gradient_checkpointing()
     if train.compile:  # after the LoRA layers are in; the evaluation's no-grad ODE sampling runs compiled too
@@ -238,7 +259,7 @@ def build_learner(backbone: str, seed: int, rollout: RolloutConfig, train: NFTTr
     trainable = [p for p in policy.transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
     # DeepSpeed's bf16 mode would cast the float32 LoRA weights (and `old`, `ema`) to bf16: the trainable weights are float32, so is its optimizer
-    ds_config = deepspeed_config(train.zero_stage, rollout.group_size, grad_accum, bf16=False, grad_clip=train.grad_clip)
+    ds_config = deepspeed_config(train.zero_stage, micro_batch, grad_accum, bf16=False, grad_clip=train.grad_clip)
     engine, _, _, _ = deepspeed.initialize(model=policy.transformer, optimizer=optimizer, config=ds_config)
     return policy, engine
 
@@ -326,13 +347,14 @@ def save_lora(policy: SD3Policy, files: RunFiles, scratch: Path) -> None:
     files.upload_dir(scratch / "lora", "lora")
 
 
-def run_learner(loop: dict, train: NFTTrainConfig, storage_path: str, run_name: str):
-    """One TorchTrainer.fit() for the whole run; returns the ray.train Result."""
+def run_learner(loop: dict, train, storage_path: str, run_name: str, train_fn=train_loop, what: str = "NFT training"):
+    """One TorchTrainer.fit() of `train_fn` for the whole run (`train`: NFTTrainConfig or
+    DraftTrainConfig, which place the ranks alike); returns the ray.train Result."""
     from stitchvm_rl.runtime import fit, torch_trainer
 
     loop_config = {**loop, "train": to_dict(train)}
     trainer = torch_trainer(
-        train_loop, loop_config, train.num_workers, train.use_gpu, train.max_failures, storage_path, run_name,
+        train_fn, loop_config, train.num_workers, train.use_gpu, train.max_failures, storage_path, run_name,
         gpus_per_worker=train.gpus_per_worker, resources=train.resources_per_worker,
     )
-    return fit(trainer, "NFT training")
+    return fit(trainer, what)

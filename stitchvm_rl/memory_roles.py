@@ -423,17 +423,9 @@ def learner_ranks(cfg, rewards: dict[str, torch.nn.Module], prompt_count: int | 
     transformer, vae = parts["transformer"], parts["vae"]
     add_lora(transformer, ro.lora_rank, ro.lora_alpha, torch.float32)
     side, tokens = latent_side(vae, transformer, ro.resolution), text_tokens(parts, t5_tokens(cfg.backbone, ro.max_sequence_length))
-    trainable = trainable_params(transformer)
-    shards = train.num_workers if train.zero_stage >= 1 else 1
     without_text = {part: m for part, m in parts.items() if not part.startswith("text_encoder")}
     learner = RolePlan("learner rank", train.num_workers, train.gpus_per_worker, gpu.gib, models=[*without_text.values()], placement=gpu.where)
-    learner.resident = [
-        *parts_items(without_text, train.dtype),
-        Item("LoRA adapters default, old, ema (float32)", lora_bytes(transformer)),
-        Item("gradients of the trainable LoRA (float32)", trainable * 4 // (shards if train.zero_stage >= 2 else 1)),
-        Item(f"AdamW moments + ZeRO's float32 partition (float32, 1/{shards} of {trainable:,} parameters)", 3 * trainable * 4 // shards),
-        Item("ZeRO reduce buckets (float32, at most the trainable parameters, x2)", 2 * trainable * 4),
-    ]
+    learner.resident = [*parts_items(without_text, train.dtype), *trained_lora_items(transformer, train)]
     if train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     step = velocity_call(transformer, ro.group_size, side, tokens)
@@ -450,9 +442,85 @@ def learner_ranks(cfg, rewards: dict[str, torch.nn.Module], prompt_count: int | 
     evaluated = cfg.eval_prompts if prompt_count is None else min(cfg.eval_prompts, prompt_count)
     rank0.host = [cache_item(parts, evaluated, tokens, train.dtype, "evaluation prompts")]
     rank0.phases.insert(0, Item("encoding the evaluation prompts at start (text encoders, freed after)", text_encoder_bytes(parts)))
+    rank0.phases.append(evaluation_phase(cfg, transformer, vae, rewards, side, tokens))
+    rank0.fixes = [*learner.fixes, f"a smaller eval_batch_size ({cfg.eval_batch_size})"]
+    return [learner, rank0]
+
+
+def trained_lora_items(transformer, train) -> list[Item]:
+    """A learner rank's LoRA and its optimisation (`train`: NFTTrainConfig or DraftTrainConfig): the
+    three float32 adapters, gradients and AdamW state (ZeRO partitions them over the ranks), reduce buckets."""
+    trainable = trainable_params(transformer)
+    shards = train.num_workers if train.zero_stage >= 1 else 1
+    return [
+        Item("LoRA adapters default, old, ema (float32)", lora_bytes(transformer)),
+        Item("gradients of the trainable LoRA (float32)", trainable * 4 // (shards if train.zero_stage >= 2 else 1)),
+        Item(f"AdamW moments + ZeRO's float32 partition (float32, 1/{shards} of {trainable:,} parameters)", 3 * trainable * 4 // shards),
+        Item("ZeRO reduce buckets (float32, at most the trainable parameters, x2)", 2 * trainable * 4),
+    ]
+
+
+def evaluation_phase(cfg, transformer, vae, rewards: dict[str, torch.nn.Module], side: int, tokens: int) -> Item:
+    """Learner rank 0's evaluation: eval_batch_size prompts at a time sampled, decoded and rewarded."""
     batch = min(cfg.eval_batch_size, cfg.eval_prompts)
     calls = (velocity_call(transformer, batch, side, tokens), decode_call(vae, batch, side), *(reward_call(m, batch) for m in rewards.values()))
-    rank0.phases.append(Item(f"evaluation: {batch} prompts at a time sampled, decoded and rewarded", max(peak_live_bytes(c) for c in calls), calls))
+    return Item(f"evaluation: {batch} prompts at a time sampled, decoded and rewarded", max(peak_live_bytes(c) for c in calls), calls)
+
+
+# ---------------------------------------------------------------- the roles of jobs/draft.py
+def draft_roles(cfg, reward_sources: dict[str, str], value_models: list[str], prompt_count: int | None) -> list[RolePlan]:
+    """The learner ranks of a DraftConfig `cfg`: each holds the whole pipeline in train.dtype (it
+    encodes its own prompts), float32 LoRA and its optimisation, and the objective's models -- the
+    rewards in float32 (terminal) or the value models in train.dtype (stitchvm); rank 0 also holds
+    the rewards and evaluates. One DRaFT micro-step of draft.batch_size latents: the inputs of the K
+    grad steps, one step's saved activations (K of them without draft.checkpoint_steps), and the
+    decode and reward (terminal) or the value models (stitchvm) saved for the backward."""
+    draft, train = cfg.draft, cfg.train
+    gpu = role_gpu(train.gpus_per_worker if train.use_gpu else 0, train.resources_per_worker, cfg.memory, "learner rank")
+    parts = sd3_parts(cfg.backbone, train.dtype)
+    transformer, vae = parts["transformer"], parts["vae"]
+    add_lora(transformer, draft.lora_rank, draft.lora_alpha, torch.float32)
+    if train.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+        vae.enable_gradient_checkpointing()
+    side, tokens = latent_side(vae, transformer, draft.resolution), text_tokens(parts, t5_tokens(cfg.backbone, draft.max_sequence_length))
+    rewards = {name: reward_model(name, source).requires_grad_(False) for name, source in reward_sources.items()}
+    n, k = draft.batch_size, draft.backprop_steps
+    step = velocity_call(transformer, n, side, tokens, grad=True)
+    kept = saved_bytes(step) * (1 if draft.checkpoint_steps else k)
+    inputs = k * n * transformer.config.in_channels * side * side * zoo.DTYPES[train.dtype].itemsize
+    learner = RolePlan("learner rank", train.num_workers, train.gpus_per_worker, gpu.gib, [*parts_items(parts, train.dtype), *trained_lora_items(transformer, train)], models=[*parts.values()], placement=gpu.where)
+    if draft.estimator == "terminal":
+        learner.resident += reward_items(rewards)
+        learner.models += rewards.values()
+        calls = [step, decode_call(vae, n, side, grad=True), *(reward_call(m, n, grad=True) for m in rewards.values())]
+        what = "VAE decode and rewards"
+    else:
+        calls = [step]
+        for path in value_models:
+            described, model = value_model(path, cfg.backbone, reward_sources, train.dtype)
+            model.requires_grad_(False)
+            learner.resident.append(Item(f"{described} ({train.dtype})", sum(weight_bytes(model).values())))
+            learner.models.append(model)
+            calls.append(value_call(model, n, side, transformer.config.in_channels, tokens, grad=True))
+        what = "value models"
+    objective = sum(saved_bytes(c) for c in calls[1:])
+    kept_what = "one step's activations (draft.checkpoint_steps)" if draft.checkpoint_steps else f"{k} steps' activations"
+    learner.phases = [Item(f"DRaFT-{k} micro-step: {n} latents, {kept_what} + the {what} saved for the backward + one forward's transient", kept + inputs + objective + peak_live_bytes(step), tuple(calls), backward=True)]
+    seen = min(draft.prompt_cache, cfg.epochs * draft.grad_accum * n if prompt_count is None else prompt_count)
+    learner.host = [cache_item(parts, seen, tokens, train.dtype, f"at most draft.prompt_cache={draft.prompt_cache} prompts")]
+    learner.fixes = [
+        *([] if train.dtype == "bfloat16" else ["train.dtype=bfloat16"]),
+        *([] if draft.checkpoint_steps else ["draft.checkpoint_steps=true"]),
+        *([] if train.gradient_checkpointing else ["train.gradient_checkpointing=true"]),
+        f"a smaller draft.batch_size ({n} latents per micro-step; raise draft.grad_accum to keep the batch)",
+        "a GPU with more memory (train.resources_per_worker / the cluster's learner node type)",
+    ]
+    rank0 = dataclasses.replace(learner, role="learner rank 0", processes=1, resident=list(learner.resident), phases=list(learner.phases), models=list(learner.models))
+    if draft.estimator != "terminal":
+        rank0.resident += reward_items(rewards)
+        rank0.models += rewards.values()
+    rank0.phases.append(evaluation_phase(cfg, transformer, vae, rewards, side, tokens))
     rank0.fixes = [*learner.fixes, f"a smaller eval_batch_size ({cfg.eval_batch_size})"]
     return [learner, rank0]
 

@@ -1,4 +1,4 @@
-"""The numbers of a StitchVM-vs-baseline report, read from jobs/nft.py run directories.
+"""The numbers of a StitchVM-vs-baseline report, read from jobs/nft.py or jobs/draft.py run directories.
 
     run dir (config.yaml + metrics.jsonl) --load_run--> Run (estimator, seed, evaluation curve)
     runs --by_estimator--> mean and spread over seeds at each evaluation step
@@ -23,7 +23,7 @@ PHASES = ("sample", "score", "train", "sync", "watch")
 
 @dataclass
 class Run:
-    """One jobs/nft.py run: its evaluation curve and mean seconds per phase."""
+    """One jobs/nft.py or jobs/draft.py run: its evaluation curve and mean seconds per phase."""
 
     path: Path
     name: str
@@ -40,16 +40,17 @@ class Run:
 
 
 def load_run(path: str | Path) -> Run:
-    """Read a run directory; refuse one that is not a finished jobs/nft.py run."""
+    """Read a run directory; refuse one that is not a finished jobs/nft.py or jobs/draft.py run."""
     path = Path(path)
     if not (path / "metrics.jsonl").is_file() or not (path / "config.yaml").is_file():
-        raise FileNotFoundError(f"'{path}' is not a jobs/nft.py run directory (it needs config.yaml and metrics.jsonl)")
+        raise FileNotFoundError(f"'{path}' is not a jobs/nft.py or jobs/draft.py run directory (it needs config.yaml and metrics.jsonl)")
     cfg = yaml.safe_load((path / "config.yaml").read_text())
     lines = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
     epochs = {m["epoch"]: m for m in lines if m["epoch"] >= 0}
     if not epochs:
         raise ValueError(f"run '{path}' has no finished epoch yet")
-    run = Run(path, path.name, cfg["rollout"]["estimator"], int(cfg["seed"]))
+    method = cfg["rollout"] if "rollout" in cfg else cfg["draft"]  # the section naming the estimator: NFT's rollouts, DRaFT's own
+    run = Run(path, path.name, method["estimator"], int(cfg["seed"]))
     elapsed, hours = {0: 0.0}, {0: 0.0}
     for epoch in sorted(epochs):
         elapsed[epoch + 1] = elapsed[epoch] + epochs[epoch]["seconds_epoch"]
@@ -83,8 +84,11 @@ def paired_gain(path: Path) -> tuple[float | None, float | None]:
 
 def _phases(epochs: list[dict]) -> dict[str, float]:
     """Mean seconds per epoch: the learner's wait for rollouts split into sampling and scoring in the
-    proportion the actors report, then training, sync, and the watching (evaluation, drift checks)."""
+    proportion the actors report, then training, sync, and the watching (evaluation, drift checks).
+    A DRaFT epoch samples inside its training step: all of it is training."""
     n = len(epochs)
+    if "seconds_wait_rollouts" not in epochs[0]:
+        return {"sample": 0.0, "score": 0.0, "train": sum(m["seconds_epoch"] for m in epochs) / n, "sync": 0.0, "watch": 0.0}
     wait = sum(m["seconds_wait_rollouts"] for m in epochs) / n
     sample = sum(m["actor_seconds_sample"] for m in epochs)
     score = sum(m["actor_seconds_score"] for m in epochs)

@@ -157,6 +157,19 @@ def check_zero_stage(stage: int, key: str, rank0_work: str) -> None:
         raise ConfigError(f"{key}=3: ZeRO-3 partitions every weight across the learner ranks, but {rank0_work} on rank 0 alone; use {key}=2 (ZeRO-2 partitions the optimizer state and gradients)")
 
 
+def check_learner_gpus(train, key: str, one_rank_use: str) -> None:
+    """Refuse fractional GPUs for several GPU learner ranks (ConfigError): Ray packs them onto one
+    device and NCCL refuses two ranks on one GPU. `train` has use_gpu, num_workers, gpus_per_worker."""
+    from stitchvm_rl.config import ConfigError
+
+    if train.use_gpu and train.num_workers > 1 and train.gpus_per_worker < 1:
+        raise ConfigError(
+            f"{key}.gpus_per_worker={train.gpus_per_worker:g} with {train.num_workers} GPU learner ranks: Ray packs fractional GPUs "
+            f"onto the same device and NCCL refuses two ranks on one GPU; give each rank a whole GPU ({key}.gpus_per_worker=1), "
+            f"or use one rank ({key}.num_workers=1) {one_rank_use}"
+        )
+
+
 def report_checkpoint(metrics: dict, engine, client_state: dict, exclude_frozen: bool = False, write_extra=None) -> None:
     """Inside a Ray Train loop: report `metrics` with this rank's part of a checkpoint -- the DeepSpeed
     engine state (tag "engine"; `exclude_frozen` leaves frozen weights out), whatever `write_extra(dir)`

@@ -38,7 +38,7 @@ def _train(dtype: str) -> tuple[list[dict[str, torch.Tensor]], dict[str, dict[st
     as in train_loop; returns the trained adapter after every step (from the start on), the final
     `old` and EMA, and the losses."""
     rollout = RolloutConfig(lora_rank=4, lora_alpha=8, group_size=2)
-    policy, engine = build_learner("tiny-sd3", 0, rollout, NFTTrainConfig(lr=1e-3, dtype=dtype, num_workers=1), grad_accum=1, device="cpu")
+    policy, engine = build_learner("tiny-sd3", 0, rollout, NFTTrainConfig(lr=1e-3, dtype=dtype, num_workers=1), rollout.group_size, grad_accum=1, device="cpu")
     gen = torch.Generator().manual_seed(0)
     z = torch.randn((2, *policy.latent_shape), generator=gen)
     target = torch.randn(z.shape, generator=gen)
@@ -84,7 +84,7 @@ def test_a_bf16_learner_moves_old_and_ema_as_exact_arithmetic_does_and_trains_li
 def test_a_bf16_learner_keeps_its_lora_weights_and_optimizer_in_float32(process_group):
     """Only the frozen base weights are bf16; the LoRA weights (so their gradients, accumulated over
     micro-steps) and the partitions DeepSpeed's optimizer steps are float32."""
-    policy, engine = build_learner("tiny-sd3", 0, RolloutConfig(lora_rank=4, lora_alpha=8, group_size=2), NFTTrainConfig(dtype="bfloat16", num_workers=1), 1, "cpu")
+    policy, engine = build_learner("tiny-sd3", 0, RolloutConfig(lora_rank=4, lora_alpha=8, group_size=2), NFTTrainConfig(dtype="bfloat16", num_workers=1), 2, 1, "cpu")
     lora = {k: p for k, p in policy.transformer.named_parameters() if ".lora_" in k}
     base = {k: p for k, p in policy.transformer.named_parameters() if ".lora_" not in k}
     assert lora and {p.dtype for p in lora.values()} == {torch.float32}

@@ -46,6 +46,23 @@ def test_overrides_are_typed_and_nested():
     assert cfg.tags == ["p", "q"] and cfg.flag is True and cfg.maybe == 4
 
 
+@dataclass
+class Job:
+    inner: Inner = field(default_factory=lambda: Inner(lr=0.5))
+    """A section whose defaults the job sets itself."""
+
+
+def test_a_section_key_keeps_the_jobs_own_defaults_for_the_rest_of_the_section():
+    """`inner.mode=b` must not reset inner.lr to Inner's 0.1: the job declared 0.5 (a toy run's lr),
+    and --help / docs/configuration.md show that default too."""
+    from stitchvm_rl.config import walk_fields
+
+    cfg = load_config(Job, ["inner.mode=b"])
+    assert cfg.inner.lr == 0.5 and cfg.inner.mode == "b"
+    assert load_config(Job, []).inner.lr == 0.5
+    assert {r.key: r.default for r in walk_fields(Job)}["inner.lr"] == 0.5
+
+
 def test_typo_names_the_key_and_suggests_the_closest():
     with pytest.raises(ConfigError, match=r"unknown config key 'stpes'; did you mean 'steps'\?"):
         load_config(Outer, ["stpes=3"])
@@ -96,7 +113,9 @@ def test_bad_config_files(tmp_path):
 
 def _job_configs():
     """Every config dataclass of every job script and of the package."""
-    from stitchvm_rl.faults import NFTFaults, StitchFaults
+    from stitchvm_rl.draft import DraftRolloutConfig
+    from stitchvm_rl.draft_learner import DraftTrainConfig
+    from stitchvm_rl.faults import DraftFaults, NFTFaults, StitchFaults
     from stitchvm_rl.learner import NFTTrainConfig
     from stitchvm_rl.rollout import RolloutConfig
     from stitchvm_rl.toyworld import ToyWorldConfig
@@ -106,6 +125,7 @@ def _job_configs():
     from stitchvm_rl.value.train import StitchDataConfig, StitchTrainConfig
 
     found = [ToyWorldConfig, ValueEvalConfig, StitchDataConfig, StitchTrainConfig, StitchConfig, RolloutConfig, NFTTrainConfig, WandbConfig, NFTFaults, StitchFaults]
+    found += [DraftRolloutConfig, DraftTrainConfig, DraftFaults]
     for script in sorted((ROOT / "jobs").glob("*.py")):
         spec = importlib.util.spec_from_file_location(f"job_{script.stem}", script)
         module = importlib.util.module_from_spec(spec)
