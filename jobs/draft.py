@@ -83,8 +83,8 @@ class DraftConfig:
     """Estimators to train one after another with everything else equal, e.g. [terminal, stitchvm] (runs <run_name>-<estimator>-seed<seed>, one wandb group)."""
     seeds: list[int] = field(default_factory=list)
     """Seeds to repeat the run or the comparison with (empty: just `seed`)."""
-    draft: DraftRolloutConfig = field(default_factory=lambda: DraftRolloutConfig(batch_size=4, grad_accum=2))
-    """What is sampled and backpropagated; toy default: 2 ranks x 2 micro-steps x 4 prompts = 16 samples a step."""
+    draft: DraftRolloutConfig = field(default_factory=lambda: DraftRolloutConfig(batch_size=8, grad_accum=4))
+    """What is sampled and backpropagated; toy default: 2 ranks x 4 micro-steps x 8 prompts = 64 samples a step."""
     train: DraftTrainConfig = field(default_factory=lambda: DraftTrainConfig(lr=1e-3))
     """Optimisation (Ray Train + DeepSpeed); lr 1e-3 for the toy world's short default run."""
     wandb: WandbConfig = field(default_factory=WandbConfig)

@@ -81,6 +81,26 @@ def test_gradient_checkpointing_shrinks_the_planned_learner_step():
     assert step[1] < step[0] / 2
 
 
+def test_the_draft_learner_plans_its_k_steps_and_its_objective():
+    """A DRaFT-3 micro-step keeps one step's activations with draft.checkpoint_steps and three
+    without; the terminal objective adds the VAE decode and the reward under the graph, StitchVM the
+    value model instead (and every rank but rank 0 then holds no reward)."""
+    draft = load_job("draft")
+
+    def plans(*argv):
+        cfg = load_config(draft.DraftConfig, ["train.use_gpu=true", "memory.gpu_gib=40", "draft.backprop_steps=3", *argv])
+        return {p.role: p for p in draft.plan_memory(cfg)}
+
+    terminal, stitchvm, uncheckpointed = plans(), plans("draft.estimator=stitchvm"), plans("draft.checkpoint_steps=false")
+    step = {name: p["learner rank"].phases[0] for name, p in (("terminal", terminal), ("stitchvm", stitchvm), ("uncheckpointed", uncheckpointed))}
+    assert [c.key[0] for c in step["terminal"].calls] == ["velocity", "decode", "clip image"]
+    assert [c.key[0] for c in step["stitchvm"].calls] == ["velocity", "value"]
+    one_step = memory_plan.saved_bytes(step["terminal"].calls[0])
+    assert step["uncheckpointed"].bytes - step["terminal"].bytes == 2 * one_step
+    assert not any("reward" in i.what for i in stitchvm["learner rank"].resident) and any("reward" in i.what for i in stitchvm["learner rank 0"].resident)
+    assert all(p.fits for p in (*terminal.values(), *stitchvm.values()))
+
+
 def _shipped_plans():
     plan = load_job("plan")
     shipped = sorted(p for p in CONFIGS.glob("*.yaml") if "_layout_" not in p.name)
@@ -96,7 +116,7 @@ def _shipped_plans():
 
 def test_every_shipped_config_passes_its_plan_and_the_learner_ranks_hold_no_text_encoder(capsys):
     plan, runs = _shipped_plans()
-    assert len(runs) == 14  # 2 NFT configs + their one-node layout, 4 stitch configs + 3 with the stitch layouts, 1 sample config, 2 evaluate configs
+    assert len(runs) == 16  # 2 NFT configs + their one-node layout, 2 DRaFT configs, 4 stitch configs + 3 with the stitch layouts, 1 sample config, 2 evaluate configs
     for name, argv in runs.items():
         result = plan.main(argv)
         assert all(role["fits"] and role["budget_gib"] for role in result.values()), (name, result)
