@@ -113,7 +113,8 @@ def bench_draft_step(cfg, value_dir: str) -> dict:
         for c in counters.values():
             c.take()
         seconds = interleaved({e: (lambda e=e: step(e)) for e in objectives}, cfg.repeats, cfg.device)
-        per_sample = {e: {name: statistics.mean(r[name] for r in evals.pop(e)[1:]) for name in counters} for e in objectives}
+        timed = {e: evals.pop(e)[1:] for e in objectives}  # the warm-up round is dropped, as in `interleaved`
+        per_sample = {e: {name: statistics.mean(r[name] for r in timed[e]) for name in counters} for e in objectives}
         results[f"K={k}"] = {
             "seconds_per_step": summarise(seconds),
             "speedup_stitchvm_over_terminal": ratio(seconds["terminal"], seconds["stitchvm"]),

@@ -16,13 +16,14 @@ Versions: v_e is the `old` adapter after e updates. Synchronous: epoch e is samp
 With rollout.async, epoch e + 1 is requested before epoch e trains, so it is sampled with v_e
 (staleness one version); the checkpoint keeps v_{e-1} so that a resumed async run replays exactly.
 
-`train_loop` reads as its steps; all but the NFT update live in modules of their own, for every
-trainer that needs them:
-    setup      build_learner, run_state.resume, RolloutClient (rollout_client), Evaluator (evaluator)
+`train_loop` reads as its steps; all but the NFT update live in modules of their own, or in
+functions here, for every trainer that needs them (the DRaFT learner, `draft_learner`, uses them too):
+    setup      build_learner, run_state.resume, open_run, RolloutClient (rollout_client), Evaluator
+               (evaluator), log_base_evaluation
     per epoch  collect groups (rollout_client) -> normalise (across_ranks.gather_scores +
                nft.optimality_probability) -> NFT update (nft_update) -> sync (weight_sync)
                -> watch and log (watch, evaluator) -> checkpoint (run_state.save)
-    end        save_lora
+    end        finish_run (save_lora)
 Prompts and seeds of every request follow prompt_schedule.
 """
 

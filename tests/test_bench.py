@@ -16,7 +16,7 @@ def test_quick_bench_runs_every_cpu_section(tmp_path):
     """Every CPU section in quick mode, in this process. Two are tested apart on what the session has
     already run: real_scale (the session's shared run of it) and nft_reach (its two NFT jobs are the
     session's baselines, below)."""
-    sections = ["nft_epoch", "dps", "value", "rollout_scaling", "weight_sync"]
+    sections = ["nft_epoch", "draft_step", "dps", "value", "rollout_scaling", "weight_sync"]
     returned = load_job("bench").main(["quick=true", f"output_dir={tmp_path}", f"sections=[{','.join(sections)}]"])
     out = json.loads((tmp_path / "bench" / "bench.json").read_text())  # what a reader of the run gets
     assert out.keys() == returned.keys() and set(sections) <= set(out) and set(out["section_seconds"]) == set(sections)
@@ -28,6 +28,12 @@ def test_quick_bench_runs_every_cpu_section(tmp_path):
     assert 4 <= nft["stitchvm"]["rollout_evals_per_sample"] <= 7
     assert nft["terminal"]["train_forwards_per_sample"] == 27 and nft["stitchvm"]["train_forwards_per_sample"] == 9
     assert nft["samples_per_epoch"] == 8 and nft["step_count_prediction"] == pytest.approx(10 / 5.5)
+
+    # DRaFT-1, 10 Euler steps: terminal runs all 10, the regulariser's base velocity at the grad step and
+    # its recomputation in the backward (checkpointed), one decode; stitchvm stops at k ~ U{3..7}, one value
+    draft = out["draft_step"]["by_k"]["K=1"]["evals_per_sample"]
+    assert draft["terminal"] == {"transformer": 12, "decode": 1, "value": 0}
+    assert 3 + 2 <= draft["stitchvm"]["transformer"] <= 7 + 2 and draft["stitchvm"]["decode"] == 0 and draft["stitchvm"]["value"] == 1
 
     assert out["dps"]["samples"] == 8 and set(out["dps"]["seconds_per_sample"]) == {"none", "tweedie", "stitchvm"}
     assert set(out["value"]["seconds_per_estimate"]) == {"stitchvm", "tweedie", "mc4"}

@@ -129,7 +129,7 @@ def test_time_to_reach_interpolates_and_seeds_average(two_runs):
 
 
 def test_a_folder_that_is_no_run_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a jobs/nft.py run directory"):
+    with pytest.raises(FileNotFoundError, match="not a jobs/nft.py or jobs/draft.py run directory"):
         load_run(tmp_path)
 
 
