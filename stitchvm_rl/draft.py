@@ -117,20 +117,19 @@ class TruncatedVelocity:
         return v
 
 
-def training_rollout(policy: SD3Policy, cfg: DraftRolloutConfig, prompts: list[str], noise: torch.Tensor, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+def training_rollout(policy: SD3Policy, cfg: DraftRolloutConfig, prompts: list[str], noise: torch.Tensor, stop: int) -> tuple[torch.Tensor, float, torch.Tensor]:
     """Sample `prompts` from `noise` to step `stop` with the trained adapter, the last K steps with
-    the graph; returns (z at the stop, the regulariser per sample (B,))."""
+    the graph; returns (z at the stop, its noise level, the regulariser per sample (B,))."""
     sigmas = flow.sd3_sigmas(cfg.num_steps, scheduler_config=policy.pipe.scheduler.config)
     velocity = TruncatedVelocity(policy, policy.encode_prompts(prompts), stop - cfg.backprop_steps, cfg.checkpoint_steps)
     sampler = flow.euler_ode if cfg.sampler == "euler" else flow.dpm2
-    z = sampler(velocity, noise.to(policy.device, policy.dtype), sigmas, stop_after=stop).final
-    return z, torch.stack(velocity.deviations).mean(0)
+    trajectory = sampler(velocity, noise.to(policy.device, policy.dtype), sigmas, stop_after=stop)
+    return trajectory.final, float(trajectory.sigmas[-1]), torch.stack(velocity.deviations).mean(0)
 
 
 def draft_loss(policy: SD3Policy, cfg: DraftRolloutConfig, prompts: list[str], noise: torch.Tensor, stop: int, objective: Objective) -> tuple[torch.Tensor, dict[str, float]]:
     """-mean objective + reg_weight * regulariser of one micro-batch, and its parts for logging."""
-    z, deviation = training_rollout(policy, cfg, prompts, noise, stop)
-    sigma = float(flow.sd3_sigmas(cfg.num_steps, scheduler_config=policy.pipe.scheduler.config)[stop])
+    z, sigma, deviation = training_rollout(policy, cfg, prompts, noise, stop)
     score = objective(z, sigma, prompts).float()
     loss = -score.mean() + cfg.reg_weight * deviation.mean()
     return loss, {"loss": loss.item(), "objective": score.mean().item(), "deviation": deviation.mean().item(), "stop_sigma": sigma}
